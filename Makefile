@@ -1,0 +1,36 @@
+# `make demo` and `make test` set up everything they need: .venv with the pinned torch, the package, the build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.deps-installed
+EDITABLE_STAMP := $(VENV)/.editable-installed
+PIP_DEPS := torch==2.14.1 numpy pytest expecttest ninja transformers==5.23.0 scikit-image pillow
+
+.PHONY: build test test-fast demo bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): | $(PY)
+	$(PY) -m pip install -q $(PIP_DEPS)
+	touch $@
+
+# The package is installed editable once; the extension is then (re)built in place, incrementally.
+$(EDITABLE_STAMP): $(DEPS_STAMP) pyproject.toml
+	HIPRUNE_NO_EXTENSION=1 $(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+build: $(EDITABLE_STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(VENV)/bin/hiprune demo
+
+bench: build
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf build hiprune_ops/*.so *.egg-info

@@ -1,0 +1,72 @@
+"""The one benchmark harness: timings of several candidates taken side by side in one run, reported as ratios.
+
+Absolute CPU times vary with the machine; the ratios against a baseline measured in the same run are what the
+benchmarks report. Every table names the device it ran on.
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(fn: Callable[[], object], *, device: str = "cpu", warmup: int = 2, repeat: int = 7,
+            min_time: float = 0.0) -> float:
+    """Median seconds of one call of fn (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < repeat or time.perf_counter() - start_all < min_time:
+        if device.startswith("cuda"):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    gc.collect()
+    return statistics.median(times)
+
+
+def compare(candidates: dict[str, Callable[[], object]], baseline: str, *, device: str = "cpu",
+            rounds: int = 3, **kwargs) -> dict[str, float]:
+    """Times every candidate in interleaved rounds (so drift hits all alike); returns median seconds each."""
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            samples[name].append(measure(fn, device=device, **kwargs))
+    result = {name: statistics.median(values) for name, values in samples.items()}
+    if baseline not in result:
+        raise KeyError(f"baseline {baseline!r} is not a candidate")
+    return result
+
+
+def format_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [list(map(str, header))] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [title, "  ".join(h.ljust(w) for h, w in zip(cells[0], widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells[1:]]
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+// Argument validation shared by every C++ backend (host side only). Each error names the argument.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <string>
+
+#include "hiprune/selection.h"
+
+namespace hiprune {
+
+inline void check_float_dtype(const at::Tensor& t, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, name,
+              " must be float32, float16 or bfloat16, got ", dt);
+}
+
+// Validates an attention map (B, H, L, L) and returns N = L - num_prefix.
+inline int64_t check_attention_map(const at::Tensor& attn, int64_t num_prefix, const char* name) {
+  TORCH_CHECK_VALUE(attn.dim() == 4, name, " must be (B, H, L, L) attention maps, got ", attn.dim(), "-D");
+  check_float_dtype(attn, name);
+  TORCH_CHECK_VALUE(attn.size(2) == attn.size(3), name, " must be square in its last two dims, got (", attn.size(2),
+              ", ", attn.size(3), ")");
+  TORCH_CHECK_VALUE(attn.size(1) >= 1, name, " must have at least one head");
+  TORCH_CHECK_VALUE(num_prefix >= 0 && num_prefix < attn.size(3), "num_prefix must be in [0, L - 1] = [0, ",
+              attn.size(3) - 1, "], got ", num_prefix);
+  return attn.size(3) - num_prefix;
+}
+
+// Validates one selection input: attention maps (B, H, L, L) or scores (B, N). Returns N.
+inline int64_t check_selection_input(const at::Tensor& t, int64_t num_prefix, const char* name) {
+  if (t.dim() == 2) {
+    check_float_dtype(t, name);
+    return t.size(1);
+  }
+  TORCH_CHECK_VALUE(t.dim() == 4, name, " must be (B, H, L, L) attention maps or (B, N) scores, got ", t.dim(), "-D");
+  return check_attention_map(t, num_prefix, name);
+}
+
+inline int parse_neighborhood(c10::string_view neighborhood) {
+  if (neighborhood == "cross") return kCross;
+  if (neighborhood == "square") return kSquare;
+  TORCH_CHECK_VALUE(false, "neighborhood must be 'cross' or 'square', got '", std::string(neighborhood), "'");
+  return kCross;
+}
+
+struct SelectArgs {
+  int64_t batch;
+  int64_t n;  // patch tokens
+  int neighborhood;
+  int64_t n_anchor;
+};
+
+inline SelectArgs check_select_args(const at::Tensor& object_attn, const at::Tensor& deep_attn, int64_t budget,
+                                    int64_t grid_h, int64_t grid_w, double alpha, int64_t num_prefix,
+                                    c10::string_view neighborhood, bool official) {
+  const int64_t n_object = check_selection_input(object_attn, num_prefix, "object_attn");
+  const int64_t n_deep = check_selection_input(deep_attn, num_prefix, "deep_attn");
+  TORCH_CHECK_VALUE(object_attn.size(0) == deep_attn.size(0), "deep_attn batch ", deep_attn.size(0),
+              " does not match object_attn batch ", object_attn.size(0));
+  TORCH_CHECK_VALUE(object_attn.device() == deep_attn.device(), "deep_attn is on ", deep_attn.device(),
+              " but object_attn is on ", object_attn.device());
+  TORCH_CHECK_VALUE(n_object == n_deep, "deep_attn has ", n_deep, " patch tokens but object_attn has ", n_object);
+  TORCH_CHECK_VALUE(grid_h >= 1 && grid_w >= 1, "grid_h and grid_w must be positive, got ", grid_h, " x ", grid_w);
+  TORCH_CHECK_VALUE(grid_h * grid_w == n_object, "grid_h * grid_w = ", grid_h, " * ", grid_w,
+              " must equal the number of patch tokens N = ", n_object);
+  TORCH_CHECK_VALUE(n_object < (int64_t(1) << 31), "object_attn has too many patch tokens: ", n_object);
+  TORCH_CHECK_VALUE(budget >= 1 && budget <= n_object, "budget must be in [1, N] = [1, ", n_object, "], got ", budget);
+  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha <= 1.0, "alpha must be in [0, 1], got ", alpha);
+  const int nb = parse_neighborhood(neighborhood);
+  TORCH_CHECK_VALUE(!official || nb == kCross, "official=True reproduces the release, which supports neighborhood='cross' "
+              "only, got '", std::string(neighborhood), "'");
+  return SelectArgs{object_attn.size(0), n_object, nb, anchor_count(budget, alpha, nb, official)};
+}
+
+inline void check_prune_features(const at::Tensor& features, const SelectArgs& args, const at::Tensor& object_attn) {
+  TORCH_CHECK_VALUE(features.dim() == 3, "features must be (B, N, C), got ", features.dim(), "-D");
+  TORCH_CHECK_VALUE(features.size(0) == args.batch, "features batch ", features.size(0), " does not match object_attn batch ",
+              args.batch);
+  TORCH_CHECK_VALUE(features.size(1) == args.n, "features has ", features.size(1), " tokens but the grid has N = ", args.n);
+  TORCH_CHECK_VALUE(features.device() == object_attn.device(), "features is on ", features.device(),
+              " but object_attn is on ", object_attn.device());
+}
+
+}  // namespace hiprune

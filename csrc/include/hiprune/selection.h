@@ -1,0 +1,81 @@
+// Selection logic shared by the CPU and CUDA kernels (and restated by the Triton and torch backends).
+// Everything here is __host__ __device__ so that the CPU tests exercise the code the GPU runs.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define HIPRUNE_HD __host__ __device__ __forceinline__
+#else
+#define HIPRUNE_HD inline
+#endif
+
+namespace hiprune {
+
+enum Role : int8_t { kAnchor = 0, kBuffer = 1, kRegister = 2 };
+
+enum Neighborhood : int { kCross = 0, kSquare = 1 };
+
+// Tokens per anchor: itself plus its 4 (cross) or 8 (square) grid neighbours.
+HIPRUNE_HD int tokens_per_anchor(int neighborhood) { return neighborhood == kSquare ? 9 : 5; }
+
+// round() with ties to even, as Python's round() on the same double.
+HIPRUNE_HD int64_t round_half_even(double x) {
+  double r = floor(x);
+  double diff = x - r;
+  if (diff > 0.5 || (diff == 0.5 && fmod(r, 2.0) != 0.0)) r += 1.0;
+  return static_cast<int64_t>(r);
+}
+
+// Number of anchors. Official mode has no cap (the release computes round(budget * alpha / 5)).
+HIPRUNE_HD int64_t anchor_count(int64_t budget, double alpha, int neighborhood, bool official) {
+  const int per = tokens_per_anchor(neighborhood);
+  const int64_t n = round_half_even(static_cast<double>(budget) * alpha / per);
+  if (official) return n;
+  const int64_t cap = budget / per;
+  return n < cap ? n : cap;
+}
+
+// Maps a score and its token index to a key whose unsigned order is the ranking order: higher score first,
+// equal scores lower index first, NaN below every number. -0.0 equals +0.0. Key 0 is free for "excluded".
+HIPRUNE_HD uint64_t rank_key(float score, int64_t index) {
+  uint32_t ordered;
+  if (score != score) {
+    ordered = 1u;  // NaN: above the excluded key 0, below -inf (0x007FFFFF)
+  } else {
+    if (score == 0.0f) score = 0.0f;  // fold -0.0 into +0.0
+    uint32_t bits;
+    memcpy(&bits, &score, sizeof(bits));
+    ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  }
+  return (static_cast<uint64_t>(ordered) << 32) | static_cast<uint64_t>(0xFFFFFFFFu - static_cast<uint32_t>(index));
+}
+
+constexpr uint64_t kExcludedKey = 0;
+
+// Number of neighbour slots an anchor has.
+HIPRUNE_HD int neighbor_slots(int neighborhood) { return tokens_per_anchor(neighborhood) - 1; }
+
+// The slot-th neighbour of token `anchor` on a grid_h x grid_w raster grid, or -1 when it is off the grid.
+// Official mode reproduces the authors' release: flattened i-1, i+1, i-grid_w, i+grid_w clamped into [0, N-1].
+HIPRUNE_HD int64_t neighbor_of(int64_t anchor, int slot, int64_t grid_h, int64_t grid_w, int neighborhood,
+                               bool official) {
+  const int64_t n = grid_h * grid_w;
+  if (official) {
+    const int64_t delta[4] = {-1, 1, -grid_w, grid_w};
+    int64_t j = anchor + delta[slot];
+    return j < 0 ? 0 : (j > n - 1 ? n - 1 : j);
+  }
+  // up, down, left, right, then the diagonals for "square"
+  const int dr[8] = {-1, 1, 0, 0, -1, -1, 1, 1};
+  const int dc[8] = {0, 0, -1, 1, -1, 1, -1, 1};
+  (void)neighborhood;
+  const int64_t r = anchor / grid_w + dr[slot];
+  const int64_t c = anchor % grid_w + dc[slot];
+  if (r < 0 || r >= grid_h || c < 0 || c >= grid_w) return -1;
+  return r * grid_w + c;
+}
+
+}  // namespace hiprune

@@ -1,0 +1,67 @@
+"""Which implementation runs an op: the C++ extension ("cpp", CPU or CUDA kernels), Triton, or pure torch.
+
+backend="auto" (the default, or HIPRUNE_BACKEND) takes the C++ kernel for the input's device when it was built,
+else Triton on CUDA, else the torch reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "cpp", "triton", "torch")
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+@functools.lru_cache(maxsize=None)
+def extension_loaded() -> bool:
+    """Imports hiprune_ops._C, which registers the hiprune ops and their C++ kernels."""
+    try:
+        importlib.import_module("hiprune_ops._C")
+    except ImportError as error:
+        if "No module named" not in str(error):
+            warnings.warn(f"hiprune_ops._C failed to load, using the torch reference: {error}")
+        return False
+    return True
+
+
+def has_cpp_kernel(op: str, device_type: str) -> bool:
+    """Whether the extension registered a kernel of hiprune::<op> for this device (dispatcher truth)."""
+    key = _DISPATCH_KEYS.get(device_type)
+    return (key is not None and extension_loaded()
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"hiprune::{op}", key))
+
+
+def triton_usable(device_type: str) -> bool:
+    """Triton runs on CUDA, and on CPU tensors only under TRITON_INTERPRET=1 (set before triton is imported)."""
+    if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve(backend: str | None, op: str, device: torch.device) -> str:
+    """Returns the concrete backend ("cpp", "triton" or "torch") for op on device, or raises naming `backend`."""
+    backend = backend or os.environ.get("HIPRUNE_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if has_cpp_kernel(op, device.type):
+            return "cpp"
+        if device.type == "cuda" and triton_usable("cuda"):
+            return "triton"
+        return "torch"
+    if backend == "cpp" and not has_cpp_kernel(op, device.type):
+        raise RuntimeError(f"backend='cpp' has no hiprune::{op} kernel for {device.type}: the extension was not "
+                           "built for it (see README: build)")
+    if backend == "triton" and not triton_usable(device.type):
+        raise RuntimeError(f"backend='triton' cannot run on {device.type}: it needs CUDA, or TRITON_INTERPRET=1 "
+                           "set before triton is imported for CPU tensors")
+    return backend

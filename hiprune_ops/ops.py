@@ -1,0 +1,114 @@
+"""The public ops, with their fake (meta) kernels beside them.
+
+Each wrapper takes the spec's arguments (shared/hiprune-spec.md) and a `backend` keyword: "auto" (default, or
+HIPRUNE_BACKEND), "cpp", "triton" or "torch". The C++ ops are also reachable as torch.ops.hiprune.<op>.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Optional
+
+import torch
+
+from . import _validation as v
+from . import reference
+from .backend import extension_loaded, resolve
+
+
+def _implementation(op: str, backend: Optional[str], device: torch.device) -> Callable:
+    chosen = resolve(backend, op, device)
+    if chosen == "cpp":
+        return getattr(torch.ops.hiprune, op)
+    if chosen == "triton":
+        importlib.import_module("hiprune_ops.triton_kernels")  # registers torch.ops.hiprune_triton
+        return getattr(torch.ops.hiprune_triton, op)
+    return getattr(reference, op)
+
+
+def attention_scores(attn: torch.Tensor, num_prefix: int = 0, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Received attention of each patch token: (B, H, L, L) maps -> (B, L - num_prefix) float32.
+
+    scores[b, j] is the mean over heads and all L query rows (prefix rows included) of attn[b, h, q, num_prefix + j].
+    Every backend sums in float64 and rounds the mean once, so they agree bit for bit.
+    """
+    return _implementation("attention_scores", backend, attn.device)(attn, num_prefix)
+
+
+def qk_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int = 0,
+              cu_seqlens: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> torch.Tensor:
+    """attention_scores(softmax(q @ k^T * scale), num_prefix) without the (L, L) map: O(B * H * L) extra memory.
+
+    q, k: (B, H, L, D) -> (B, L - num_prefix) float32. Packed: q, k (T, H, D) with int32 cu_seqlens (S + 1,),
+    attention inside each segment, num_prefix 0 -> (T,) float32, each token averaged over its segment's queries.
+    """
+    return _implementation("qk_scores", backend, q.device)(q, k, scale, num_prefix, cu_seqlens)
+
+
+def select(object_attn: torch.Tensor, deep_attn: torch.Tensor, budget: int, grid_h: int, grid_w: int,
+           alpha: float = 0.1, num_prefix: int = 0, neighborhood: str = "cross", official: bool = False, *,
+           backend: Optional[str] = None) -> torch.Tensor:
+    """HiPrune's kept tokens: int64 (B, budget), strictly increasing indices into the grid_h * grid_w patches.
+
+    object_attn / deep_attn: (B, H, L, L) attention maps (reduced here, fused) or (B, N) scores. Anchors are the
+    round_half_even(budget * alpha / per) best object scores (capped at budget // per; per = 5 for "cross",
+    9 for "square"), buffers their on-grid neighbours, registers the best deep scores among the rest. Ties go to
+    the lower index; NaN ranks last. official=True reproduces the authors' release (clamped flat neighbours, no cap).
+    """
+    return _implementation("select", backend, object_attn.device)(
+        object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix, neighborhood, official)
+
+
+def select_with_roles(object_attn: torch.Tensor, deep_attn: torch.Tensor, budget: int, grid_h: int, grid_w: int,
+                      alpha: float = 0.1, num_prefix: int = 0, neighborhood: str = "cross", official: bool = False,
+                      *, backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """select(), plus int8 roles aligned with the indices: 0 anchor, 1 buffer, 2 register."""
+    return _implementation("select_with_roles", backend, object_attn.device)(
+        object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix, neighborhood, official)
+
+
+def prune(features: torch.Tensor, object_attn: torch.Tensor, deep_attn: torch.Tensor, budget: int, grid_h: int,
+          grid_w: int, alpha: float = 0.1, num_prefix: int = 0, neighborhood: str = "cross", official: bool = False,
+          *, backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept patch features (B, budget, C) in the features' dtype, and the indices of select()."""
+    return _implementation("prune", backend, object_attn.device)(
+        features, object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix, neighborhood, official)
+
+
+# Fake kernels: output shapes from the arguments alone, and the same argument errors as the real kernels.
+if extension_loaded():
+
+    @torch.library.register_fake("hiprune::attention_scores")
+    def _attention_scores_fake(attn, num_prefix=0):
+        n = v.check_attention_map(attn, num_prefix, "attn")
+        return attn.new_empty((attn.shape[0], n), dtype=torch.float32)
+
+    @torch.library.register_fake("hiprune::qk_scores")
+    def _qk_scores_fake(q, k, scale, num_prefix=0, cu_seqlens=None):
+        v.check_qk_args(q, k, scale, num_prefix, cu_seqlens)
+        shape = (q.shape[0],) if cu_seqlens is not None else (q.shape[0], q.shape[2] - num_prefix)
+        return q.new_empty(shape, dtype=torch.float32)
+
+    @torch.library.register_fake("hiprune::select")
+    def _select_fake(object_attn, deep_attn, budget, grid_h, grid_w, alpha=0.1, num_prefix=0, neighborhood="cross",
+                     official=False):
+        args = v.check_select_args(object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix, neighborhood,
+                                   official)
+        return object_attn.new_empty((args.batch, budget), dtype=torch.int64)
+
+    @torch.library.register_fake("hiprune::select_with_roles")
+    def _select_with_roles_fake(object_attn, deep_attn, budget, grid_h, grid_w, alpha=0.1, num_prefix=0,
+                                neighborhood="cross", official=False):
+        args = v.check_select_args(object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix, neighborhood,
+                                   official)
+        return (object_attn.new_empty((args.batch, budget), dtype=torch.int64),
+                object_attn.new_empty((args.batch, budget), dtype=torch.int8))
+
+    @torch.library.register_fake("hiprune::prune")
+    def _prune_fake(features, object_attn, deep_attn, budget, grid_h, grid_w, alpha=0.1, num_prefix=0,
+                    neighborhood="cross", official=False):
+        args = v.check_select_args(object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix, neighborhood,
+                                   official)
+        v.check_prune_features(features, args, object_attn)
+        return (features.new_empty((args.batch, budget, features.shape[2])),
+                object_attn.new_empty((args.batch, budget), dtype=torch.int64))
