@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-installed
 EDITABLE_STAMP := $(VENV)/.editable-installed
-PIP_DEPS := torch==2.14.1 numpy pytest expecttest ninja transformers==5.23.0 scikit-image pillow
+PIP_DEPS := setuptools>=64 wheel torch==2.14.1 numpy pytest expecttest ninja transformers==5.23.0 scikit-image pillow
 
 .PHONY: build test test-fast demo bench clean
 
