@@ -47,8 +47,12 @@ def triton_usable(device_type: str) -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result  # a pure function of its arguments: torch.compile traces the choice
 def resolve(backend: str | None, op: str, device: torch.device) -> str:
-    """Returns the concrete backend ("cpp", "triton" or "torch") for op on device, or raises naming `backend`."""
+    """Returns the concrete backend ("cpp", "triton" or "torch") for op on device, or raises naming `backend`.
+
+    Choosing "triton" imports hiprune_ops.triton_kernels, which registers torch.ops.hiprune_triton.
+    """
     backend = backend or os.environ.get("HIPRUNE_BACKEND", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -56,12 +60,15 @@ def resolve(backend: str | None, op: str, device: torch.device) -> str:
         if has_cpp_kernel(op, device.type):
             return "cpp"
         if device.type == "cuda" and triton_usable("cuda"):
+            importlib.import_module("hiprune_ops.triton_kernels")
             return "triton"
         return "torch"
     if backend == "cpp" and not has_cpp_kernel(op, device.type):
         raise RuntimeError(f"backend='cpp' has no hiprune::{op} kernel for {device.type}: the extension was not "
                            "built for it (see README: build)")
-    if backend == "triton" and not triton_usable(device.type):
-        raise RuntimeError(f"backend='triton' cannot run on {device.type}: it needs CUDA, or TRITON_INTERPRET=1 "
-                           "set before triton is imported for CPU tensors")
+    if backend == "triton":
+        if not triton_usable(device.type):
+            raise RuntimeError(f"backend='triton' cannot run on {device.type}: it needs CUDA, or TRITON_INTERPRET=1 "
+                               "set before triton is imported for CPU tensors")
+        importlib.import_module("hiprune_ops.triton_kernels")
     return backend

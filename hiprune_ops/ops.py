@@ -6,7 +6,6 @@ HIPRUNE_BACKEND), "cpp", "triton" or "torch". The C++ ops are also reachable as 
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable, Optional
 
 import torch
@@ -21,7 +20,6 @@ def _implementation(op: str, backend: Optional[str], device: torch.device) -> Ca
     if chosen == "cpp":
         return getattr(torch.ops.hiprune, op)
     if chosen == "triton":
-        importlib.import_module("hiprune_ops.triton_kernels")  # registers torch.ops.hiprune_triton
         return getattr(torch.ops.hiprune_triton, op)
     return getattr(reference, op)
 
@@ -112,3 +110,17 @@ if extension_loaded():
         v.check_prune_features(features, args, object_attn)
         return (features.new_empty((args.batch, budget, features.shape[2])),
                 object_attn.new_empty((args.batch, budget), dtype=torch.int64))
+
+    # prune is differentiable in its features (a gather); the indices are discrete, so the maps get no gradient.
+    def _prune_setup_context(ctx, inputs, output):
+        features = inputs[0]
+        ctx.feature_shape = features.shape
+        ctx.save_for_backward(output[1])
+
+    def _prune_backward(ctx, grad_kept, grad_indices):
+        (indices,) = ctx.saved_tensors
+        grad_features = grad_kept.new_zeros(ctx.feature_shape)
+        grad_features.scatter_add_(1, indices.unsqueeze(-1).expand_as(grad_kept), grad_kept)
+        return (grad_features,) + (None,) * 9
+
+    torch.library.register_autograd("hiprune::prune", _prune_backward, setup_context=_prune_setup_context)
