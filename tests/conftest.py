@@ -11,8 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-import hiprune_ops  # noqa: E402
+from hiprune_ops._validation import anchor_count  # noqa: E402
 from hiprune_ops.backend import has_cpp_kernel, triton_usable  # noqa: E402
+
+ANCHOR, BUFFER, REGISTER = 0, 1, 2
 
 
 def _triton_ops_registered() -> bool:
@@ -49,3 +51,30 @@ def random_maps(batch, heads, length, *, dtype=torch.float32, seed=0, device="cp
 def random_scores(batch, n, *, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(batch, n, generator=g).to(device)
+
+
+def assert_selection_invariants(obj, deep, idx, roles, budget, grid_h, grid_w, alpha, neighborhood):
+    """The spec's invariants, checked from first principles on CPU copies of the inputs and outputs."""
+    obj, deep, idx, roles = obj.cpu(), deep.cpu(), idx.cpu(), roles.cpu()
+    n = grid_h * grid_w
+    n_anchor = anchor_count(budget, alpha, neighborhood, False)
+    assert idx.shape == (obj.shape[0], budget) and idx.dtype == torch.int64 and roles.dtype == torch.int8
+    assert bool((idx[:, 1:] > idx[:, :-1]).all()) and bool((idx >= 0).all()) and bool((idx < n).all())
+    offsets = [(-1, 0), (1, 0), (0, -1), (0, 1)] + ([(-1, -1), (-1, 1), (1, -1), (1, 1)] if neighborhood == "square"
+                                                     else [])
+    for b in range(obj.shape[0]):
+        kept = dict(zip(idx[b].tolist(), roles[b].tolist()))
+        anchors = {t for t, r in kept.items() if r == ANCHOR}
+        top = set(torch.sort(obj[b], descending=True, stable=True).indices[:n_anchor].tolist())
+        assert anchors == top
+        neighbours = set()
+        for a in anchors:
+            for dr, dc in offsets:
+                r, c = a // grid_w + dr, a % grid_w + dc
+                if 0 <= r < grid_h and 0 <= c < grid_w:
+                    neighbours.add(r * grid_w + c)
+        assert {t for t, r in kept.items() if r == BUFFER} == neighbours - anchors
+        registers = [t for t, r in kept.items() if r == REGISTER]
+        rest = [t for t in range(n) if t not in anchors | neighbours]
+        best_rest = sorted(rest, key=lambda t: (-deep[b, t].item(), t))[:len(registers)]
+        assert sorted(best_rest) == registers

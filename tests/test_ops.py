@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import hiprune_ops
-from conftest import backend_params, random_maps, random_scores
+from conftest import assert_selection_invariants, backend_params, random_maps, random_scores
 from hiprune_ops import reference as ref
 
 GRIDS = [(1, 1), (4, 4), (5, 7), (14, 14), (24, 24)]
@@ -38,7 +38,7 @@ def test_select_on_scores(backend, device, neighborhood, official, alpha):
     for grid_h, grid_w in grids_for(backend, device):
         n = grid_h * grid_w
         for budget in budgets_for(n):
-            for batch in (1, 3):
+            for batch in (1, 3, 8):
                 obj, deep = random_scores(batch, n, seed=budget), random_scores(batch, n, seed=budget + 7)
                 try:
                     expected = ref.select(obj, deep, budget, grid_h, grid_w, alpha, 0, neighborhood, official)
@@ -145,3 +145,19 @@ def test_empty_batch(backend, device):
     obj = torch.rand(0, 16, device=device)
     idx, roles = hiprune_ops.select_with_roles(obj, obj, 5, 4, 4, backend=backend)
     assert idx.shape == (0, 5) and roles.shape == (0, 5)
+
+
+@pytest.mark.parametrize("backend,device", backend_params("select_with_roles"))
+def test_invariants_hold_on_random_problems(backend, device):
+    g = torch.Generator().manual_seed(0)
+    max_side = 6 if (backend, device) == ("triton", "cpu") else 30
+    for seed in range(12):
+        grid_h, grid_w = (int(torch.randint(1, max_side + 1, (1,), generator=g)) for _ in range(2))
+        n = grid_h * grid_w
+        budget = int(torch.randint(1, n + 1, (1,), generator=g))
+        alpha = float(torch.rand(1, generator=g))
+        neighborhood = "square" if seed % 2 else "cross"
+        obj, deep = random_scores(4, n, seed=seed), random_scores(4, n, seed=seed + 100)
+        idx, roles = hiprune_ops.select_with_roles(obj.to(device), deep.to(device), budget, grid_h, grid_w, alpha,
+                                                   neighborhood=neighborhood, backend=backend)
+        assert_selection_invariants(obj, deep, idx, roles, budget, grid_h, grid_w, alpha, neighborhood)

@@ -3,11 +3,9 @@
 import pytest
 import torch
 
-from conftest import random_maps, random_scores
+from conftest import ANCHOR, BUFFER, REGISTER, assert_selection_invariants, random_maps, random_scores
 from hiprune_ops import reference as ref
 from hiprune_ops._validation import anchor_count
-
-ANCHOR, BUFFER, REGISTER = 0, 1, 2
 
 
 def one_hot_scores(n, best, batch=1):
@@ -147,28 +145,3 @@ def test_invariants_on_random_scores():
         obj, deep = random_scores(4, n, seed=seed), random_scores(4, n, seed=seed + 100)
         idx, roles = ref.select_with_roles(obj, deep, budget, grid_h, grid_w, alpha, neighborhood=neighborhood)
         assert_selection_invariants(obj, deep, idx, roles, budget, grid_h, grid_w, alpha, neighborhood)
-
-
-def assert_selection_invariants(obj, deep, idx, roles, budget, grid_h, grid_w, alpha, neighborhood):
-    n = grid_h * grid_w
-    n_anchor = anchor_count(budget, alpha, neighborhood, False)
-    assert idx.shape == (obj.shape[0], budget) and idx.dtype == torch.int64 and roles.dtype == torch.int8
-    assert bool((idx[:, 1:] > idx[:, :-1]).all()) and bool((idx >= 0).all()) and bool((idx < n).all())
-    offsets = [(-1, 0), (1, 0), (0, -1), (0, 1)] + ([(-1, -1), (-1, 1), (1, -1), (1, 1)] if neighborhood == "square"
-                                                     else [])
-    for b in range(obj.shape[0]):
-        kept = dict(zip(idx[b].tolist(), roles[b].tolist()))
-        anchors = {t for t, r in kept.items() if r == ANCHOR}
-        top = set(torch.sort(obj[b], descending=True, stable=True).indices[:n_anchor].tolist())
-        assert anchors == top
-        neighbours = set()
-        for a in anchors:
-            for dr, dc in offsets:
-                r, c = a // grid_w + dr, a % grid_w + dc
-                if 0 <= r < grid_h and 0 <= c < grid_w:
-                    neighbours.add(r * grid_w + c)
-        assert {t for t, r in kept.items() if r == BUFFER} == neighbours - anchors
-        registers = [t for t, r in kept.items() if r == REGISTER]
-        rest = [t for t in range(n) if t not in anchors | neighbours]
-        best_rest = sorted(rest, key=lambda t: (-deep[b, t].item(), t))[:len(registers)]
-        assert sorted(best_rest) == registers
