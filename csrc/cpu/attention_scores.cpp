@@ -4,7 +4,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 #include "cpu_kernels.h"
 #include "hiprune/checks.h"
@@ -13,9 +18,55 @@ namespace hiprune {
 namespace cpu {
 namespace {
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// AVX2 + F16C row adders, picked at run time: the build itself targets baseline x86-64, where fp16 -> fp32 is a
+// slow scalar conversion.
+bool cpu_has_avx2_f16c() {
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return supported;
+}
+
+__attribute__((target("avx2,f16c"))) inline void add_8_floats(__m256 v, double* acc) {
+  _mm256_storeu_pd(acc, _mm256_add_pd(_mm256_loadu_pd(acc), _mm256_cvtps_pd(_mm256_castps256_ps128(v))));
+  _mm256_storeu_pd(acc + 4, _mm256_add_pd(_mm256_loadu_pd(acc + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
+}
+
+__attribute__((target("avx2,f16c"))) void add_row_avx2(const float* row, int64_t n, double* acc) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) add_8_floats(_mm256_loadu_ps(row + j), acc + j);
+  for (; j < n; ++j) acc[j] += row[j];
+}
+
+__attribute__((target("avx2,f16c"))) void add_row_avx2(const c10::Half* row, int64_t n, double* acc) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(row);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    add_8_floats(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bits + j))), acc + j);
+  for (; j < n; ++j) acc[j] += _cvtsh_ss(bits[j]);
+}
+
+__attribute__((target("avx2,f16c"))) void add_row_avx2(const c10::BFloat16* row, int64_t n, double* acc) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(row);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i widened = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bits + j)));
+    add_8_floats(_mm256_castsi256_ps(_mm256_slli_epi32(widened, 16)), acc + j);
+  }
+  for (; j < n; ++j) acc[j] += static_cast<float>(row[j]);
+}
+
+void add_row_avx2(const double*, int64_t, double*) {}  // never called: maps are float32/16/bf16
+#endif
+
 template <typename scalar_t>
 void accumulate_rows(const scalar_t* first_row, int64_t rows, int64_t row_stride, int64_t n, int64_t col_stride,
                      double* acc) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (col_stride == 1 && !std::is_same_v<scalar_t, double> && cpu_has_avx2_f16c()) {
+    for (int64_t q = 0; q < rows; ++q) add_row_avx2(first_row + q * row_stride, n, acc);
+    return;
+  }
+#endif
   for (int64_t q = 0; q < rows; ++q) {
     const scalar_t* row = first_row + q * row_stride;
     if (col_stride == 1) {
