@@ -291,3 +291,18 @@ def test_runs_on_the_current_non_default_stream():
     stream.synchronize()
     assert torch.equal(scores.cpu(), torch.ops.hiprune.attention_scores(object_attn.cpu(), 1))
     assert torch.equal(indices.cpu(), expected[0]) and torch.equal(roles.cpu(), expected[1])
+
+
+@needs_gpu
+def test_opcheck_on_cuda():
+    _need_kernels("attention_scores", "select", "select_with_roles", "prune")
+    object_attn = random_maps(2, 2, 50, seed=61, device="cuda")
+    deep_attn = random_maps(2, 2, 50, seed=62, device="cuda")
+    features = torch.randn(2, 49, 4, device="cuda")
+    select_args = (object_attn, deep_attn, 16, 7, 7, 0.3, 1)
+    torch.library.opcheck(torch.ops.hiprune.attention_scores.default, (object_attn, 1))
+    torch.library.opcheck(torch.ops.hiprune.select.default, select_args)
+    torch.library.opcheck(torch.ops.hiprune.select_with_roles.default, select_args)
+    torch.library.opcheck(torch.ops.hiprune.prune.default, (features,) + select_args)
+    scores = random_scores(2, 49, seed=63, device="cuda")
+    torch.library.opcheck(torch.ops.hiprune.select_with_roles.default, (scores, scores, 16, 7, 7, 0.3, 0, "square"))

@@ -173,6 +173,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectParams p) 
     }
     written += tile_kept;
     __syncthreads();  // scan_storage reused by the next tile
+    if (written >= p.budget) break;  // the same for every thread
   }
 }
 
@@ -192,7 +193,8 @@ int64_t shared_limit_for_current_device() {
   cudaFuncAttributes attributes;
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, select_kernel));
   const int64_t optin = at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin;
-  const int64_t limit = std::min(shared_bytes_for(kMaxSharedTokens), optin - static_cast<int64_t>(attributes.sharedSizeBytes));
+  const int64_t static_bytes = static_cast<int64_t>(attributes.sharedSizeBytes);
+  const int64_t limit = std::min(shared_bytes_for(kMaxSharedTokens), optin - static_bytes);
   if (limit > 0) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(limit)));

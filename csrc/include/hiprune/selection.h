@@ -86,7 +86,12 @@ constexpr int8_t kNotKept = -1;
 HIPRUNE_HD void mark_buffers_around(int64_t anchor, int8_t* role, int64_t grid_h, int64_t grid_w, int neighborhood,
                                     bool official) {
   const int slots = neighbor_slots(neighborhood);
-  for (int slot = 0; slot < slots; ++slot) {
+// Unrolled on the GPU: constant slots keep neighbor_of's offset tables in registers rather than on the stack.
+#ifdef __CUDA_ARCH__
+#pragma unroll
+#endif
+  for (int slot = 0; slot < 8; ++slot) {
+    if (slot >= slots) break;
     const int64_t j = neighbor_of(anchor, slot, grid_h, grid_w, neighborhood, official);
     if (j >= 0 && role[j] != kAnchor) role[j] = kBuffer;
   }
