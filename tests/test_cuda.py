@@ -14,6 +14,7 @@ from hiprune_ops.backend import extension_loaded, has_cpp_kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_SOURCES = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))}
+COMPARED_DEVICES = ("cpu", "cuda")  # the CPU kernel is the truth the CUDA kernel is held to
 OPS = ("attention_scores", "qk_scores", "select", "select_with_roles", "prune")
 
 
@@ -52,7 +53,7 @@ def _need_kernels(*ops):
 def _select_both(object_attn, deep_attn, *args, **kwargs):
     """(CPU kernel result, CUDA kernel result moved to the CPU) of select_with_roles, or both errors' texts."""
     outcomes = []
-    for device in ("cpu", "cuda"):
+    for device in COMPARED_DEVICES:
         try:
             indices, roles = torch.ops.hiprune.select_with_roles(object_attn.to(device), deep_attn.to(device), *args,
                                                                  **kwargs)
