@@ -31,39 +31,33 @@ struct ImageSelector {
   int neighborhood;
   bool official;
   std::vector<uint64_t> keys, scratch;
-  std::vector<int8_t> role;  // -1: not kept
+  std::vector<int8_t> role;  // kNotKept, or a Role
 
   void run(const float* object_scores, const float* deep_scores, int64_t* indices, int8_t* roles) {
     keys.resize(n);
-    role.assign(n, -1);
+    role.assign(n, kNotKept);
     if (n_anchor > 0) {
       for (int64_t i = 0; i < n; ++i) keys[i] = rank_key(object_scores[i], i);
       scratch = keys;
       const uint64_t threshold = kth_largest(scratch, n_anchor);
       for (int64_t i = 0; i < n; ++i)
         if (keys[i] >= threshold) role[i] = kAnchor;
-      for (int64_t i = 0; i < n; ++i) {
-        if (role[i] != kAnchor) continue;
-        for (int slot = 0; slot < neighbor_slots(neighborhood); ++slot) {
-          const int64_t j = neighbor_of(i, slot, grid_h, grid_w, neighborhood, official);
-          if (j >= 0 && role[j] != kAnchor) role[j] = kBuffer;
-        }
-      }
+      for (int64_t i = 0; i < n; ++i)
+        if (role[i] == kAnchor) mark_buffers_around(i, role.data(), grid_h, grid_w, neighborhood, official);
     }
-    const int64_t kept = std::count_if(role.begin(), role.end(), [](int8_t r) { return r >= 0; });
-    TORCH_CHECK_VALUE(kept <= budget, "official=True keeps ", kept, " anchors and buffers, more than budget ", budget,
-                "; raise budget or lower alpha");
+    const int64_t kept = std::count_if(role.begin(), role.end(), [](int8_t r) { return r != kNotKept; });
+    check_official_kept(kept, budget);
     const int64_t n_register = budget - kept;
     if (n_register > 0) {
-      for (int64_t i = 0; i < n; ++i) keys[i] = role[i] >= 0 ? kExcludedKey : rank_key(deep_scores[i], i);
+      for (int64_t i = 0; i < n; ++i) keys[i] = register_key(role[i], deep_scores[i], i);
       scratch = keys;
       const uint64_t threshold = kth_largest(scratch, n_register);
       for (int64_t i = 0; i < n; ++i)
-        if (role[i] < 0 && keys[i] >= threshold) role[i] = kRegister;
+        if (role[i] == kNotKept && keys[i] >= threshold) role[i] = kRegister;
     }
     int64_t out = 0;
     for (int64_t i = 0; i < n; ++i) {
-      if (role[i] < 0) continue;
+      if (role[i] == kNotKept) continue;
       indices[out] = i;
       roles[out] = role[i];
       ++out;

@@ -83,4 +83,11 @@ inline void check_prune_features(const at::Tensor& features, const SelectArgs& a
               " but object_attn is on ", object_attn.device());
 }
 
+// Official mode: anchors and buffers alone must fit in the budget (same wording as
+// _validation.official_overflow_message).
+inline void check_official_kept(int64_t kept, int64_t budget) {
+  TORCH_CHECK_VALUE(kept <= budget, "official=True keeps ", kept, " anchors and buffers, more than budget ", budget,
+                    "; raise budget or lower alpha");
+}
+
 }  // namespace hiprune

@@ -78,4 +78,35 @@ HIPRUNE_HD int64_t neighbor_of(int64_t anchor, int slot, int64_t grid_h, int64_t
   return r * grid_w + c;
 }
 
+// Role of a token that is not (yet) kept.
+constexpr int8_t kNotKept = -1;
+
+// Phase 2 of the selection: marks the neighbours of one anchor as buffers. Anchors are fixed before this phase
+// and never overwritten, so concurrent calls for different anchors only ever store kBuffer (race-free in effect).
+HIPRUNE_HD void mark_buffers_around(int64_t anchor, int8_t* role, int64_t grid_h, int64_t grid_w, int neighborhood,
+                                    bool official) {
+  const int slots = neighbor_slots(neighborhood);
+// Unrolled on the GPU: constant slots keep neighbor_of's offset tables in registers rather than on the stack.
+#ifdef __CUDA_ARCH__
+#pragma unroll
+#endif
+  for (int slot = 0; slot < 8; ++slot) {
+    if (slot >= slots) break;
+    const int64_t j = neighbor_of(anchor, slot, grid_h, grid_w, neighborhood, official);
+    if (j >= 0 && role[j] != kAnchor) role[j] = kBuffer;
+  }
+}
+
+// Key of token i in the register ranking: kept tokens (anchors, buffers) are excluded.
+HIPRUNE_HD uint64_t register_key(int8_t role, float deep_score, int64_t index) {
+  return role != kNotKept ? kExcludedKey : rank_key(deep_score, index);
+}
+
+// Whether anchors and buffers can exceed the budget: only in official mode (no anchor cap), and only when
+// n_anchor anchors with their 4 neighbours each could outnumber the budget. Host-known, so a GPU backend needs
+// to read the kept counts back (a host sync) only when this is true.
+HIPRUNE_HD bool official_may_overflow(int64_t n_anchor, int64_t budget, bool official) {
+  return official && tokens_per_anchor(kCross) * n_anchor > budget;
+}
+
 }  // namespace hiprune
