@@ -63,7 +63,7 @@ class ScoreSlot:
 def _wrap(original: Callable) -> Callable:
     def hiprune_capturing_attention(module, query, key, value, attention_mask, *args, **kwargs):
         result = original(module, query, key, value, attention_mask, *args, **kwargs)
-        slot = module.__dict__.get(_SLOT_ATTR)
+        slot = getattr(module, _SLOT_ATTR, None)
         if slot is not None:
             slot.record(query, key, attention_mask, kwargs)
         return result

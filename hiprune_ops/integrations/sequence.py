@@ -2,7 +2,8 @@
 
 Images fill the placeholder tokens in row-major order over the batch (as masked_scatter does in transformers), so
 image i owns the next full_counts[i] placeholders. Within its run, the placeholders at kept_slots[i] stay. Rows that
-shrink by different amounts are re-padded on the side the batch was padded on (left when unknown).
+shrink by different amounts are re-padded (old padding dropped first) on the side the batch was padded on (left
+when unknown).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def plan_shrink(input_ids: torch.Tensor, image_token_id: int, full_counts: Seque
     keep = torch.ones_like(placeholders)
     if keep_runs:
         keep[placeholders] = torch.cat(keep_runs)
+    if attention_mask is not None:
+        keep &= attention_mask.bool()  # old padding goes too; rows are re-padded below
     lengths = keep.sum(dim=1)
     new_len = int(lengths.max())
     batch, length = input_ids.shape
@@ -60,4 +63,8 @@ def plan_shrink(input_ids: torch.Tensor, image_token_id: int, full_counts: Seque
         valid = rank < lengths[:, None]
     source = order.gather(1, src_rank.clamp(0, length - 1))
     source = torch.where(valid, source, 0)
-    return ShrinkPlan(source, valid, length - lengths, length)
+    # `removed` counts image tokens only (what the language model no longer sees), not dropped padding.
+    removed = (placeholders & ~keep).sum(dim=1)
+    if attention_mask is not None:
+        removed = (placeholders & ~keep & attention_mask.bool()).sum(dim=1)
+    return ShrinkPlan(source, valid, removed, length)
