@@ -50,14 +50,17 @@ class ScoreSlot:
             scale = query.shape[-1] ** -0.5
         if query.shape[1] != key.shape[1]:  # grouped kv heads: expand like the kernels do
             key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        cu_seqlens = kwargs.get("cu_seq_lens_q")
+        with torch.no_grad():  # scores only pick indices; no graph through them
+            self._record(query, key, float(scale), kwargs.get("cu_seq_lens_q"))
+
+    def _record(self, query, key, scale, cu_seqlens) -> None:
         if cu_seqlens is not None:
             # Packed (flash) layout: (1, H, T, D) with segment bounds -> (T,) scores, each within its segment.
             q = query[0].transpose(0, 1)
             k = key[0].transpose(0, 1)
-            self.scores.append(ops.qk_scores(q, k, float(scale), 0, cu_seqlens.to(torch.int32)))
+            self.scores.append(ops.qk_scores(q, k, scale, 0, cu_seqlens.to(torch.int32)))
         else:
-            self.scores.append(ops.qk_scores(query, key, float(scale), self.num_prefix))
+            self.scores.append(ops.qk_scores(query, key, scale, self.num_prefix))
 
 
 def _wrap(original: Callable) -> Callable:
