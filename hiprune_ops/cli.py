@@ -173,7 +173,8 @@ def demo(args) -> int:
     unpatched, patched, selection = [], [], []
     result = None
     try:
-        t0 = _step(3, total, f"timing: unpatched SDPA pass vs encoder + HiPrune selection ({args.repeat} rounds)")
+        rounds = f"{args.repeat} round{'s' if args.repeat > 1 else ''}"
+        t0 = _step(3, total, f"timing: unpatched SDPA pass vs encoder + HiPrune selection ({rounds})")
         with torch.inference_mode():
             for round_ in range(args.repeat):
                 show = round_ == 0

@@ -220,6 +220,34 @@ def test_llava_prefill_rows_are_projected_kept_features(llava):
     flat_image_rows = embeds[0, -(2 * 12 + 5):][[2 + i for i in range(12)] + [16 + i for i in range(12)]]
     torch.testing.assert_close(flat_image_rows, torch.cat([expected[0], expected[1]]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(embeds[1, -16:][3:15], expected[2], atol=1e-5, rtol=1e-5)
+    # Each image was pruned on its own grid: the same selection as encoding it alone.
+    for image, indices in enumerate(state.indices):
+        alone = hiprune_ops.encode(llava.model.vision_tower, inputs["pixel_values"][image:image + 1], 12,
+                                   object_layer=2, deep_layer=3)
+        assert torch.equal(alone.indices[0], indices)
+
+
+def test_llava_with_siglip_tower_full_strategy():
+    torch.manual_seed(10)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                             num_attention_heads=4, image_size=32, patch_size=4)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=_llama(), image_token_id=IMAGE,
+                                      vision_feature_select_strategy="full", vision_feature_layer=-1,
+                                      attn_implementation="sdpa")
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    g = torch.Generator().manual_seed(10)
+    inputs = dict(input_ids=torch.tensor([[1, 4] + [IMAGE] * 64 + [5]]), pixel_values=torch.randn(1, 3, 32, 32, generator=g))
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        try:
+            hiprune_ops.apply_hiprune(model, budget=64)
+            torch.testing.assert_close(model(**inputs).logits, reference, atol=1e-5, rtol=0)
+            hiprune_ops.remove_hiprune(model)
+            hiprune_ops.apply_hiprune(model, budget=10)
+            assert model(**inputs).logits.shape[1] == 2 + 10 + 1
+            assert integrations.hiprune_state(model).deep_layer == 3  # vision_feature_layer -1 -> the last layer
+        finally:
+            hiprune_ops.remove_hiprune(model)
 
 
 def test_qwen_kept_tokens_keep_their_mrope_positions(qwen):
