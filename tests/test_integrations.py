@@ -236,7 +236,8 @@ def test_llava_with_siglip_tower_full_strategy():
                                       attn_implementation="sdpa")
     model = transformers.LlavaForConditionalGeneration(config).eval()
     g = torch.Generator().manual_seed(10)
-    inputs = dict(input_ids=torch.tensor([[1, 4] + [IMAGE] * 64 + [5]]), pixel_values=torch.randn(1, 3, 32, 32, generator=g))
+    inputs = dict(input_ids=torch.tensor([[1, 4] + [IMAGE] * 64 + [5]]),
+                  pixel_values=torch.randn(1, 3, 32, 32, generator=g))
     with torch.no_grad():
         reference = model(**inputs).logits
         try:
