@@ -217,7 +217,7 @@ def demo(args) -> int:
                  f"image: {image_name}",
                  ["role", "tokens"], [[k, v] for k, v in counts.items()] + [["total", sum(counts.values())]]))
     print()
-    from .benchmarks_support import device_description
+    from ._device import device_description
 
     print(_table(f"Stage times (min of {args.repeat}) on {device_description(device)}", ["stage", "ms"],
                  [[k, f"{v * 1e3:.2f}"] for k, v in times.items()]))

@@ -13,6 +13,7 @@ remove_hiprune deletes the two attributes and the capture: the model is the same
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
 from typing import Optional
@@ -78,7 +79,7 @@ class Adapter:
                              "inputs_embeds")
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        with torch.no_grad() if for_generate else _nullcontext():
+        with torch.no_grad() if for_generate else contextlib.nullcontext():
             images = self.encode_images(kwargs)
         self.last = images
         mask = kwargs.get("attention_mask")
@@ -100,14 +101,6 @@ class Adapter:
             new["position_ids"] = positions
         new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(images.features))}
         return new, plan
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _pad_id(model) -> int:

@@ -32,10 +32,7 @@ class Qwen2_5_VLAdapter(Adapter):
         default_object = min(full, key=lambda layer: (abs(layer - depth / 2), layer))
         self.object_layer = resolve_layer(object_layer, depth, default_object, "object_layer")
         self.deep_layer = resolve_layer(deep_layer, depth, depth, "deep_layer")
-        if budget is not None:
-            resolve_budget(budget, None, 10 ** 9, self.default_ratio)
-        else:
-            resolve_budget(None, ratio, 10 ** 9, self.default_ratio)
+        resolve_budget(budget, ratio, 10 ** 9, self.default_ratio)  # validates now; applied per image later
         self._marked = []
 
     def attach(self):

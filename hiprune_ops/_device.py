@@ -1,4 +1,4 @@
-"""Device naming shared by the CLI (benchmarks/harness.py is not part of the installed package)."""
+"""Device naming for the CLI (benchmarks/harness.py has the same for benchmarks, but is not part of the package)."""
 
 import platform
 
