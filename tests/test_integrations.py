@@ -112,9 +112,6 @@ def next_inputs(model, seed=0):
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_sizes=sizes)
 
 
-MODELS = [("llava", llava_inputs, 10_000), ("llava_next", None, 10_000), ("qwen", qwen_inputs, 10_000)]
-
-
 def _model_and_inputs(request, name):
     model = request.getfixturevalue(name)
     inputs = next_inputs(model) if name == "llava_next" else {"llava": llava_inputs, "qwen": qwen_inputs}[name]()
