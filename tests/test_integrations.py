@@ -452,3 +452,37 @@ def test_packed_flash_layout_scores_each_segment():
     torch.testing.assert_close(slot.scores[0], per_segment)
     with pytest.raises(NotImplementedError, match="mask"):
         slot.record(q, k, torch.zeros(1, 1, 10, 10), {})
+
+
+def _tiny_llava_processor():
+    """A real LlavaProcessor built offline: CLIP image processor + a word-level tokenizer with an <image> token."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": IMAGE}
+    vocab.update({w: 4 + i for i, w in enumerate("user : describe the picture please what is this".split())})
+    model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=model, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"}, padding_side="left")
+    image_processor_class = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+    image_processor = image_processor_class(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    return transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=7,
+                                       vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def test_generate_with_processor_output_unchanged(llava):
+    processor = _tiny_llava_processor()
+    rng = torch.Generator().manual_seed(11)
+    images = [torch.randint(0, 255, (60, 70, 3), generator=rng, dtype=torch.uint8).numpy() for _ in range(3)]
+    inputs = processor(images=images, text=["user : <image> describe <image> please", "user : <image> what is this"],
+                       return_tensors="pt", padding=True)
+    with torch.no_grad():
+        reference = llava.generate(**inputs, max_new_tokens=3, do_sample=False)
+        hiprune_ops.apply_hiprune(llava, budget=N)
+        assert torch.equal(llava.generate(**inputs, max_new_tokens=3, do_sample=False), reference)
+        hiprune_ops.remove_hiprune(llava)
+        hiprune_ops.apply_hiprune(llava, budget=9)
+        out = llava.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    prompt = inputs["input_ids"]
+    assert torch.equal(out[:, :prompt.shape[1]], prompt) and out.shape[1] == prompt.shape[1] + 3
+    assert len(processor.batch_decode(out[:, prompt.shape[1]:])) == 2
