@@ -1,0 +1,277 @@
+"""`hiprune` command line. `hiprune demo` runs HiPrune on a CLIP ViT-L/14-336-shaped encoder (LLaVA-1.5's tower).
+
+The encoder has random weights unless --model points at local weights (a CLIPVisionModel directory); nothing is
+downloaded. The image is scikit-image's bundled astronaut photo unless --image is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+# CLIP ViT-L/14 at 336 px, the tower of LLaVA-1.5.
+VIT_L14_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                   image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+# Same 24x24 grid and pipeline, 4 narrow layers: for quick checks and the tests.
+TINY_336 = dict(VIT_L14_336, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                projection_dim=64)
+SIZES = {"vit-l-336": VIT_L14_336, "tiny": TINY_336}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# LLaVA-1.5-7B's language model (Vicuna-7B, LLaMA architecture).
+LLAMA_7B = dict(layers=32, hidden=4096, intermediate=11008)
+ROLE_COLOURS = {0: (230, 40, 40), 1: (255, 190, 0), 2: (40, 120, 255)}
+ROLE_NAMES = {0: "anchor", 1: "buffer", 2: "register"}
+
+
+def prefill_flops(tokens: int, layers: int, hidden: int, intermediate: int) -> float:
+    """Forward FLOPs of a LLaMA decoder prefill over `tokens` tokens (2 FLOPs per multiply-add; q/k/v/o
+    projections 8*L*d^2, attention scores and weighted sum 4*L^2*d, SwiGLU MLP 6*L*d*f per layer; the LM head is
+    left out because generate computes logits for the last token only)."""
+    n, d, f = tokens, hidden, intermediate
+    return layers * (8 * n * d * d + 4 * n * n * d + 6 * n * d * f)
+
+
+def _step(index: int, total: int, text: str) -> float:
+    print(f"[{index}/{total}] {text}", flush=True)
+    return time.perf_counter()
+
+
+class _LayerProgress:
+    """Prints a progress bar over the encoder layers while a long forward runs (forward hooks, removed after)."""
+
+    def __init__(self, layers, label: str, enabled: bool):
+        self.layers, self.label, self.enabled = layers, label, enabled
+        self.handles, self.done = [], 0
+
+    def __enter__(self):
+        if self.enabled:
+            self.handles = [layer.register_forward_hook(self._hook) for layer in self.layers]
+        return self
+
+    def _hook(self, *_):
+        self.done += 1
+        total = len(self.layers)
+        bar = "#" * (20 * self.done // total)
+        line = f"      {self.label}: [{bar:<20}] layer {self.done}/{total}"
+        if sys.stdout.isatty():
+            sys.stdout.write("\r" + line + ("\n" if self.done == total else ""))
+        elif self.done % max(1, total // 4) == 0 or self.done == total:  # logs: a few lines, no carriage returns
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        return False
+
+
+def _load_image(path: Optional[str]):
+    from PIL import Image
+
+    if path is None:
+        from skimage import data
+
+        return Image.fromarray(data.astronaut()), "scikit-image astronaut"
+    return Image.open(path).convert("RGB"), path
+
+
+def _preprocess(image, size: int) -> torch.Tensor:
+    """CLIP preprocessing: resize the short side to `size`, centre crop, normalise."""
+    from PIL import Image
+
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
+    pixels = pixels.permute(2, 0, 1).float() / 255.0
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    return ((pixels - mean) / std).unsqueeze(0), image
+
+
+def _overlay(image, indices, roles, grid: int, path: str) -> None:
+    from PIL import Image, ImageDraw
+
+    base = image.convert("RGBA")
+    layer = Image.new("RGBA", base.size, (0, 0, 0, 150))  # dims the pruned tokens
+    draw = ImageDraw.Draw(layer)
+    cell_w, cell_h = base.size[0] / grid, base.size[1] / grid
+    for index, role in zip(indices.tolist(), roles.tolist()):
+        r, c = divmod(index, grid)
+        box = (round(c * cell_w), round(r * cell_h), round((c + 1) * cell_w) - 1, round((r + 1) * cell_h) - 1)
+        draw.rectangle(box, fill=ROLE_COLOURS[role] + (90,), outline=ROLE_COLOURS[role] + (255,))
+    out = Image.alpha_composite(base, layer).convert("RGB")
+    legend = ImageDraw.Draw(out)
+    for i, role in enumerate((0, 1, 2)):
+        y = 6 + 16 * i
+        legend.rectangle((6, y, 18, y + 12), fill=ROLE_COLOURS[role])
+        legend.text((24, y), ROLE_NAMES[role], fill=(255, 255, 255))
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    out.save(path, format="PNG")
+
+
+def _table(title, header, rows) -> str:
+    cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [title, "  ".join(h.ljust(w) for h, w in zip(cells[0], widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells[1:]]
+    return "\n".join(lines)
+
+
+def _build_encoder(model_path: Optional[str], device: str, size: str):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    if model_path:
+        model = CLIPVisionModel.from_pretrained(model_path, local_files_only=True, attn_implementation="sdpa")
+        source = model_path
+    else:
+        torch.manual_seed(0)
+        config = CLIPVisionConfig(**SIZES[size], attn_implementation="sdpa")
+        model = CLIPVisionModel(config)
+        source = f"random weights ({size} shape)"
+    return model.to(device=device, dtype=torch.float32).eval(), source
+
+
+def demo(args) -> int:
+    from . import ops
+    from .integrations import HiPruneVisionTower
+
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: --device cuda requested but no CUDA device is available", file=sys.stderr)
+        return 2
+    total = 5
+    times = {}
+
+    t0 = _step(1, total, "loading the image")
+    image, image_name = _load_image(args.image)
+    times["load + preprocess image"] = time.perf_counter() - t0
+
+    t0 = _step(2, total, f"building the CLIP encoder ({args.model or args.size}, SDPA attention)")
+    encoder, source = _build_encoder(args.model, device, args.size)
+    config = encoder.config
+    pixel_values, shown = _preprocess(image, config.image_size)
+    pixel_values = pixel_values.to(device)
+    grid = config.image_size // config.patch_size
+    n_tokens = grid * grid
+    times["build encoder"] = time.perf_counter() - t0
+    print(f"      {source}; {config.num_hidden_layers} layers, {n_tokens} patch tokens + CLS, "
+          f"attention: {config._attn_implementation}", flush=True)
+
+    pruned = HiPruneVisionTower(encoder, args.budget, alpha=args.alpha, deep_layer=args.deep_layer,
+                                object_layer=args.object_layer, official=args.official)
+    layers = pruned._tower.layers
+    unpatched, patched, selection = [], [], []
+    result = None
+    try:
+        rounds = f"{args.repeat} round{'s' if args.repeat > 1 else ''}"
+        t0 = _step(3, total, f"timing: unpatched SDPA pass vs encoder + HiPrune selection ({rounds})")
+        with torch.inference_mode():
+            for round_ in range(args.repeat):
+                show = round_ == 0
+                # The patched pass goes first, so any cold-start cost lands on it, not on the baseline.
+                with _LayerProgress(layers, "encoder + q/k scores  ", show):
+                    start = time.perf_counter()
+                    output, obj, deep = pruned._tower.run(pixel_values, pruned.object_layer, pruned.deep_layer)
+                    _sync(device)
+                    middle = time.perf_counter()
+                    indices, roles = ops.select_with_roles(obj, deep, pruned.budget, grid, grid, pruned.alpha, 0,
+                                                           pruned.neighborhood, pruned.official)
+                    _sync(device)
+                    end = time.perf_counter()
+                patched.append(end - start)
+                selection.append(end - middle)
+                result = (indices[0].cpu(), roles[0].cpu())
+                pruned._tower.detach(pruned._marked)  # the unpatched pass runs without any capture
+                pruned._marked = []
+                with _LayerProgress(layers, "unpatched SDPA pass   ", show):
+                    start = time.perf_counter()
+                    encoder(pixel_values=pixel_values)
+                    _sync(device)
+                    unpatched.append(time.perf_counter() - start)
+                pruned._marked = pruned._tower.attach((pruned.object_layer, pruned.deep_layer))
+        times["unpatched SDPA encoder pass"] = min(unpatched)
+        times["encoder + q/k scores + selection"] = min(patched)
+        times["  of which selection"] = min(selection)
+    finally:
+        pruned.remove()
+
+    t0 = _step(4, total, "writing the overlay")
+    _overlay(shown, result[0], result[1], grid, args.output)
+    times["overlay PNG"] = time.perf_counter() - t0
+
+    _step(5, total, "report")
+    counts = {name: int((result[1] == role).sum()) for role, name in ROLE_NAMES.items()}
+    print()
+    print(_table(f"Tokens kept (budget {pruned.budget} of {n_tokens}, alpha {pruned.alpha}, object layer "
+                 f"{pruned.object_layer}, deep layer {pruned.deep_layer}, official={pruned.official}), "
+                 f"image: {image_name}",
+                 ["role", "tokens"], [[k, v] for k, v in counts.items()] + [["total", sum(counts.values())]]))
+    print()
+    from ._device import device_description
+
+    print(_table(f"Stage times (min of {args.repeat}) on {device_description(device)}", ["stage", "ms"],
+                 [[k, f"{v * 1e3:.2f}"] for k, v in times.items()]))
+    ratio = times["encoder + q/k scores + selection"] / times["unpatched SDPA encoder pass"]
+    print(f"encoder + selection / unpatched SDPA pass: {ratio:.3f}x")
+    print()
+    text = args.text_tokens
+    full = prefill_flops(n_tokens + text, **LLAMA_7B)
+    rows = []
+    for budget in (192, 128, 64):
+        flops = prefill_flops(budget + text, **LLAMA_7B)
+        rows.append([budget, f"{flops / 1e12:.2f}", f"{(full - flops) / 1e12:.2f}", f"{100 * (1 - flops / full):.1f}%"])
+    print(_table(f"LLaVA-1.5-7B language-model prefill FLOPs ({n_tokens} visual tokens unpruned: "
+                 f"{full / 1e12:.2f} TFLOPs; {text} text tokens)",
+                 ["visual tokens", "TFLOPs", "saved TFLOPs", "saved"], rows))
+    print()
+    print(f"overlay written to {os.path.abspath(args.output)} (red: anchors, yellow: buffers, blue: registers)")
+    return 0
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="hiprune", description="HiPrune visual-token pruning")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("demo", help="prune a CLIP ViT-L/14-336 encoder's tokens and draw the kept ones")
+    run.add_argument("--budget", type=int, default=192, help="tokens kept out of 576 (default 192)")
+    run.add_argument("--alpha", type=float, default=0.1, help="share of the budget for anchors and buffers")
+    run.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    run.add_argument("--official", action="store_true", help="reproduce the authors' released selection exactly")
+    run.add_argument("--model", default=None, help="local CLIPVisionModel directory (default: random weights)")
+    run.add_argument("--image", default=None, help="image file (default: scikit-image's astronaut)")
+    run.add_argument("--output", default="hiprune_demo.png", help="overlay PNG path (default ./hiprune_demo.png)")
+    run.add_argument("--object-layer", type=int, default=None,
+                     help="1-based object layer (default 9 of 24, scaled to the depth)")
+    run.add_argument("--deep-layer", type=int, default=-2,
+                     help="deep layer, 1-based or negative from the end (default -2: the 23rd of 24, the layer "
+                          "feeding LLaVA-1.5's projector)")
+    run.add_argument("--size", choices=sorted(SIZES), default="vit-l-336",
+                     help="random encoder shape (default vit-l-336; tiny: 4 narrow layers, same 24x24 grid)")
+    run.add_argument("--repeat", type=int, default=1, help="timing rounds, the minimum is reported (default 1)")
+    run.add_argument("--text-tokens", type=int, default=64, help="text tokens assumed in the FLOPs table")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
+    try:
+        return demo(args)
+    except (ValueError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

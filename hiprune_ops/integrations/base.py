@@ -1,0 +1,159 @@
+"""The part every integration shares: encode the images first, shrink the prompt, then call the model.
+
+apply_hiprune sets two instance attributes, `forward` and `generate`, that wrap the class's own methods:
+1. if pixel_values come with input_ids, the adapter encodes the images now, keeping `budget` tokens per image
+   (scores from q and k of two tower layers, see capture.py), and projects them to the language model;
+2. every image's placeholder run in input_ids is shrunk to its kept tokens (attention_mask, token types and labels
+   alike), and the features go in as transformers' own `mm_encoder_outputs`, so the language model's prefill sees
+   exactly the kept tokens;
+3. the class's forward / generate runs unchanged. generate returns the ORIGINAL prompt followed by the new tokens,
+   so `out[:, inputs.input_ids.shape[1]:]` still selects the answer.
+remove_hiprune deletes the two attributes and the capture: the model is the same object with the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .sequence import ShrinkPlan, plan_shrink
+
+_SEQUENCE_KEYS = ("token_type_ids", "mm_token_type_ids")
+
+
+@dataclass
+class EncodedImages:
+    features: list[torch.Tensor]                 # per image (n_kept_i, D), in the language model's embedding space
+    full_counts: list[int]                       # placeholders the unpruned model needs per image
+    kept_slots: list[torch.Tensor]               # per image: which of its placeholders stay (increasing)
+    indices: list[torch.Tensor] = field(default_factory=list)   # per image/tile selection, for inspection
+    roles: list[torch.Tensor] = field(default_factory=list)
+
+
+class Adapter:
+    """One supported model class. Subclasses implement encode_images and may add position ids."""
+
+    model_class = ""
+    image_token_attr = "image_token_id"
+    image_only_keys: tuple[str, ...] = ("pixel_values",)
+
+    def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official):
+        self.model = model
+        self.budget, self.ratio, self.alpha = budget, ratio, float(alpha)
+        self.neighborhood, self.official = neighborhood, bool(official)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if neighborhood not in ("cross", "square"):
+            raise ValueError(f"neighborhood must be 'cross' or 'square', got {neighborhood!r}")
+        self.last: Optional[EncodedImages] = None
+
+    @property
+    def image_token_id(self) -> int:
+        return getattr(self.model.config, self.image_token_attr)
+
+    def attach(self) -> None:
+        raise NotImplementedError
+
+    def detach(self) -> None:
+        raise NotImplementedError
+
+    def encode_images(self, kwargs: dict) -> EncodedImages:
+        raise NotImplementedError
+
+    def positions(self, kwargs: dict, plan: ShrinkPlan, images: EncodedImages, new: dict, for_generate: bool):
+        """Position ids for the shrunk prompt, or None to let the model recompute them (LLaVA: recompacted)."""
+        return None
+
+    # -- the shared pipeline -------------------------------------------------------------------------------------
+    def prepare(self, kwargs: dict, for_generate: bool):
+        """(new kwargs, plan) with the images encoded and the prompt shrunk; None if there is nothing to prune."""
+        if kwargs.get("pixel_values") is None or kwargs.get("mm_encoder_outputs"):
+            return None
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("hiprune: pruning needs input_ids (to find the image placeholders), not only "
+                             "inputs_embeds")
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        with torch.no_grad() if for_generate else contextlib.nullcontext():
+            images = self.encode_images(kwargs)
+        self.last = images
+        mask = kwargs.get("attention_mask")
+        plan = plan_shrink(input_ids, self.image_token_id, images.full_counts, images.kept_slots, mask)
+        new = {k: v for k, v in kwargs.items() if k not in self.image_only_keys}
+        new["input_ids"] = plan.take(input_ids, _pad_id(self.model))
+        if mask is not None or bool((plan.removed != plan.removed[0]).any()):
+            base_mask = mask if mask is not None else torch.ones_like(input_ids)
+            new["attention_mask"] = plan.take(base_mask, 0)
+        for key in _SEQUENCE_KEYS:
+            if kwargs.get(key) is not None:
+                new[key] = plan.take(kwargs[key], 0)
+        if kwargs.get("labels") is not None:
+            new["labels"] = plan.take(kwargs["labels"], -100)
+        if kwargs.get("position_ids") is not None:
+            raise ValueError("hiprune: explicit position_ids cannot follow the pruned prompt; leave them out")
+        positions = self.positions(kwargs, plan, images, new, for_generate)
+        if positions is not None:
+            new["position_ids"] = positions
+        new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(images.features))}
+        return new, plan
+
+
+def _pad_id(model) -> int:
+    for source in (getattr(model, "generation_config", None), model.config, getattr(model.config, "text_config", None)):
+        pad = getattr(source, "pad_token_id", None) if source is not None else None
+        if isinstance(pad, int):
+            return pad
+    return 0
+
+
+def _merge_args(fn, args, kwargs, first: str) -> dict:
+    if len(args) > 1:
+        raise TypeError(f"hiprune-patched {fn} takes at most one positional argument ({first}); pass the rest "
+                        "by keyword")
+    if args:
+        kwargs = dict(kwargs)
+        kwargs[first] = args[0]
+    return kwargs
+
+
+def make_forward(adapter: Adapter, original):
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        kwargs = _merge_args("forward", args, kwargs, "input_ids")
+        prepared = adapter.prepare(kwargs, for_generate=False)
+        if prepared is None:
+            return original(**kwargs)
+        return original(**prepared[0])
+
+    return forward
+
+
+def make_generate(adapter: Adapter, original):
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        if args:
+            kwargs = _merge_args("generate", args, kwargs, "input_ids")
+        if kwargs.get("inputs") is not None and kwargs.get("input_ids") is None:
+            kwargs["input_ids"] = kwargs.pop("inputs")
+        prepared = adapter.prepare(kwargs, for_generate=True)
+        if prepared is None:
+            return original(**kwargs)
+        new, plan = prepared
+        shrunk_length = new["input_ids"].shape[1]
+        output = original(**new)
+        prompt = kwargs["input_ids"]
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        repeat = sequences.shape[0] // prompt.shape[0]
+        restored = torch.cat([prompt.repeat_interleave(repeat, dim=0).to(sequences.device),
+                              sequences[:, shrunk_length:]], dim=1)
+        if isinstance(output, torch.Tensor):
+            return restored
+        output.sequences = restored
+        return output
+
+    return generate

@@ -1,0 +1,148 @@
+"""Received-attention scores of chosen layers, taken from q and k inside transformers' attention interface.
+
+Every attention module of transformers looks its kernel up by name at call time
+(ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)). We wrap that kernel
+once, for the name the tower uses, with a function that calls the original kernel unchanged and, only for modules
+that carry a `ScoreSlot`, also runs hiprune_ops.qk_scores on the q and k it was given. So:
+- every layer keeps its implementation (SDPA, flash, eager): the wrapper calls exactly what was there before;
+- no output_attentions, no (L, L) map: qk_scores needs O(B * H * L) extra memory;
+- unmarked modules (the other layers, the language model, other models) pay one attribute lookup.
+The wrappers are reference counted and removed when the last marked module is released.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Callable, Optional
+
+import torch
+
+from .. import ops
+
+_SLOT_ATTR = "_hiprune_score_slot"
+_lock = threading.Lock()
+# (kind, name) -> [original function, reference count]; kind "interface" (AttentionInterface entry) or "eager"
+# (a modeling module's eager_attention_forward global).
+_installed: dict[tuple[str, str], list] = {}
+
+
+class ScoreSlot:
+    """Collects the received-attention scores of one attention module during one forward.
+
+    Every call of the module's attention kernel appends one tensor: (B, L - num_prefix) for padded batches, or
+    (T,) for packed ones (cu_seqlens given, or a Qwen2.5-VL segment called alone).
+    """
+
+    def __init__(self, num_prefix: int = 0):
+        self.num_prefix = num_prefix
+        self.scores: list[torch.Tensor] = []
+
+    def reset(self) -> None:
+        self.scores = []
+
+    def record(self, query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs: dict) -> None:
+        if attention_mask is not None and not isinstance(attention_mask, dict):
+            raise NotImplementedError("hiprune: a captured vision layer received an attention mask; masked vision "
+                                      "attention is not supported")
+        scale = kwargs.get("scaling")
+        if scale is None:
+            scale = query.shape[-1] ** -0.5
+        if query.shape[1] != key.shape[1]:  # grouped kv heads: expand like the kernels do
+            key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        with torch.no_grad():  # scores only pick indices; no graph through them
+            self._record(query, key, float(scale), kwargs.get("cu_seq_lens_q"))
+
+    def _record(self, query, key, scale, cu_seqlens) -> None:
+        if cu_seqlens is not None:
+            # Packed (flash) layout: (1, H, T, D) with segment bounds -> (T,) scores, each within its segment.
+            q = query[0].transpose(0, 1)
+            k = key[0].transpose(0, 1)
+            self.scores.append(ops.qk_scores(q, k, scale, 0, cu_seqlens.to(torch.int32)))
+        else:
+            self.scores.append(ops.qk_scores(query, key, scale, self.num_prefix))
+
+
+def _wrap(original: Callable) -> Callable:
+    def hiprune_capturing_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        result = original(module, query, key, value, attention_mask, *args, **kwargs)
+        slot = getattr(module, _SLOT_ATTR, None)
+        if slot is not None:
+            slot.record(query, key, attention_mask, kwargs)
+        return result
+
+    hiprune_capturing_attention.__wrapped__ = original
+    return hiprune_capturing_attention
+
+
+def _interface():
+    from transformers.modeling_utils import AttentionInterface
+    return AttentionInterface
+
+
+def _target(module: torch.nn.Module) -> tuple[str, str]:
+    name = getattr(module.config, "_attn_implementation", None) or "eager"
+    if name != "eager" and name in _interface()._global_mapping:
+        return ("interface", name)
+    if name == "eager":
+        return ("eager", type(module).__module__)
+    raise NotImplementedError(f"hiprune: attention implementation {name!r} is not in transformers' "
+                              "AttentionInterface; cannot capture q and k")
+
+
+def _install(target: tuple[str, str]) -> None:
+    kind, name = target
+    entry = _installed.get(target)
+    if entry is not None:
+        entry[1] += 1
+        return
+    if kind == "interface":
+        mapping = _interface()._global_mapping
+        original = mapping[name]
+        mapping[name] = _wrap(original)
+    else:
+        modeling = sys.modules[name]
+        original = modeling.eager_attention_forward
+        modeling.eager_attention_forward = _wrap(original)
+    _installed[target] = [original, 1]
+
+
+def _uninstall(target: tuple[str, str]) -> None:
+    entry = _installed.get(target)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] > 0:
+        return
+    kind, name = target
+    if kind == "interface":
+        _interface()._global_mapping[name] = entry[0]
+    else:
+        sys.modules[name].eager_attention_forward = entry[0]
+    del _installed[target]
+
+
+def attach(module: torch.nn.Module, num_prefix: int = 0) -> ScoreSlot:
+    """Marks an attention module so its q and k are scored; returns the slot that collects the scores."""
+    if _SLOT_ATTR in module.__dict__:
+        raise RuntimeError(f"hiprune: {type(module).__name__} is already captured (apply_hiprune twice?)")
+    with _lock:
+        target = _target(module)
+        _install(target)
+    slot = ScoreSlot(num_prefix)
+    module.__dict__[_SLOT_ATTR] = slot
+    module.__dict__["_hiprune_capture_target"] = target
+    return slot
+
+
+def detach(module: torch.nn.Module) -> None:
+    """Undoes attach(): the module loses its slot, and the kernel wrapper goes when no module needs it."""
+    module.__dict__.pop(_SLOT_ATTR, None)
+    target = module.__dict__.pop("_hiprune_capture_target", None)
+    if target is not None:
+        with _lock:
+            _uninstall(target)
+
+
+def slot_of(module: torch.nn.Module) -> Optional[ScoreSlot]:
+    return module.__dict__.get(_SLOT_ATTR)

@@ -1,0 +1,178 @@
+"""LLaVA-1.5 (LlavaForConditionalGeneration) and LLaVA-NeXT (LlavaNextForConditionalGeneration).
+
+Defaults (spec table): object layer 9 of 24, scaled as round(depth * 9 / 24) for shallower towers; deep layer = the
+layer whose output feeds the projector (vision_feature_layer -2 -> the 23rd of 24; for a list, the deepest listed);
+alpha 0.1; budget 192 of 576 (ratio 1/3) for LLaVA-1.5 and 640 of 2880 (ratio 2/9 of every tile) for LLaVA-NeXT.
+Positions of the kept tokens are recompacted (the prompt simply gets shorter).
+
+LLaVA-NeXT: `budget` counts over the base image and its tiles; each tile keeps budget // tiles (at most all of its
+tokens). Like the authors' release, a pruned image is packed as base tokens, then tile tokens in raster order over
+the whole tiled grid, without unpadding or row-newline tokens, so the language model sees exactly the kept tokens.
+When every tile keeps all its tokens nothing is pruned and transformers' own packing (unpad + newlines) is used,
+so the outputs equal the unpatched model's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from .base import Adapter, EncodedImages
+from .towers import ViTTower, default_object_layer, resolve_budget, resolve_layer
+
+
+class LlavaAdapter(Adapter):
+    model_class = "LlavaForConditionalGeneration"
+    default_ratio = 1 / 3  # 192 of 576
+
+    def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official):
+        super().__init__(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official)
+        self.tower = ViTTower(model.model.vision_tower)
+        depth = self.tower.depth
+        self.object_layer = resolve_layer(object_layer, depth, default_object_layer(depth), "object_layer")
+        self.deep_layer = resolve_layer(deep_layer, depth, self._projector_layer(model.config.vision_feature_layer),
+                                        "deep_layer")
+        self.n = self.tower.grid * self.tower.grid
+        self.check_budget()
+        self._marked = []
+
+    def check_budget(self):
+        self.per_image = resolve_budget(self.budget, self.ratio, self.n, self.default_ratio)
+
+    def _projector_layer(self, feature_layer) -> int:
+        """1-based layer whose output is hidden_states[feature_layer] (hidden_states[0] is the embeddings)."""
+        layers = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
+        numbers = [layer if layer >= 0 else self.tower.depth + 1 + layer for layer in layers]
+        return max(1, max(numbers))
+
+    def attach(self):
+        self._marked = self.tower.attach((self.object_layer, self.deep_layer))
+
+    def detach(self):
+        self.tower.detach(self._marked)
+        self._marked = []
+
+    def _options(self, kwargs):
+        config = self.model.config
+        layer = kwargs.get("vision_feature_layer")
+        layer = config.vision_feature_layer if layer is None else layer
+        strategy = kwargs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
+        return layer, strategy
+
+    def _tower_features(self, pixel_values, layer):
+        output, obj, deep = self.tower.run(pixel_values, self.object_layer, self.deep_layer)
+        if isinstance(layer, int):
+            hidden = output.hidden_states[layer]
+        else:
+            hidden = torch.cat([output.hidden_states[i] for i in layer], dim=-1)
+        return hidden, obj, deep
+
+    def _select(self, obj, deep, budget):
+        grid = self.tower.grid
+        return ops.select_with_roles(obj, deep, budget, grid, grid, self.alpha, 0, self.neighborhood, self.official)
+
+    def encode_images(self, kwargs) -> EncodedImages:
+        if kwargs.get("image_sizes") is not None:
+            raise NotImplementedError("hiprune: LLaVA with image_sizes (variable-resolution towers) is not supported")
+        layer, strategy = self._options(kwargs)
+        prefix = self.tower.num_prefix
+        if strategy == "default" and prefix != 1:
+            raise NotImplementedError("hiprune: vision_feature_select_strategy='default' drops a CLS token this "
+                                      "tower does not have")
+        hidden, obj, deep = self._tower_features(kwargs["pixel_values"], layer)
+        indices, roles = self._select(obj, deep, self.per_image)
+        patches = hidden[:, prefix:]
+        kept = patches.gather(1, indices.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        slots = indices
+        keep_prefix = strategy == "full" and prefix > 0
+        if keep_prefix:
+            kept = torch.cat([hidden[:, :prefix], kept], dim=1)
+            slots = torch.cat([torch.arange(prefix, device=indices.device).expand(indices.shape[0], -1),
+                               indices + prefix], dim=1)
+        features = self.model.model.multi_modal_projector(kept)
+        full = self.n + (prefix if keep_prefix else 0)
+        return EncodedImages(list(features.unbind(0)), [full] * features.shape[0], list(slots.unbind(0)),
+                             list(indices.unbind(0)), list(roles.unbind(0)))
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    model_class = "LlavaNextForConditionalGeneration"
+    default_ratio = 2 / 9  # 640 of 2880 (base + 2x2 tiles of 576)
+    image_only_keys = ("pixel_values",)
+
+    def check_budget(self):
+        if self.budget is not None:
+            if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
+                raise ValueError(f"budget must be a positive int (tokens over the base image and tiles), "
+                                 f"got {self.budget!r}")
+            if self.ratio is not None:
+                raise ValueError("give budget or ratio, not both")
+        else:
+            resolve_budget(None, self.ratio, self.n, self.default_ratio)  # validates ratio
+
+    def per_tile(self, tiles: int) -> int:
+        if self.budget is None:
+            return resolve_budget(None, self.ratio, self.n, self.default_ratio)
+        keep = min(self.n, self.budget // tiles)
+        if keep < 1:
+            raise ValueError(f"budget={self.budget} leaves no token per tile for an image with {tiles} tiles")
+        return keep
+
+    def encode_images(self, kwargs) -> EncodedImages:
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape, image_size_to_num_patches, unpad_image)
+
+        layer, strategy = self._options(kwargs)
+        if strategy != "default" or self.tower.num_prefix != 1:
+            raise NotImplementedError("hiprune: LLaVA-NeXT is supported with a CLS tower and "
+                                      "vision_feature_select_strategy='default'")
+        model, config = self.model.model, self.model.config
+        pixel_values, image_sizes = kwargs["pixel_values"], kwargs["image_sizes"]
+        tiles_per_image = [image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
+                                                     patch_size=config.vision_config.image_size)
+                           for size in image_sizes]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([pv[:t] for pv, t in zip(pixel_values, tiles_per_image)], dim=0)
+        hidden, obj, deep = self._tower_features(pixel_values, layer)
+        patches = hidden[:, 1:]
+        grid = self.tower.grid
+        result = EncodedImages([], [], [])
+        start = 0
+        for image, tiles in enumerate(tiles_per_image):
+            tile_slice = slice(start, start + tiles)
+            start += tiles
+            projected = model.multi_modal_projector(patches[tile_slice])
+            if tiles > 1:
+                rows, cols = get_anyres_image_grid_shape(image_sizes[image], config.image_grid_pinpoints,
+                                                         config.vision_config.image_size)
+                unpadded = unpad_image(torch.empty(1, rows * grid, cols * grid, device="meta"), image_sizes[image])
+                full = self.n + unpadded.shape[1] * (unpadded.shape[2] + 1)
+            else:
+                rows = cols = 0
+                full = self.n + 1
+            keep = self.per_tile(tiles)
+            if keep == self.n:  # nothing pruned: transformers' packing, token for token
+                packed, _ = model.pack_image_features([projected], image_sizes[image:image + 1], strategy,
+                                                      image_newline=model.image_newline)
+                features = packed[0]
+                indices = torch.arange(self.n, device=hidden.device).expand(tiles, -1)
+                roles = torch.full_like(indices, 2, dtype=torch.int8)
+            else:
+                indices, roles = self._select(obj[tile_slice], deep[tile_slice], keep)
+                base = projected[0, indices[0]]
+                if tiles > 1:
+                    # Tile t = 1 + r * cols + c; token (y, x) -> (r * grid + y, c * grid + x) on the tiled grid.
+                    t = torch.arange(tiles - 1, device=indices.device)[:, None]
+                    y, x = indices[1:] // grid, indices[1:] % grid
+                    key = ((t // cols) * grid + y) * (cols * grid) + (t % cols) * grid + x
+                    order = key.flatten().argsort()
+                    tile_tokens = projected[1:].gather(1, indices[1:, :, None].expand(-1, -1, projected.shape[-1]))
+                    features = torch.cat([base, tile_tokens.flatten(0, 1)[order]], dim=0)
+                else:
+                    features = base
+            result.features.append(features)
+            result.full_counts.append(full)
+            result.kept_slots.append(torch.arange(features.shape[0], device=features.device))
+            result.indices.append(indices)
+            result.roles.append(roles)
+        return result

@@ -1,0 +1,70 @@
+"""Shrinking the prompt: each image's run of placeholder tokens becomes a run of its kept tokens.
+
+Images fill the placeholder tokens in row-major order over the batch (as masked_scatter does in transformers), so
+image i owns the next full_counts[i] placeholders. Within its run, the placeholders at kept_slots[i] stay. Rows that
+shrink by different amounts are re-padded (old padding dropped first) on the side the batch was padded on (left
+when unknown).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass
+class ShrinkPlan:
+    source: torch.Tensor       # (B, S') index into the original sequence of each new position (0 where padding)
+    valid: torch.Tensor        # (B, S') bool: a real (non-added) position
+    removed: torch.Tensor      # (B,) tokens removed from each row
+    original_length: int
+
+    def take(self, tensor: torch.Tensor, fill) -> torch.Tensor:
+        """Gathers a (..., B, S) tensor along its last dim; added positions get `fill`."""
+        index = self.source.expand(*tensor.shape[:-2], *self.source.shape)
+        taken = tensor.gather(-1, index)
+        return torch.where(self.valid, taken, torch.as_tensor(fill, dtype=tensor.dtype, device=tensor.device))
+
+
+def plan_shrink(input_ids: torch.Tensor, image_token_id: int, full_counts: Sequence[int],
+                kept_slots: Sequence[torch.Tensor], attention_mask: Optional[torch.Tensor]) -> ShrinkPlan:
+    placeholders = input_ids == image_token_id
+    total = int(placeholders.sum())
+    expected = int(sum(full_counts))
+    if total != expected:
+        raise ValueError(f"hiprune: input_ids hold {total} image tokens but the images need {expected}; pass the "
+                         "processor's output unchanged (one run of placeholders per image)")
+    device = input_ids.device
+    keep_runs = []
+    for count, slots in zip(full_counts, kept_slots):
+        run = torch.zeros(count, dtype=torch.bool, device=device)
+        run[slots.to(device)] = True
+        keep_runs.append(run)
+    keep = torch.ones_like(placeholders)
+    if keep_runs:
+        keep[placeholders] = torch.cat(keep_runs)
+    if attention_mask is not None:
+        keep &= attention_mask.bool()  # old padding goes too; rows are re-padded below
+    lengths = keep.sum(dim=1)
+    new_len = int(lengths.max())
+    batch, length = input_ids.shape
+    # Kept positions first, in their original order.
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+    rank = torch.arange(new_len, device=device).expand(batch, -1)
+    left = attention_mask is None or bool((attention_mask[:, 0] == 0).any()) or not bool(
+        (attention_mask[:, -1] == 0).any())
+    if left:
+        src_rank = rank - (new_len - lengths)[:, None]
+        valid = src_rank >= 0
+    else:
+        src_rank = rank
+        valid = rank < lengths[:, None]
+    source = order.gather(1, src_rank.clamp(0, length - 1))
+    source = torch.where(valid, source, 0)
+    # `removed` counts image tokens only (what the language model no longer sees), not dropped padding.
+    removed = (placeholders & ~keep).sum(dim=1)
+    if attention_mask is not None:
+        removed = (placeholders & ~keep & attention_mask.bool()).sum(dim=1)
+    return ShrinkPlan(source, valid, removed, length)

@@ -1,0 +1,191 @@
+"""Bare ViT towers (CLIPVisionModel, SiglipVisionModel): layer choice, scoring run, and `encode`.
+
+Layers are numbered from 1 as in the paper ("the 9th layer"); negative numbers count from the end (-1 = last).
+Defaults scale with depth: object layer = round(depth * 9 / 24) (the 9th of CLIP-L's 24, the 2nd of a 4-layer
+test tower, never below 1); deep layer = the last layer for a bare tower (integrations pick the layer that feeds
+their projector instead).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import ops
+from . import capture
+
+
+class EncodeOutput(NamedTuple):
+    """Kept patch features (B, budget, C), their indices into the grid (B, budget) and roles (B, budget) int8."""
+    features: torch.Tensor
+    indices: torch.Tensor
+    roles: torch.Tensor
+
+
+TOWER_CLASSES = ("CLIPVisionModel", "SiglipVisionModel")
+
+
+def round_half_even(x: float) -> int:
+    return int(round(x))  # Python's round() is half-to-even, like the kernels' round_half_even
+
+
+def resolve_layer(layer: Optional[int], depth: int, default: int, name: str) -> int:
+    """1-based layer number (negative counts from the end) -> 1-based layer number, validated."""
+    if layer is None:
+        return default
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"{name} must be an int (1-based layer number), got {type(layer).__name__}")
+    if layer < 0:
+        layer = depth + 1 + layer
+    if not 1 <= layer <= depth:
+        raise ValueError(f"{name} must be in [1, {depth}] (or [-{depth}, -1]) for this {depth}-layer tower, "
+                         f"got {layer}")
+    return layer
+
+
+def default_object_layer(depth: int) -> int:
+    return max(1, round_half_even(depth * 9 / 24))
+
+
+def resolve_budget(budget: Optional[int], ratio: Optional[float], n: int, default_ratio: float,
+                   clamp: bool = False) -> int:
+    """Tokens to keep out of n: budget, or round_half_even(ratio * n), or the model's default ratio."""
+    if budget is not None and ratio is not None:
+        raise ValueError("give budget or ratio, not both")
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, int):
+            raise TypeError(f"budget must be an int, got {type(budget).__name__}")
+        if clamp:
+            budget = min(budget, n)
+        if not 1 <= budget <= n:
+            raise ValueError(f"budget must be in [1, {n}] (the patch tokens per image), got {budget}")
+        return budget
+    ratio = default_ratio if ratio is None else ratio
+    if not 0.0 < float(ratio) <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    return min(n, max(1, round_half_even(float(ratio) * n)))
+
+
+class ViTTower:
+    """What HiPrune needs to know about a CLIP/SigLIP-style tower: its layers, prefix tokens and patch grid."""
+
+    def __init__(self, vision_model: torch.nn.Module):
+        kind = type(vision_model).__name__
+        if kind not in TOWER_CLASSES:
+            raise TypeError(f"hiprune: unsupported vision tower {kind}; supported towers: {', '.join(TOWER_CLASSES)}")
+        self.model = vision_model
+        inner = getattr(vision_model, "vision_model", vision_model)  # older transformers nest the encoder
+        self.layers = inner.encoder.layers
+        self.depth = len(self.layers)
+        self.num_prefix = 1 if hasattr(inner.embeddings, "class_embedding") else 0
+        config = vision_model.config
+        self.grid = config.image_size // config.patch_size
+
+    def attention(self, layer: int) -> torch.nn.Module:
+        return self.layers[layer - 1].self_attn
+
+    def attach(self, layers) -> list[int]:
+        """Marks the given 1-based layers for scoring (those not yet marked); returns the ones it marked."""
+        marked = []
+        for layer in sorted(set(layers)):
+            if capture.slot_of(self.attention(layer)) is None:
+                capture.attach(self.attention(layer), self.num_prefix)
+                marked.append(layer)
+        return marked
+
+    def detach(self, layers) -> None:
+        for layer in layers:
+            capture.detach(self.attention(layer))
+
+    def run(self, pixel_values: torch.Tensor, object_layer: int, deep_layer: int):
+        """Runs the tower once; returns (its output with hidden_states, object scores (B, N), deep scores (B, N))."""
+        slots = {layer: capture.slot_of(self.attention(layer)) for layer in (object_layer, deep_layer)}
+        for slot in slots.values():
+            slot.reset()
+        dtype = next(self.model.parameters()).dtype
+        output = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
+        scores = []
+        for layer in (object_layer, deep_layer):
+            recorded = slots[layer].scores
+            if len(recorded) != 1:
+                raise RuntimeError(f"hiprune: layer {layer} of the vision tower recorded {len(recorded)} attention "
+                                   "calls, expected 1 (was the attention implementation changed after patching?)")
+            scores.append(recorded[0])
+        for slot in slots.values():
+            slot.reset()
+        n = scores[0].shape[1]
+        if n != self.grid * self.grid:
+            raise ValueError(f"hiprune: the tower produced {n} patch tokens, not a {self.grid}x{self.grid} grid "
+                             "(pixel_values must have the configured image_size)")
+        return output, scores[0], scores[1]
+
+
+def _features_at(output, layer: int, depth: int) -> torch.Tensor:
+    return output.last_hidden_state if layer == depth else output.hidden_states[layer]
+
+
+def encode(vision_model: torch.nn.Module, pixel_values: torch.Tensor, budget: Optional[int] = None, *,
+           ratio: Optional[float] = None, alpha: float = 0.1, object_layer: Optional[int] = None,
+           deep_layer: Optional[int] = None, neighborhood: str = "cross", official: bool = False) -> EncodeOutput:
+    """Runs a bare tower (CLIPVisionModel / SiglipVisionModel) and keeps `budget` patch tokens per image.
+
+    Scores come from q and k of the object and deep layers (see capture.py); every layer keeps its attention
+    implementation. features are the deep layer's output (last_hidden_state when it is the last layer, so SigLIP's
+    post-layernorm is included), prefix tokens removed, gathered at the kept indices: (B, budget, C).
+    Returns EncodeOutput(features, indices, roles), a tuple: `features, _, _ = encode(...)` or `.features`.
+    """
+    tower = ViTTower(vision_model)
+    obj = resolve_layer(object_layer, tower.depth, default_object_layer(tower.depth), "object_layer")
+    deep = resolve_layer(deep_layer, tower.depth, tower.depth, "deep_layer")
+    n = tower.grid * tower.grid
+    keep = resolve_budget(budget, ratio, n, 1 / 3)
+    marked = tower.attach((obj, deep))
+    try:
+        output, obj_scores, deep_scores = tower.run(pixel_values, obj, deep)
+    finally:
+        tower.detach(marked)
+    features = _features_at(output, deep, tower.depth)[:, tower.num_prefix:]
+    indices, roles = ops.select_with_roles(obj_scores, deep_scores, keep, tower.grid, tower.grid, alpha, 0,
+                                           neighborhood, official)
+    kept = features.gather(1, indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+    return EncodeOutput(kept, indices, roles)
+
+
+class HiPruneVisionTower(torch.nn.Module):
+    """A tower whose forward returns only the kept features (B, budget, C), for frameworks that call
+    `tower(pixel_values)` and want features. The capture stays attached until `.remove()`; compile it freely."""
+
+    def __init__(self, vision_model: torch.nn.Module, budget: Optional[int] = None, *, ratio: Optional[float] = None,
+                 alpha: float = 0.1, object_layer: Optional[int] = None, deep_layer: Optional[int] = None,
+                 neighborhood: str = "cross", official: bool = False):
+        super().__init__()
+        self.tower_model = vision_model
+        tower = ViTTower(vision_model)
+        self.object_layer = resolve_layer(object_layer, tower.depth, default_object_layer(tower.depth),
+                                          "object_layer")
+        self.deep_layer = resolve_layer(deep_layer, tower.depth, tower.depth, "deep_layer")
+        self.budget = resolve_budget(budget, ratio, tower.grid * tower.grid, 1 / 3)
+        self.alpha, self.neighborhood, self.official = float(alpha), neighborhood, bool(official)
+        self._marked = tower.attach((self.object_layer, self.deep_layer))
+        self._tower = tower
+        self.last_indices: Optional[torch.Tensor] = None
+        self.last_roles: Optional[torch.Tensor] = None
+
+    def encode(self, pixel_values: torch.Tensor) -> EncodeOutput:
+        tower = self._tower
+        output, obj_scores, deep_scores = tower.run(pixel_values, self.object_layer, self.deep_layer)
+        features = _features_at(output, self.deep_layer, tower.depth)[:, tower.num_prefix:]
+        indices, roles = ops.select_with_roles(obj_scores, deep_scores, self.budget, tower.grid, tower.grid,
+                                               self.alpha, 0, self.neighborhood, self.official)
+        kept = features.gather(1, indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+        return EncodeOutput(kept, indices, roles)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.encode(pixel_values).features
+
+    def remove(self) -> torch.nn.Module:
+        """Detaches the capture; returns the untouched tower."""
+        self._tower.detach(self._marked)
+        self._marked = []
+        return self.tower_model

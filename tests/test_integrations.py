@@ -1,0 +1,488 @@
+"""apply_hiprune / remove_hiprune / encode on tiny random transformers models (built offline from configs)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+import hiprune_ops  # noqa: E402
+from hiprune_ops import integrations  # noqa: E402
+from hiprune_ops.integrations import capture  # noqa: E402
+
+IMAGE = 127  # image placeholder id of the tiny LLaVA models
+N = 64  # 8x8 patch grid of the tiny LLaVA tower
+
+
+def _llama(vocab=128):
+    return transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=1024,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _clip(image_size=56):
+    return transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, image_size=image_size, patch_size=7,
+                                         projection_dim=32)
+
+
+@pytest.fixture(scope="module")
+def llava():
+    torch.manual_seed(0)
+    config = transformers.LlavaConfig(vision_config=_clip(), text_config=_llama(), image_token_id=IMAGE,
+                                      attn_implementation="sdpa")
+    return transformers.LlavaForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="module")
+def llava_next():
+    torch.manual_seed(1)
+    config = transformers.LlavaNextConfig(vision_config=_clip(28), text_config=_llama(), image_token_id=IMAGE,
+                                          image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
+                                          attn_implementation="sdpa")
+    return transformers.LlavaNextForConditionalGeneration(config).eval()
+
+
+QWEN_IMAGE, QWEN_START, QWEN_END = 151, 150, 153
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    torch.manual_seed(2)
+    config = transformers.Qwen2_5_VLConfig(
+        vision_config=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
+                           fullatt_block_indexes=[1, 3]),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=160, max_position_embeddings=1024,
+                         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4},
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        image_token_id=QWEN_IMAGE, video_token_id=152, vision_start_token_id=QWEN_START,
+        vision_end_token_id=QWEN_END, attn_implementation="sdpa")
+    return transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(autouse=True)
+def _unpatch(request):
+    yield
+    for name in ("llava", "llava_next", "qwen"):
+        if name in request.fixturenames:
+            hiprune_ops.remove_hiprune(request.getfixturevalue(name))
+    assert not capture._installed, "a capture wrapper outlived remove_hiprune"
+
+
+def _left_pad(rows, pad=0):
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def llava_inputs(seed=0):
+    """Batch of 2 prompts, left padded: row 0 holds two images, row 1 one image."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [[1, 5] + [IMAGE] * N + [6, 7] + [IMAGE] * N + [8], [1, 9, 10] + [IMAGE] * N + [11]]
+    ids, mask = _left_pad(rows)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(3, 3, 56, 56, generator=g))
+
+
+def qwen_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    grids = torch.tensor([[1, 8, 8], [1, 8, 12], [1, 12, 8]])
+    per = (grids.prod(-1) // 4).tolist()
+    rows = [[1, 5, QWEN_START] + [QWEN_IMAGE] * per[0] + [QWEN_END, QWEN_START] + [QWEN_IMAGE] * per[1]
+            + [QWEN_END, 7], [1, QWEN_START] + [QWEN_IMAGE] * per[2] + [QWEN_END, 8, 9]]
+    ids, mask = _left_pad(rows)
+    return dict(input_ids=ids, attention_mask=mask, image_grid_thw=grids,
+                mm_token_type_ids=(ids == QWEN_IMAGE).int(),
+                pixel_values=torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 4 * 4, generator=g))
+
+
+def next_inputs(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.tensor([[28, 50], [50, 50]])
+    pixel_values = torch.randn(2, 5, 3, 28, 28, generator=g)
+    with torch.no_grad():
+        counts = [f.shape[0] for f in
+                  model.model.get_image_features(pixel_values=pixel_values, image_sizes=sizes).pooler_output]
+    ids, mask = _left_pad([[1, 5] + [IMAGE] * counts[0] + [7, 8], [1, 6] + [IMAGE] * counts[1] + [9]])
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_sizes=sizes)
+
+
+def _model_and_inputs(request, name):
+    model = request.getfixturevalue(name)
+    inputs = next_inputs(model) if name == "llava_next" else {"llava": llava_inputs, "qwen": qwen_inputs}[name]()
+    return model, inputs
+
+
+def _full_budget(name):
+    return {"llava": N, "llava_next": 5 * 16, "qwen": 10_000}[name]
+
+
+@pytest.mark.parametrize("name", ["llava", "llava_next", "qwen"])
+def test_full_budget_is_identity(request, name):
+    model, inputs = _model_and_inputs(request, name)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        reference_ids = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    hiprune_ops.apply_hiprune(model, budget=_full_budget(name))
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        ids = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert logits.shape == reference.shape
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
+    assert torch.equal(ids, reference_ids)
+
+
+class _PrefillSpy:
+    """Records what the language model receives (inputs_embeds, position_ids) on each call."""
+
+    def __init__(self, module):
+        self.calls = []
+        self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        call = {k: kwargs.get(k) for k in ("input_ids", "inputs_embeds", "position_ids", "attention_mask")}
+        if args and call["input_ids"] is None:
+            call["input_ids"] = args[0]
+        self.calls.append(call)
+
+    def remove(self):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("name,budget", [("llava", 20), ("llava_next", 20), ("qwen", 5)])
+def test_prefill_gets_exactly_the_kept_tokens(request, name, budget):
+    model, inputs = _model_and_inputs(request, name)
+    image_id = model.config.image_token_id
+    hiprune_ops.apply_hiprune(model, budget=budget)
+    spy = _PrefillSpy(model.model.language_model)
+    outer = _PrefillSpy(model.model)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+    finally:
+        spy.remove()
+        outer.remove()
+    state = integrations.hiprune_state(model)
+    images = state.last
+    embeds = spy.calls[0]["inputs_embeds"]
+    removed = [full - f.shape[0] for full, f in zip(images.full_counts, images.features)]
+    original_tokens = inputs["attention_mask"].sum(1)
+    n_images = [int(c) for c in ((inputs["input_ids"] == image_id).sum(1))]
+    # Each row loses exactly its images' pruned tokens; the padded width follows the longest row.
+    per_row, start = [], 0
+    for row_tokens in n_images:
+        taken, count = 0, 0
+        while taken < row_tokens:
+            taken += images.full_counts[start + count]
+            count += 1
+        per_row.append(sum(removed[start:start + count]))
+        start += count
+    expected = [int(t) - r for t, r in zip(original_tokens, per_row)]
+    assert embeds.shape[1] == max(expected) == logits.shape[1]
+    for feature, indices in zip(images.features, images.indices):
+        if name in ("llava", "qwen"):
+            assert feature.shape[0] == budget
+        else:  # LLaVA-NeXT: budget // tiles per tile, over the base image and every tile
+            assert indices.shape[1] == budget // indices.shape[0] and feature.shape[0] == indices.numel()
+    mask = spy.calls[0]["attention_mask"]
+    assert [int(m) for m in mask.sum(1)] == expected
+    # The image rows of the prefill are the kept features, in order (shrunk input_ids say where they are).
+    shrunk_ids = outer.calls[0]["input_ids"]
+    torch.testing.assert_close(embeds[shrunk_ids == image_id], torch.cat(images.features), atol=0, rtol=0)
+
+
+def test_llava_prefill_rows_are_projected_kept_features(llava):
+    inputs = llava_inputs(3)
+    hiprune_ops.apply_hiprune(llava, budget=12)
+    spy = _PrefillSpy(llava.model.language_model)
+    try:
+        with torch.no_grad():
+            llava(**inputs)
+    finally:
+        spy.remove()
+    embeds, mask = spy.calls[0]["inputs_embeds"], spy.calls[0]["attention_mask"]
+    state = integrations.hiprune_state(llava).last
+    # Recompute independently: unpatched tower, hidden_states[-2] without CLS, gathered, projected.
+    with torch.no_grad():
+        hidden = llava.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2][:, 1:]
+        expected = torch.stack([llava.model.multi_modal_projector(h[i]) for h, i in zip(hidden, state.indices)])
+    assert embeds.shape[1] == int(mask.sum(1).max())
+    # Row 0 has two images, row 1 one: 2 * 12 + 5 text tokens and 12 + 4 text tokens (+ left padding).
+    assert [int(m) for m in mask.sum(1)] == [2 * 12 + 5, 12 + 4]
+    flat_image_rows = embeds[0, -(2 * 12 + 5):][[2 + i for i in range(12)] + [16 + i for i in range(12)]]
+    torch.testing.assert_close(flat_image_rows, torch.cat([expected[0], expected[1]]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(embeds[1, -16:][3:15], expected[2], atol=1e-5, rtol=1e-5)
+    # Each image was pruned on its own grid: the same selection as encoding it alone.
+    for image, indices in enumerate(state.indices):
+        alone = hiprune_ops.encode(llava.model.vision_tower, inputs["pixel_values"][image:image + 1], 12,
+                                   object_layer=2, deep_layer=3)
+        assert torch.equal(alone.indices[0], indices)
+
+
+def test_llava_with_siglip_tower_full_strategy():
+    torch.manual_seed(10)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                             num_attention_heads=4, image_size=32, patch_size=4)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=_llama(), image_token_id=IMAGE,
+                                      vision_feature_select_strategy="full", vision_feature_layer=-1,
+                                      attn_implementation="sdpa")
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    g = torch.Generator().manual_seed(10)
+    inputs = dict(input_ids=torch.tensor([[1, 4] + [IMAGE] * 64 + [5]]),
+                  pixel_values=torch.randn(1, 3, 32, 32, generator=g))
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        try:
+            hiprune_ops.apply_hiprune(model, budget=64)
+            torch.testing.assert_close(model(**inputs).logits, reference, atol=1e-5, rtol=0)
+            hiprune_ops.remove_hiprune(model)
+            hiprune_ops.apply_hiprune(model, budget=10)
+            assert model(**inputs).logits.shape[1] == 2 + 10 + 1
+            assert integrations.hiprune_state(model).deep_layer == 3  # vision_feature_layer -1 -> the last layer
+        finally:
+            hiprune_ops.remove_hiprune(model)
+
+
+def test_qwen_kept_tokens_keep_their_mrope_positions(qwen):
+    inputs = qwen_inputs(4)
+    with torch.no_grad():
+        full_positions, _ = qwen.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                      image_grid_thw=inputs["image_grid_thw"],
+                                                      attention_mask=inputs["attention_mask"])
+    hiprune_ops.apply_hiprune(qwen, ratio=0.25)
+    spy = _PrefillSpy(qwen.model.language_model)
+    try:
+        with torch.no_grad():
+            qwen(**inputs)
+    finally:
+        spy.remove()
+    positions = spy.calls[0]["position_ids"]  # (3, B, S')
+    state = integrations.hiprune_state(qwen).last
+    # Row 0: images 0 and 1. Their kept tokens' positions are the original positions at the kept indices.
+    ids = inputs["input_ids"][0]
+    run0 = (ids == QWEN_IMAGE).nonzero().flatten()
+    first, second = run0[:state.full_counts[0]], run0[state.full_counts[0]:]
+    expected = torch.cat([full_positions[:, 0, first[state.kept_slots[0]]],
+                          full_positions[:, 0, second[state.kept_slots[1]]]], dim=1)
+    mask = spy.calls[0]["attention_mask"][0].bool()
+    row = positions[:, 0, mask]
+    k0, k1 = len(state.kept_slots[0]), len(state.kept_slots[1])
+    image_cols = torch.tensor([3 + i for i in range(k0)] + [3 + k0 + 2 + i for i in range(k1)])
+    assert torch.equal(row[:, image_cols], expected)
+    # The text after the images keeps its original position too (the last token).
+    assert torch.equal(row[:, -1], full_positions[:, 0, -1])
+
+
+@pytest.mark.parametrize("name,budget", [("llava", 16), ("llava_next", 30), ("qwen", 6)])
+def test_generate_batch_several_images(request, name, budget):
+    model, inputs = _model_and_inputs(request, name)
+    hiprune_ops.apply_hiprune(model, budget=budget)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    prompt = inputs["input_ids"]
+    # The original prompt comes back, so out[:, prompt.shape[1]:] is still the answer.
+    assert out.shape == (prompt.shape[0], prompt.shape[1] + 4)
+    assert torch.equal(out[:, :prompt.shape[1]], prompt)
+    # Greedy decoding by hand on the same pruned prefill gives the same tokens.
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert torch.equal(out[:, prompt.shape[1]], logits[:, -1].argmax(-1))
+
+
+@pytest.mark.parametrize("name", ["llava", "llava_next", "qwen"])
+def test_remove_restores_bit_identical_outputs(request, name):
+    model, inputs = _model_and_inputs(request, name)
+    sdpa = transformers.modeling_utils.AttentionInterface._global_mapping["sdpa"]
+    with torch.no_grad():
+        before = model(**inputs).logits
+    hiprune_ops.apply_hiprune(model, budget=8)
+    with torch.no_grad():
+        model(**inputs)
+    assert hiprune_ops.remove_hiprune(model) is model
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__
+    assert transformers.modeling_utils.AttentionInterface._global_mapping["sdpa"] is sdpa
+    with torch.no_grad():
+        after = model(**inputs).logits
+    assert torch.equal(before, after)
+
+
+def test_attention_implementation_kept_and_no_eager(llava, monkeypatch):
+    from transformers.models.clip import modeling_clip
+    from transformers.models.llama import modeling_llama
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("eager attention was used")
+
+    monkeypatch.setattr(modeling_clip, "eager_attention_forward", forbidden)
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", forbidden)
+    calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    hiprune_ops.apply_hiprune(llava, budget=10)
+    with torch.no_grad():
+        llava(**llava_inputs())
+    assert llava.config.vision_config._attn_implementation == "sdpa"
+    vision_calls = [s for s in calls if s[-2] == N + 1]
+    assert len(vision_calls) == 4  # every tower layer ran SDPA, the two captured ones included
+
+
+def test_captured_scores_match_eager_attention_maps():
+    torch.manual_seed(5)
+    tower = transformers.CLIPVisionModel(_clip()).eval()
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        result = hiprune_ops.encode(tower, pixels, 20, object_layer=2, deep_layer=3)
+        tower.set_attn_implementation("eager")
+        maps = tower(pixels, output_attentions=True, output_hidden_states=True)
+        tower.set_attn_implementation("sdpa")
+    obj = hiprune_ops.attention_scores(maps.attentions[1], 1)
+    deep = hiprune_ops.attention_scores(maps.attentions[2], 1)
+    indices, roles = hiprune_ops.select_with_roles(obj, deep, 20, 8, 8)
+    assert torch.equal(result.indices, indices) and torch.equal(result.roles, roles)
+    expected = maps.hidden_states[3][:, 1:].gather(1, indices[..., None].expand(-1, -1, 32))
+    torch.testing.assert_close(result.features, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_encode_siglip_tower_and_tuple_unpacking():
+    torch.manual_seed(6)
+    config = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                             num_attention_heads=4, image_size=32, patch_size=4)
+    tower = transformers.SiglipVisionModel(config).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features, indices, roles = hiprune_ops.encode(tower, pixels, budget=16)
+        plain = tower(pixels).last_hidden_state
+    assert features.shape == (2, 16, 32) and indices.shape == roles.shape == (2, 16)
+    assert bool((indices.diff(dim=1) > 0).all())
+    torch.testing.assert_close(features, plain.gather(1, indices[..., None].expand(-1, -1, 32)))
+    assert not capture._installed
+
+
+def test_compiled_vision_tower_matches_eager():
+    torch.manual_seed(7)
+    tower = transformers.CLIPVisionModel(_clip()).eval()
+    pruned = integrations.HiPruneVisionTower(tower, 24)
+    pixels = torch.randn(2, 3, 56, 56)
+    try:
+        with torch.no_grad():
+            eager = pruned(pixels)
+            eager_indices = pruned.encode(pixels).indices
+            torch._dynamo.reset()
+            compiled = torch.compile(pruned, backend="aot_eager")(pixels)
+    finally:
+        pruned.remove()
+    assert compiled.shape == (2, 24, 32)
+    torch.testing.assert_close(compiled, eager)
+    reference = tower(pixels).last_hidden_state[:, 1:]
+    torch.testing.assert_close(compiled, reference.gather(1, eager_indices[..., None].expand(-1, -1, 32)))
+    assert not capture._installed
+
+
+def test_unsupported_model_lists_supported():
+    model = transformers.LlamaForCausalLM(_llama())
+    with pytest.raises(TypeError) as error:
+        hiprune_ops.apply_hiprune(model)
+    for name in ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                 "Qwen2_5_VLForConditionalGeneration"):
+        assert name in str(error.value)
+    tower = transformers.CLIPVisionModel(_clip())
+    with pytest.raises(TypeError, match="encode"):
+        hiprune_ops.apply_hiprune(tower)
+    with pytest.raises(TypeError, match="CLIPVisionModel"):
+        hiprune_ops.encode(model, torch.zeros(1, 3, 56, 56), 4)
+
+
+def test_bad_arguments_name_themselves(llava):
+    with pytest.raises(ValueError, match="budget"):
+        hiprune_ops.apply_hiprune(llava, budget=N + 1)
+    with pytest.raises(ValueError, match="object_layer"):
+        hiprune_ops.apply_hiprune(llava, budget=8, object_layer=5)
+    with pytest.raises(ValueError, match="alpha"):
+        hiprune_ops.apply_hiprune(llava, budget=8, alpha=1.5)
+    with pytest.raises(ValueError, match="ratio"):
+        hiprune_ops.apply_hiprune(llava, ratio=0.0)
+    assert "_hiprune_state" not in llava.__dict__ and not capture._installed
+    hiprune_ops.apply_hiprune(llava, budget=8)
+    with pytest.raises(RuntimeError, match="already patched"):
+        hiprune_ops.apply_hiprune(llava, budget=8)
+
+
+def test_default_layers_scale_with_depth(llava, qwen):
+    hiprune_ops.apply_hiprune(llava)
+    state = integrations.hiprune_state(llava)
+    # 4-layer tower: object round(4 * 9 / 24) = 2, deep = the layer feeding the projector (-2 -> 3); 64 / 3 -> 21.
+    assert (state.object_layer, state.deep_layer, state.per_image) == (2, 3, 21)
+    hiprune_ops.apply_hiprune(qwen)
+    state = integrations.hiprune_state(qwen)
+    assert (state.object_layer, state.deep_layer) == (2, 4)  # full-attention block nearest depth / 2, the last
+
+
+def test_eager_tower_is_captured_too_and_agrees_with_sdpa():
+    torch.manual_seed(8)
+    tower = transformers.CLIPVisionModel(_clip()).eval()
+    pixels = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        sdpa = hiprune_ops.encode(tower, pixels, 12)
+        tower.set_attn_implementation("eager")
+        eager = hiprune_ops.encode(tower, pixels, 12)
+    assert tower.config._attn_implementation == "eager"
+    assert torch.equal(sdpa.indices, eager.indices) and torch.equal(sdpa.roles, eager.roles)
+    torch.testing.assert_close(sdpa.features, eager.features, atol=1e-5, rtol=1e-5)
+    assert not capture._installed
+
+
+def test_packed_flash_layout_scores_each_segment():
+    # The flash path hands the kernel (1, H, T, D) with cu_seq_lens_q; scores must stay inside each segment.
+    g = torch.Generator().manual_seed(9)
+    q, k = torch.randn(1, 2, 10, 8, generator=g), torch.randn(1, 2, 10, 8, generator=g)
+    slot = capture.ScoreSlot()
+    slot.record(q, k, None, {"scaling": 0.3, "cu_seq_lens_q": torch.tensor([0, 4, 10])})
+    per_segment = torch.cat([hiprune_ops.qk_scores(q[..., a:b, :], k[..., a:b, :], 0.3)[0]
+                             for a, b in ((0, 4), (4, 10))])
+    torch.testing.assert_close(slot.scores[0], per_segment)
+    with pytest.raises(NotImplementedError, match="mask"):
+        slot.record(q, k, torch.zeros(1, 1, 10, 10), {})
+
+
+def _tiny_llava_processor():
+    """A real LlavaProcessor built offline: CLIP image processor + a word-level tokenizer with an <image> token."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": IMAGE}
+    vocab.update({w: 4 + i for i, w in enumerate("user : describe the picture please what is this".split())})
+    model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=model, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"}, padding_side="left")
+    image_processor_class = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+    image_processor = image_processor_class(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    return transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=7,
+                                       vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def test_generate_with_processor_output_unchanged(llava):
+    processor = _tiny_llava_processor()
+    rng = torch.Generator().manual_seed(11)
+    images = [torch.randint(0, 255, (60, 70, 3), generator=rng, dtype=torch.uint8).numpy() for _ in range(3)]
+    inputs = processor(images=images, text=["user : <image> describe <image> please", "user : <image> what is this"],
+                       return_tensors="pt", padding=True)
+    with torch.no_grad():
+        reference = llava.generate(**inputs, max_new_tokens=3, do_sample=False)
+        hiprune_ops.apply_hiprune(llava, budget=N)
+        assert torch.equal(llava.generate(**inputs, max_new_tokens=3, do_sample=False), reference)
+        hiprune_ops.remove_hiprune(llava)
+        hiprune_ops.apply_hiprune(llava, budget=9)
+        out = llava.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    prompt = inputs["input_ids"]
+    assert torch.equal(out[:, :prompt.shape[1]], prompt) and out.shape[1] == prompt.shape[1] + 3
+    assert len(processor.batch_decode(out[:, prompt.shape[1]:])) == 2
