@@ -1,9 +1,10 @@
 """The fused HiPrune selection kernel shared by select, select_with_roles and prune: one program per image.
 
 It follows csrc/cpu/select_with_roles.cpp, reshaped for a GPU program:
-- thresholds: the k-th largest rank key. Up to SORT_MAX_N tokens the keys sit in registers and tl.sort finds it;
-  above, a radix select (4 bits a pass, 16 candidate thresholds at once) streams the keys from global memory in
-  chunks of RADIX_CHUNK, so any N works.
+- thresholds: the k-th largest rank key, by a radix select (4 bits a pass, 16 candidate thresholds counted at
+  once). Up to SORT_MAX_N tokens the keys sit in registers; above, every pass streams them from global memory in
+  chunks of RADIX_CHUNK, so any N works. (tl.sort would do for the small case, but it is some 20 times slower
+  in Triton's interpreter, where the tests run.)
 - buffers are gathered, not scattered: a token is a buffer when it is no anchor and an anchor lies in its
   neighbourhood (the neighbourhoods are symmetric). Official mode inverts the clamped flat steps: an inner token j
   is hit from j - d exactly; token 0 from every anchor in [1, grid_w], token N-1 from every one in
@@ -24,7 +25,7 @@ from .. import _validation as v
 from ._common import check_device, excluded_key, join_key, key_high, key_low, next_pow2, rank_key
 from .attention_scores import launch_attention_scores
 
-# Up to this many tokens the thresholds come from one tl.sort in registers; above, from the radix select.
+# Up to this many tokens the keys of an image stay in registers; above, they are streamed in chunks.
 # Tests monkeypatch both small to exercise the streaming path on small grids.
 SORT_MAX_N = 4096
 RADIX_CHUNK = 1024
@@ -45,42 +46,73 @@ def _keys_at(score_row, score_stride, role_row, offs, n, EXCLUDE_KEPT: tl.conste
 
 
 @triton.jit
+def _digit_counts(values, valid, base, SHIFT: tl.constexpr):
+    """For d in 0..15: how many valid values are >= base + d << SHIFT."""
+    cands = base + (tl.arange(0, 16).to(tl.int64) << SHIFT)
+    hit = valid[None, :] & (values[None, :] >= cands[:, None])
+    return tl.sum(hit.to(tl.int32), axis=1)
+
+
+@triton.jit
+def _next_digit(base, counts, k, SHIFT: tl.constexpr):
+    """Extends base by the largest digit whose candidate still has >= k values at or above it."""
+    digits = tl.arange(0, 16).to(tl.int64)
+    return base + (tl.max(tl.where(counts >= k, digits, 0), axis=0) << SHIFT)
+
+
+@triton.jit
 def _kth_largest_key(score_row, score_stride, role_row, n, k, EXCLUDE_KEPT: tl.constexpr, CHUNK: tl.constexpr,
                      SINGLE: tl.constexpr):
-    """The k-th largest rank key (1 <= k <= number of keys that are not excluded)."""
+    """The k-th largest rank key (1 <= k <= number of keys that are not excluded), by radix select: first the
+    high 32 bits (the score) 4 bits at a time, then, only when equal scores straddle the cut, the low 32 bits
+    (the index) among the tied keys. SINGLE: all keys fit one chunk and stay in registers."""
     lanes = tl.arange(0, CHUNK)
     if SINGLE:
         keys = _keys_at(score_row, score_stride, role_row, lanes, n, EXCLUDE_KEPT)
-        ordered = tl.sort(keys, descending=True)
-        return tl.sum(tl.where(lanes == k - 1, ordered, 0))
-    else:
-        digits = tl.arange(0, 16).to(tl.int64)
-        # High 32 bits (the score): the largest t with count(high >= t) >= k, built 4 bits at a time.
+        high = key_high(keys)
+        everywhere = lanes >= 0
         high_t = tl.zeros([], tl.int64)
         for step in tl.static_range(8):
-            cands = high_t + (digits << (28 - 4 * step))
+            high_t = _next_digit(high_t, _digit_counts(high, everywhere, high_t, 28 - 4 * step), k, 28 - 4 * step)
+        tied = high == high_t
+        above = tl.sum((high > high_t).to(tl.int32), axis=0)
+        n_tied = tl.sum(tied.to(tl.int32), axis=0)
+        low = key_low(keys)
+        if above + n_tied == k:  # every tied key is taken: the cut is the smallest of them
+            low_t = tl.min(tl.where(tied, low, 0xFFFFFFFF), axis=0)
+        else:
+            low_t = tl.zeros([], tl.int64)
+            for step in tl.static_range(8):
+                low_t = _next_digit(low_t, _digit_counts(low, tied, low_t, 28 - 4 * step), k - above,
+                                    28 - 4 * step)
+    else:
+        high_t = tl.zeros([], tl.int64)
+        for step in tl.static_range(8):
             counts = tl.zeros([16], tl.int32)
             for c0 in range(0, n, CHUNK):
                 high = key_high(_keys_at(score_row, score_stride, role_row, c0 + lanes, n, EXCLUDE_KEPT))
-                counts += tl.sum((high[None, :] >= cands[:, None]).to(tl.int32), axis=1)
-            high_t += tl.max(tl.where(counts >= k, digits, 0), axis=0) << (28 - 4 * step)
-        # Low 32 bits (the index) among the keys whose high part ties with the threshold's.
+                counts += _digit_counts(high, high >= 0, high_t, 28 - 4 * step)
+            high_t = _next_digit(high_t, counts, k, 28 - 4 * step)
         above = tl.zeros([], tl.int32)
+        n_tied = tl.zeros([], tl.int32)
+        low_min = tl.full([], 0xFFFFFFFF, tl.int64)
         for c0 in range(0, n, CHUNK):
-            high = key_high(_keys_at(score_row, score_stride, role_row, c0 + lanes, n, EXCLUDE_KEPT))
-            above += tl.sum((high > high_t).to(tl.int32), axis=0)
-        k_low = k - above
-        low_t = tl.zeros([], tl.int64)
-        for step in tl.static_range(8):
-            cands = low_t + (digits << (28 - 4 * step))
-            counts = tl.zeros([16], tl.int32)
-            for c0 in range(0, n, CHUNK):
-                key = _keys_at(score_row, score_stride, role_row, c0 + lanes, n, EXCLUDE_KEPT)
-                tied = key_high(key) == high_t
-                hit = tied[None, :] & (key_low(key)[None, :] >= cands[:, None])
-                counts += tl.sum(hit.to(tl.int32), axis=1)
-            low_t += tl.max(tl.where(counts >= k_low, digits, 0), axis=0) << (28 - 4 * step)
-        return join_key(high_t, low_t)
+            key = _keys_at(score_row, score_stride, role_row, c0 + lanes, n, EXCLUDE_KEPT)
+            tied = key_high(key) == high_t
+            above += tl.sum((key_high(key) > high_t).to(tl.int32), axis=0)
+            n_tied += tl.sum(tied.to(tl.int32), axis=0)
+            low_min = tl.minimum(low_min, tl.min(tl.where(tied, key_low(key), 0xFFFFFFFF), axis=0))
+        if above + n_tied == k:
+            low_t = low_min
+        else:
+            low_t = tl.zeros([], tl.int64)
+            for step in tl.static_range(8):
+                counts = tl.zeros([16], tl.int32)
+                for c0 in range(0, n, CHUNK):
+                    key = _keys_at(score_row, score_stride, role_row, c0 + lanes, n, EXCLUDE_KEPT)
+                    counts += _digit_counts(key_low(key), key_high(key) == high_t, low_t, 28 - 4 * step)
+                low_t = _next_digit(low_t, counts, k - above, 28 - 4 * step)
+    return join_key(high_t, low_t)
 
 
 @triton.jit

@@ -46,16 +46,19 @@ def _row_offsets(t, length, s_b, s_l, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptr, t, mask, dims, n_dims, length, s_b, s_l, s_d, VARLEN: tl.constexpr):
+def _load_rows(ptr, t, mask, dims, n_dims, length, s_b, s_l, s_d, VARLEN: tl.constexpr, UPCAST: tl.constexpr):
     offs = _row_offsets(t, length, s_b, s_l, VARLEN)
     ptrs = ptr + offs[:, None] + (dims.to(tl.int64) * s_d)[None, :]
-    return tl.load(ptrs, mask=mask[:, None] & (dims < n_dims)[None, :], other=0.0)
+    x = tl.load(ptrs, mask=mask[:, None] & (dims < n_dims)[None, :], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit
 def _row_lse_kernel(q_ptr, k_ptr, lse_ptr, cu_ptr, n_bounds, total, length, heads, n_dims, scale_log2,
                     q_sb, q_sh, q_sl, q_sd, k_sb, k_sh, k_sl, k_sd, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     h = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < total
@@ -63,12 +66,12 @@ def _row_lse_kernel(q_ptr, k_ptr, lse_ptr, cu_ptr, n_bounds, total, length, head
     start, end = _segments(rows, cu_ptr, n_bounds, length, total, VARLEN)
     first = tl.min(tl.where(row_mask, start, total), axis=0)
     last = tl.max(tl.where(row_mask, end, 0), axis=0)
-    q = _load_rows(q_ptr + h * q_sh, rows, row_mask, dims, n_dims, length, q_sb, q_sl, q_sd, VARLEN)
+    q = _load_rows(q_ptr + h * q_sh, rows, row_mask, dims, n_dims, length, q_sb, q_sl, q_sd, VARLEN, UPCAST)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     for k0 in range(first, last, BLOCK_N):
         cols = k0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_ptr + h * k_sh, cols, cols < last, dims, n_dims, length, k_sb, k_sl, k_sd, VARLEN)
+        k = _load_rows(k_ptr + h * k_sh, cols, cols < last, dims, n_dims, length, k_sb, k_sl, k_sd, VARLEN, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         inside = (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
         s = tl.where(inside, s, float("-inf"))
@@ -76,14 +79,14 @@ def _row_lse_kernel(q_ptr, k_ptr, lse_ptr, cu_ptr, n_bounds, total, length, head
         base = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: avoid -inf - -inf
         l = l * tl.exp2(m - base) + tl.sum(tl.exp2(s - base[:, None]), axis=1)
         m = m_new
-    tl.store(lse_ptr + rows.to(tl.int64) * heads + h, m + tl.log2(l), mask=row_mask)
+    tl.store(lse_ptr + rows.to(tl.int64) * heads + h, m + tl.log2(tl.where(row_mask, l, 1.0)), mask=row_mask)
 
 
 @triton.jit
 def _column_sums_kernel(q_ptr, k_ptr, lse_ptr, colsum_ptr, cu_ptr, n_bounds, total, length, heads, n_dims,
                         scale_log2, q_sb, q_sh, q_sl, q_sd, k_sb, k_sh, k_sl, k_sd, VARLEN: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     h = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < total
@@ -91,18 +94,18 @@ def _column_sums_kernel(q_ptr, k_ptr, lse_ptr, colsum_ptr, cu_ptr, n_bounds, tot
     start, end = _segments(cols, cu_ptr, n_bounds, length, total, VARLEN)
     first = tl.min(tl.where(col_mask, start, total), axis=0)
     last = tl.max(tl.where(col_mask, end, 0), axis=0)
-    k = _load_rows(k_ptr + h * k_sh, cols, col_mask, dims, n_dims, length, k_sb, k_sl, k_sd, VARLEN)
+    k = _load_rows(k_ptr + h * k_sh, cols, col_mask, dims, n_dims, length, k_sb, k_sl, k_sd, VARLEN, UPCAST)
     acc = tl.zeros([BLOCK_N], tl.float32)
     for q0 in range(first, last, BLOCK_M):
         rows = q0 + tl.arange(0, BLOCK_M)
         row_mask = rows < last
-        q = _load_rows(q_ptr + h * q_sh, rows, row_mask, dims, n_dims, length, q_sb, q_sl, q_sd, VARLEN)
+        q = _load_rows(q_ptr + h * q_sh, rows, row_mask, dims, n_dims, length, q_sb, q_sl, q_sd, VARLEN, UPCAST)
         lse = tl.load(lse_ptr + rows.to(tl.int64) * heads + h, mask=row_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         # A query sees a key exactly when it lies in the key's segment.
         inside = row_mask[:, None] & (rows[:, None] >= start[None, :]) & (rows[:, None] < end[None, :])
-        acc += tl.sum(tl.where(inside, tl.exp2(s - lse[:, None]), 0.0), axis=0)
-    count = (end - start).to(tl.float32)
+        acc += tl.sum(tl.exp2(tl.where(inside, s - lse[:, None], float("-inf"))), axis=0)
+    count = tl.maximum(end - start, 1).to(tl.float32)
     tl.store(colsum_ptr + cols.to(tl.int64) * heads + h, acc / count, mask=col_mask)
 
 
@@ -130,8 +133,11 @@ def launch_qk_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix:
     if total > 0:
         block = 16 if interpreting() else 64
         block_d = next_pow2(n_dims)
-        precision = "ieee" if q.dtype == torch.float32 else "tf32"
-        common = dict(VARLEN=varlen, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, PRECISION=precision)
+        # The interpreter's bf16 tl.dot is wrong (Triton 3.8): there the tiles go through float32.
+        upcast = interpreting() and q.dtype == torch.bfloat16
+        precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
+        common = dict(VARLEN=varlen, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, PRECISION=precision,
+                      UPCAST=upcast)
         strides = (q_sb, q_sh, q_sl, q_sd, k_sb, k_sh, k_sl, k_sd)
         scale_log2 = scale * math.log2(math.e)
         grid = (triton.cdiv(total, block), heads)
