@@ -281,6 +281,16 @@ class TestTritonCuda:
         torch.testing.assert_close(ops.qk_scores(q, k, 0.125, 1).cpu(),
                                    reference.qk_scores(q.cpu(), k.cpu(), 0.125, 1), rtol=2e-3, atol=1e-6)
 
+    def test_opcheck(self):
+        scores = random_scores(2, 16, seed=38, device="cuda")
+        maps = random_maps(2, 2, 17, seed=39, device="cuda")
+        q, k = _qk((2, 2, 9, 64), seed=40)
+        torch.library.opcheck(ops.attention_scores, (maps, 1))
+        torch.library.opcheck(ops.qk_scores, (q, k, 0.125, 1))
+        torch.library.opcheck(ops.select, (maps, scores, 6, 4, 4, 0.5, 1))
+        torch.library.opcheck(ops.select_with_roles, (scores, maps, 6, 4, 4, 0.5, 1, "square"))
+        torch.library.opcheck(ops.prune, (torch.randn(2, 16, 8, device="cuda"), maps, maps, 6, 4, 4, 0.5, 1))
+
     def test_torch_compile_fullgraph(self):
         object_attn = random_maps(2, 4, 50, seed=35, device="cuda")
         deep_attn = random_maps(2, 4, 50, seed=36, device="cuda")

@@ -132,12 +132,12 @@ def _grid_neighbor_anchor(obj_row, obj_stride, row, col, mask, grid_h, grid_w, a
 
 
 @triton.jit
-def _any_anchor_in(obj_row, obj_stride, first, last, anchor_t, CHUNK: tl.constexpr):
-    """1 if a token in [first, last] is an anchor, else 0 (int32 scalar)."""
+def _any_anchor_in(obj_row, obj_stride, first, last, n, anchor_t, CHUNK: tl.constexpr):
+    """1 if a token in [first, last] (clipped to [0, n)) is an anchor, else 0 (int32 scalar)."""
     found = tl.zeros([], tl.int32)
     for c0 in range(first, last + 1, CHUNK):
         idx = c0 + tl.arange(0, CHUNK)
-        hit = _anchor_at(obj_row, obj_stride, idx, idx <= last, anchor_t)
+        hit = _anchor_at(obj_row, obj_stride, idx, (idx >= 0) & (idx <= last) & (idx < n), anchor_t)
         found = tl.maximum(found, tl.max(hit.to(tl.int32), axis=0))
     return found
 
@@ -159,8 +159,8 @@ def _select_kernel(obj_ptr, obj_sb, obj_sn, deep_ptr, deep_sb, deep_sn, role_scr
 
     if OFFICIAL:
         # Clamping piles the out-of-range steps onto tokens 0 and N-1.
-        front_hit = _any_anchor_in(obj_row, obj_sn, 1, tl.minimum(grid_w, n - 1), anchor_t, CHUNK)
-        back_hit = _any_anchor_in(obj_row, obj_sn, tl.maximum(n - 1 - grid_w, 0), n - 2, anchor_t, CHUNK)
+        front_hit = _any_anchor_in(obj_row, obj_sn, 1, grid_w, n, anchor_t, CHUNK)
+        back_hit = _any_anchor_in(obj_row, obj_sn, n - 1 - grid_w, n - 2, n, anchor_t, CHUNK)
 
     # Anchors and buffers into the scratch row; count them.
     n_kept = tl.zeros([], tl.int32)

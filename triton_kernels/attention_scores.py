@@ -91,3 +91,10 @@ def attention_scores(attn: torch.Tensor, num_prefix: int = 0) -> torch.Tensor:
     """scores[b, j] = mean over heads and all query rows of attn[b, h, q, num_prefix + j], float32 (B, N)."""
     return launch_attention_scores(attn, num_prefix)
 
+
+# Shapes only (also the interpreter's path: wrap_triton hands interpreted kernels over as they are, so the
+# triton_op's own function cannot serve as its fake there).
+@attention_scores.register_fake
+def _(attn, num_prefix=0):
+    n = v.check_attention_map(attn, num_prefix, "attn")
+    return attn.new_empty((attn.shape[0], n), dtype=torch.float32)

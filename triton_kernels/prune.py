@@ -44,3 +44,15 @@ def prune(features: torch.Tensor, object_attn: torch.Tensor, deep_attn: torch.Te
         features, indices, out, budget, channels, features.stride(0), features.stride(1), features.stride(2),
         BLOCK_K=block_k, BLOCK_C=block_c)
     return out, indices
+
+
+# Shapes only (also the interpreter's path: wrap_triton hands interpreted kernels over as they are, so the
+# triton_op's own function cannot serve as its fake there).
+@prune.register_fake
+def _(features, object_attn, deep_attn, budget, grid_h, grid_w, alpha=0.1, num_prefix=0, neighborhood="cross",
+      official=False):
+    args = v.check_select_args(object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix, neighborhood,
+                               official)
+    v.check_prune_features(features, args, object_attn)
+    return (features.new_empty((args.batch, budget, features.shape[2])),
+            object_attn.new_empty((args.batch, budget), dtype=torch.int64))
