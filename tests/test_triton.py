@@ -5,6 +5,9 @@ the shapes are small. TestTritonCuda repeats the key checks on a CUDA device and
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -39,6 +42,7 @@ def assert_same_selection(object_attn, deep_attn, *args, indices_only=False):
 def streaming_path(monkeypatch):
     """Forces the radix-select path (keys streamed in chunks) on small grids."""
     monkeypatch.setattr(_selection, "SORT_MAX_N", 8)
+    monkeypatch.setattr(_selection, "PAIRWISE_MAX_N", 0)
     monkeypatch.setattr(_selection, "RADIX_CHUNK", 16)
 
 
@@ -108,7 +112,8 @@ def overflows(object_scores, deep_scores, budget, grid, alpha):
 
 
 def test_select_official_overflow_error():
-    object_scores, deep_scores = random_scores(2, 16, seed=9, device=DEVICE), random_scores(2, 16, seed=10, device=DEVICE)
+    object_scores = random_scores(2, 16, seed=9, device=DEVICE)
+    deep_scores = random_scores(2, 16, seed=10, device=DEVICE)
     with pytest.raises(ValueError) as want:
         reference.select(object_scores.cpu(), deep_scores.cpu(), 8, 4, 4, 1.0, 0, "cross", True)
     with pytest.raises(ValueError) as got:
@@ -149,8 +154,20 @@ def test_select_ties_nan_signed_zero():
         assert_same_selection(object_scores, deep_scores, budget, 5, 7, alpha, 0, neighborhood)
 
 
+@pytest.mark.parametrize("pairwise_max_n", [0, 64])
+def test_select_radix_in_registers_and_pairwise(monkeypatch, pairwise_max_n):
+    monkeypatch.setattr(_selection, "PAIRWISE_MAX_N", pairwise_max_n)
+    object_scores = random_scores(2, 35, seed=41, device=DEVICE)
+    deep_scores = random_scores(2, 35, seed=42, device=DEVICE)
+    object_scores[1, 10:] = 0.5  # ties straddling the cut: the index part of the radix select runs
+    deep_scores[0, ::3] = 0.25
+    for budget, alpha, neighborhood in ((17, 1.0, "cross"), (30, 0.4, "square"), (1, 0.0, "cross")):
+        assert_same_selection(object_scores, deep_scores, budget, 5, 7, alpha, 0, neighborhood)
+
+
 def test_select_streaming_path(streaming_path):
-    object_scores, deep_scores = random_scores(2, 42, seed=15, device=DEVICE), random_scores(2, 42, seed=16, device=DEVICE)
+    object_scores = random_scores(2, 42, seed=15, device=DEVICE)
+    deep_scores = random_scores(2, 42, seed=16, device=DEVICE)
     object_scores[0, 20:] = 0.5  # ties straddling the cut: the index part of the radix select runs
     deep_scores[1, ::5] = float("nan")
     deep_scores[1, 1::5] = 0.25
@@ -172,7 +189,8 @@ def test_prune_gathers_features():
 
 
 def test_public_wrapper_backend_triton():
-    object_attn, deep_attn = random_maps(1, 2, 17, seed=21, device=DEVICE), random_maps(1, 2, 17, seed=22, device=DEVICE)
+    object_attn = random_maps(1, 2, 17, seed=21, device=DEVICE)
+    deep_attn = random_maps(1, 2, 17, seed=22, device=DEVICE)
     got = hiprune_ops.select(object_attn, deep_attn, 6, 4, 4, 0.5, 1, backend="triton")
     torch.testing.assert_close(got.cpu(), reference.select(object_attn.cpu(), deep_attn.cpu(), 6, 4, 4, 0.5, 1))
     roles = hiprune_ops.select_with_roles(object_attn, deep_attn, 6, 4, 4, 0.5, 1, backend="triton")[1]
@@ -257,6 +275,25 @@ def test_qk_scores_bad_input(call, error, match):
         q, k = q.cpu(), k.cpu()
     with pytest.raises(error, match=match):
         call(q, k)
+
+
+# ------------------------------------------------------------------------------------------ compiled (no GPU)
+
+def _cuda_compiler_present() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _cuda_compiler_present(), reason="Triton has no CUDA backend here")
+def test_kernels_compile_for_sm90():
+    """The interpreter runs code the compiler rejects: compile every kernel for an H100, no GPU needed."""
+    script = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 # ------------------------------------------------------------------------------------------------- CUDA only

@@ -4,7 +4,7 @@ It follows csrc/cpu/select_with_roles.cpp, reshaped for a GPU program:
 - thresholds: the k-th largest rank key, by a radix select (4 bits a pass, 16 candidate thresholds counted at
   once). Up to SORT_MAX_N tokens the keys sit in registers; above, every pass streams them from global memory in
   chunks of RADIX_CHUNK, so any N works. (tl.sort would do for the small case, but it is some 20 times slower
-  in Triton's interpreter, where the tests run.)
+  in Triton's interpreter, where the tests run.) Tiny grids (up to PAIRWISE_MAX_N) rank all pairs at once.
 - buffers are gathered, not scattered: a token is a buffer when it is no anchor and an anchor lies in its
   neighbourhood (the neighbourhoods are symmetric). Official mode inverts the clamped flat steps: an inner token j
   is hit from j - d exactly; token 0 from every anchor in [1, grid_w], token N-1 from every one in
@@ -29,6 +29,8 @@ from .attention_scores import launch_attention_scores
 # Tests monkeypatch both small to exercise the streaming path on small grids.
 SORT_MAX_N = 4096
 RADIX_CHUNK = 1024
+# Up to this many tokens (padded), a (N, N) comparison ranks the keys in one step instead of the radix passes.
+PAIRWISE_MAX_N = 64
 
 _INT64_MAX = 9223372036854775807
 
@@ -62,57 +64,67 @@ def _next_digit(base, counts, k, SHIFT: tl.constexpr):
 
 @triton.jit
 def _kth_largest_key(score_row, score_stride, role_row, n, k, EXCLUDE_KEPT: tl.constexpr, CHUNK: tl.constexpr,
-                     SINGLE: tl.constexpr):
+                     SINGLE: tl.constexpr, PAIRWISE: tl.constexpr):
     """The k-th largest rank key (1 <= k <= number of keys that are not excluded), by radix select: first the
     high 32 bits (the score) 4 bits at a time, then, only when equal scores straddle the cut, the low 32 bits
-    (the index) among the tied keys. SINGLE: all keys fit one chunk and stay in registers."""
+    (the index) among the tied keys. SINGLE: all keys fit one chunk and stay in registers. PAIRWISE: tiny N,
+    ranked by one all-pairs comparison."""
     lanes = tl.arange(0, CHUNK)
-    if SINGLE:
+    if PAIRWISE:
+        # Tiny N: the key with exactly k - 1 keys above it (keys are unique but for the excluded ones, and those
+        # have at least k keys above them).
         keys = _keys_at(score_row, score_stride, role_row, lanes, n, EXCLUDE_KEPT)
-        high = key_high(keys)
-        everywhere = lanes >= 0
-        high_t = tl.zeros([], tl.int64)
-        for step in tl.static_range(8):
-            high_t = _next_digit(high_t, _digit_counts(high, everywhere, high_t, 28 - 4 * step), k, 28 - 4 * step)
-        tied = high == high_t
-        above = tl.sum((high > high_t).to(tl.int32), axis=0)
-        n_tied = tl.sum(tied.to(tl.int32), axis=0)
-        low = key_low(keys)
-        if above + n_tied == k:  # every tied key is taken: the cut is the smallest of them
-            low_t = tl.min(tl.where(tied, low, 0xFFFFFFFF), axis=0)
-        else:
-            low_t = tl.zeros([], tl.int64)
+        above_each = tl.sum((keys[None, :] > keys[:, None]).to(tl.int32), axis=1)
+        result = tl.sum(tl.where(above_each == k - 1, keys, 0), axis=0)
+    else:  # compiled Triton takes no early return out of a branch
+        if SINGLE:
+            keys = _keys_at(score_row, score_stride, role_row, lanes, n, EXCLUDE_KEPT)
+            high = key_high(keys)
+            everywhere = lanes >= 0
+            high_t = tl.zeros([], tl.int64)
             for step in tl.static_range(8):
-                low_t = _next_digit(low_t, _digit_counts(low, tied, low_t, 28 - 4 * step), k - above,
-                                    28 - 4 * step)
-    else:
-        high_t = tl.zeros([], tl.int64)
-        for step in tl.static_range(8):
-            counts = tl.zeros([16], tl.int32)
-            for c0 in range(0, n, CHUNK):
-                high = key_high(_keys_at(score_row, score_stride, role_row, c0 + lanes, n, EXCLUDE_KEPT))
-                counts += _digit_counts(high, high >= 0, high_t, 28 - 4 * step)
-            high_t = _next_digit(high_t, counts, k, 28 - 4 * step)
-        above = tl.zeros([], tl.int32)
-        n_tied = tl.zeros([], tl.int32)
-        low_min = tl.full([], 0xFFFFFFFF, tl.int64)
-        for c0 in range(0, n, CHUNK):
-            key = _keys_at(score_row, score_stride, role_row, c0 + lanes, n, EXCLUDE_KEPT)
-            tied = key_high(key) == high_t
-            above += tl.sum((key_high(key) > high_t).to(tl.int32), axis=0)
-            n_tied += tl.sum(tied.to(tl.int32), axis=0)
-            low_min = tl.minimum(low_min, tl.min(tl.where(tied, key_low(key), 0xFFFFFFFF), axis=0))
-        if above + n_tied == k:
-            low_t = low_min
+                counts = _digit_counts(high, everywhere, high_t, 28 - 4 * step)
+                high_t = _next_digit(high_t, counts, k, 28 - 4 * step)
+            tied = high == high_t
+            above = tl.sum((high > high_t).to(tl.int32), axis=0)
+            n_tied = tl.sum(tied.to(tl.int32), axis=0)
+            low = key_low(keys)
+            if above + n_tied == k:  # every tied key is taken: the cut is the smallest of them
+                low_t = tl.min(tl.where(tied, low, 0xFFFFFFFF), axis=0)
+            else:
+                low_t = tl.zeros([], tl.int64)
+                for step in tl.static_range(8):
+                    low_t = _next_digit(low_t, _digit_counts(low, tied, low_t, 28 - 4 * step), k - above,
+                                        28 - 4 * step)
         else:
-            low_t = tl.zeros([], tl.int64)
+            high_t = tl.zeros([], tl.int64)
             for step in tl.static_range(8):
                 counts = tl.zeros([16], tl.int32)
                 for c0 in range(0, n, CHUNK):
-                    key = _keys_at(score_row, score_stride, role_row, c0 + lanes, n, EXCLUDE_KEPT)
-                    counts += _digit_counts(key_low(key), key_high(key) == high_t, low_t, 28 - 4 * step)
-                low_t = _next_digit(low_t, counts, k - above, 28 - 4 * step)
-    return join_key(high_t, low_t)
+                    high = key_high(_keys_at(score_row, score_stride, role_row, c0 + lanes, n, EXCLUDE_KEPT))
+                    counts += _digit_counts(high, high >= 0, high_t, 28 - 4 * step)
+                high_t = _next_digit(high_t, counts, k, 28 - 4 * step)
+            above = tl.zeros([], tl.int32)
+            n_tied = tl.zeros([], tl.int32)
+            low_min = tl.full([], 0xFFFFFFFF, tl.int64)
+            for c0 in range(0, n, CHUNK):
+                key = _keys_at(score_row, score_stride, role_row, c0 + lanes, n, EXCLUDE_KEPT)
+                tied = key_high(key) == high_t
+                above += tl.sum((key_high(key) > high_t).to(tl.int32), axis=0)
+                n_tied += tl.sum(tied.to(tl.int32), axis=0)
+                low_min = tl.minimum(low_min, tl.min(tl.where(tied, key_low(key), 0xFFFFFFFF), axis=0))
+            if above + n_tied == k:
+                low_t = low_min
+            else:
+                low_t = tl.zeros([], tl.int64)
+                for step in tl.static_range(8):
+                    counts = tl.zeros([16], tl.int32)
+                    for c0 in range(0, n, CHUNK):
+                        key = _keys_at(score_row, score_stride, role_row, c0 + lanes, n, EXCLUDE_KEPT)
+                        counts += _digit_counts(key_low(key), key_high(key) == high_t, low_t, 28 - 4 * step)
+                    low_t = _next_digit(low_t, counts, k - above, 28 - 4 * step)
+        result = join_key(high_t, low_t)
+    return result
 
 
 @triton.jit
@@ -145,7 +157,8 @@ def _any_anchor_in(obj_row, obj_stride, first, last, n, anchor_t, CHUNK: tl.cons
 @triton.jit
 def _select_kernel(obj_ptr, obj_sb, obj_sn, deep_ptr, deep_sb, deep_sn, role_scratch_ptr, indices_ptr, roles_ptr,
                    kept_ptr, n, budget, grid_h, grid_w, n_anchor, SQUARE: tl.constexpr, OFFICIAL: tl.constexpr,
-                   WRITE_ROLES: tl.constexpr, CHUNK: tl.constexpr, SINGLE: tl.constexpr):
+                   WRITE_ROLES: tl.constexpr, CHUNK: tl.constexpr, SINGLE: tl.constexpr,
+                   PAIRWISE: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     obj_row = obj_ptr + b * obj_sb
     deep_row = deep_ptr + b * deep_sb
@@ -155,7 +168,7 @@ def _select_kernel(obj_ptr, obj_sb, obj_sn, deep_ptr, deep_sb, deep_sn, role_scr
     # Anchors: object key >= the n_anchor-th largest object key. No anchors: a threshold no key reaches.
     anchor_t = tl.full([], 9223372036854775807, tl.int64)
     if n_anchor > 0:
-        anchor_t = _kth_largest_key(obj_row, obj_sn, role_row, n, n_anchor, False, CHUNK, SINGLE)
+        anchor_t = _kth_largest_key(obj_row, obj_sn, role_row, n, n_anchor, False, CHUNK, SINGLE, PAIRWISE)
 
     if OFFICIAL:
         # Clamping piles the out-of-range steps onto tokens 0 and N-1.
@@ -197,7 +210,7 @@ def _select_kernel(obj_ptr, obj_sb, obj_sn, deep_ptr, deep_sb, deep_sn, role_scr
     n_reg = budget - n_kept
     register_t = tl.full([], 9223372036854775807, tl.int64)
     if n_reg > 0:
-        register_t = _kth_largest_key(deep_row, deep_sn, role_row, n, n_reg, True, CHUNK, SINGLE)
+        register_t = _kth_largest_key(deep_row, deep_sn, role_row, n, n_reg, True, CHUNK, SINGLE, PAIRWISE)
 
     # Sorted compaction: the selected tokens in increasing index order, roles aligned.
     written = tl.zeros([], tl.int32)
@@ -243,7 +256,8 @@ def launch_select(object_attn: torch.Tensor, deep_attn: torch.Tensor, budget: in
         object_scores, object_scores.stride(0), object_scores.stride(1), deep_scores, deep_scores.stride(0),
         deep_scores.stride(1), role_scratch, indices, roles if with_roles else indices, kept, args.n, budget,
         grid_h, grid_w, args.n_anchor, SQUARE=neighborhood == "square", OFFICIAL=official, WRITE_ROLES=with_roles,
-        CHUNK=chunk, SINGLE=single, num_warps=4 if chunk <= 1024 else 8)
+        CHUNK=chunk, SINGLE=single, PAIRWISE=single and chunk <= PAIRWISE_MAX_N,
+        num_warps=4 if chunk <= 1024 else 8)
     # Overflow needs more than budget anchors and buffers, impossible unless 5 * n_anchor > budget: only then
     # does the host read the counts (the one sync the brief allows).
     if official and 5 * args.n_anchor > budget:
