@@ -1,0 +1,7 @@
+"""Triton kernels of every hiprune op, registered as torch.ops.hiprune_triton.<op> on import.
+
+They run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (set before triton is imported). Each op is
+a torch.library.triton_op, so torch.compile(fullgraph=True) traces through its kernel launches.
+"""
+
+from . import attention_scores, prune, qk_scores, select, select_with_roles  # noqa: F401  (registrations)
