@@ -39,9 +39,13 @@ def want_cuda() -> bool:
 
 def cuda_include_dirs() -> list:
     # torch's CUDA headers include cusparse.h and friends, which pip installs under nvidia/cu*/include.
-    nvidia = os.path.join(sysconfig.get_paths()["purelib"], "nvidia")
-    return sorted(glob.glob(os.path.join(nvidia, "cu*", "include"))) + sorted(
-        glob.glob(os.path.join(nvidia, "*", "include")))
+    # They sit beside torch, which may be another environment's (a worktree venv reaching main's by a .pth).
+    dirs = []
+    for site in dict.fromkeys([sysconfig.get_paths()["purelib"], os.path.dirname(os.path.dirname(torch.__file__))]):
+        nvidia = os.path.join(site, "nvidia")
+        dirs += sorted(glob.glob(os.path.join(nvidia, "cu*", "include"))) + sorted(
+            glob.glob(os.path.join(nvidia, "*", "include")))
+    return list(dict.fromkeys(dirs))
 
 
 def extension():
