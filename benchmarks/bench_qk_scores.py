@@ -132,6 +132,9 @@ def main() -> None:
 
     device = device_name("cpu") if not args.threads else device_name("cpu").replace(
         f"{torch.get_num_threads()} threads", f"{args.threads} threads")
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 "unknown")
+    print(f"CPU model: {model}; torch {torch.__version__}")
     print(format_table(
         f"qk_scores vs SDPA forward vs dense map, B = 1, H = {HEADS}, D = {DIM}, float32, on {device}",
         ["L", "qk_scores s", "sdpa s", "dense s", "qk/sdpa", "qk extra MiB", "sdpa extra MiB", "dense extra MiB",

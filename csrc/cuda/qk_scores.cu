@@ -310,6 +310,8 @@ at::Tensor qk_scores(const at::Tensor& q, const at::Tensor& k, double scale, int
   TORCH_CHECK_VALUE(batch <= 65535, "q has batch ", batch, "; the CUDA kernel takes at most 65535");
   TORCH_CHECK_VALUE(tokens <= std::numeric_limits<int32_t>::max() - kTile, "q has too many tokens: ", tokens);
   TORCH_CHECK_VALUE(dim <= std::numeric_limits<int32_t>::max(), "q has too many channels: ", dim);
+  TORCH_CHECK_VALUE(!packed || cu_seqlens->size(0) <= std::numeric_limits<int32_t>::max(),
+                    "cu_seqlens has too many segments: ", cu_seqlens->size(0) - 1);
 
   const auto layout = [packed](const at::Tensor& t) {
     return packed ? Layout{0, t.stride(1), t.stride(0), t.stride(2)}
