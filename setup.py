@@ -8,6 +8,7 @@ the extension in place, incrementally).
 import glob
 import os
 import shutil
+import sys
 import sysconfig
 
 # torch guesses CUDA_HOME from nvcc's folder, which is wrong when nvcc is a wrapper in /usr/local/bin.
@@ -50,10 +51,16 @@ def cuda_include_dirs() -> list:
 def extension():
     sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-DHIPRUNE_PYTHON_MODULE"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is a header template: without OpenMP here it runs every range on the calling thread.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if not want_cuda():
         return cpp_extension.CppExtension(
-            "hiprune_ops._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
+            "hiprune_ops._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     return cpp_extension.CUDAExtension(
         "hiprune_ops._C",
@@ -63,6 +70,7 @@ def extension():
             "cxx": cxx_flags + ["-DHIPRUNE_WITH_CUDA"],
             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DHIPRUNE_WITH_CUDA"],
         },
+        extra_link_args=link_flags,
     )
 
 

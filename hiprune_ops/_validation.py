@@ -121,7 +121,7 @@ def check_qk_args(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: in
         raise ValueError(f"k is on {k.device} but q is on {q.device}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    if q.shape[-1] < 1 or q.shape[-2] < 1:
+    if q.shape[1] < 1 or q.shape[-1] < 1:
         raise ValueError(f"q must have at least one head and one channel, got shape {tuple(q.shape)}")
     if not packed:
         if not 0 <= num_prefix < q.shape[2]:

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -88,6 +89,56 @@ inline void check_prune_features(const at::Tensor& features, const SelectArgs& a
 inline void check_official_kept(int64_t kept, int64_t budget) {
   TORCH_CHECK_VALUE(kept <= budget, "official=True keeps ", kept, " anchors and buffers, more than budget ", budget,
                     "; raise budget or lower alpha");
+}
+
+// A shape as Python prints a tuple, so that messages read the same as hiprune_ops/_validation.py's.
+inline std::string shape_str(at::IntArrayRef sizes) {
+  std::string text = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) text += (i ? ", " : "") + std::to_string(sizes[i]);
+  return text + (sizes.size() == 1 ? ",)" : ")");
+}
+
+// Validates qk_scores arguments. q, k: (B, H, L, D), or (T, H, D) with int32 cu_seqlens (S + 1,). The values of
+// cu_seqlens are checked only on the CPU: reading them from a GPU would synchronise, so GPU kernels clamp instead.
+inline void check_qk_args(const at::Tensor& q, const at::Tensor& k, double scale, int64_t num_prefix,
+                          const c10::optional<at::Tensor>& cu_seqlens) {
+  const bool packed = cu_seqlens.has_value();
+  const int64_t rank = packed ? 3 : 4;
+  const char* layout = packed ? "(T, H, D) with cu_seqlens" : "(B, H, L, D)";
+  const auto check_operand = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK_VALUE(t.dim() == rank, name, " must be ", layout, ", got ", t.dim(), "-D");
+    check_float_dtype(t, name);
+  };
+  check_operand(q, "q");
+  check_operand(k, "k");
+  TORCH_CHECK_VALUE(k.sizes() == q.sizes(), "k shape ", shape_str(k.sizes()), " must equal q shape ",
+                    shape_str(q.sizes()));
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "k dtype ", k.scalar_type(), " must equal q dtype ",
+                   q.scalar_type());
+  TORCH_CHECK_VALUE(k.device() == q.device(), "k is on ", k.device(), " but q is on ", q.device());
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(q.size(1) >= 1 && q.size(-1) >= 1, "q must have at least one head and one channel, got shape ",
+                    shape_str(q.sizes()));
+  if (!packed) {
+    TORCH_CHECK_VALUE(num_prefix >= 0 && num_prefix < q.size(2), "num_prefix must be in [0, L - 1] = [0, ",
+                      q.size(2) - 1, "], got ", num_prefix);
+    return;
+  }
+  TORCH_CHECK_VALUE(num_prefix == 0, "num_prefix must be 0 with cu_seqlens (packed sequences), got ", num_prefix);
+  const at::Tensor& cu = *cu_seqlens;
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 2, "cu_seqlens must be 1-D (S + 1,) with S >= 1, got shape ",
+                    shape_str(cu.sizes()));
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "cu_seqlens must be int32, got ", cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.device() == q.device(), "cu_seqlens is on ", cu.device(), " but q is on ", q.device());
+  if (!cu.device().is_cpu()) return;
+  const at::Tensor bounds = cu.contiguous();
+  const int32_t* b = bounds.const_data_ptr<int32_t>();
+  const int64_t last = cu.size(0) - 1;
+  TORCH_CHECK_VALUE(b[0] == 0 && b[last] == q.size(0), "cu_seqlens must start at 0 and end at T = ", q.size(0),
+                    ", got ", b[0], " .. ", b[last]);
+  for (int64_t s = 0; s < last; ++s) {
+    TORCH_CHECK_VALUE(b[s + 1] >= b[s], "cu_seqlens must be non-decreasing");
+  }
 }
 
 }  // namespace hiprune

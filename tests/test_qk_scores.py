@@ -1,0 +1,285 @@
+"""qk_scores: received attention from q and k, checked against softmax(q @ k^T * scale) reduced in float64."""
+
+import pytest
+import torch
+
+import hiprune_ops
+from hiprune_ops.backend import has_cpp_kernel
+
+from conftest import backend_params
+
+BACKENDS = backend_params("qk_scores")
+
+
+def truth(q, k, scale, num_prefix=0, cu_seqlens=None):
+    """The dense map in float64: mean over heads and query rows of each key column (float64 result)."""
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        pieces = [truth(q[s:e].transpose(0, 1).unsqueeze(0), k[s:e].transpose(0, 1).unsqueeze(0), scale)[0]
+                  for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+        return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float64)
+    qd, kd = q.cpu().double(), k.cpu().double()
+    probs = torch.softmax(torch.matmul(qd, kd.transpose(-1, -2)) * scale, dim=-1)
+    return probs.mean(dim=(1, 2))[:, num_prefix:]
+
+
+def make_qk(shape, dtype=torch.float32, seed=0, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(*shape, generator=g) * spread).to(dtype)
+    k = (torch.randn(*shape, generator=g) * spread).to(dtype)
+    return q, k
+
+
+def run(backend, device, q, k, scale, num_prefix=0, cu_seqlens=None):
+    cu = None if cu_seqlens is None else cu_seqlens.to(device)
+    return hiprune_ops.qk_scores(q.to(device), k.to(device), scale, num_prefix, cu, backend=backend)
+
+
+def assert_matches(out, expected):
+    assert out.dtype == torch.float32
+    assert out.shape == expected.shape
+    # Every backend accumulates in float32: a few float32 roundings per score.
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=2e-5, atol=1e-9)
+
+
+# (B, H, L, D, num_prefix): L = 1; L that is a multiple of no block size; B, H > 1; a CLS prefix.
+SHAPES = [
+    (1, 1, 1, 64, 0),
+    (2, 3, 1, 80, 0),
+    (2, 3, 67, 64, 0),
+    (1, 2, 130, 80, 1),
+    (3, 2, 45, 128, 5),
+]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("batch,heads,length,dim,num_prefix", SHAPES)
+def test_matches_dense_softmax(backend, device, batch, heads, length, dim, num_prefix):
+    q, k = make_qk((batch, heads, length, dim), seed=length)
+    scale = dim ** -0.5
+    out = run(backend, device, q, k, scale, num_prefix)
+    assert out.device.type == device
+    assert_matches(out, truth(q, k, scale, num_prefix))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim", [64, 80, 128])
+def test_half_inputs_accumulate_in_float32(backend, device, dtype, dim):
+    q, k = make_qk((2, 2, 37, dim), dtype=dtype, seed=dim)
+    out = run(backend, device, q, k, dim ** -0.5, 1)
+    assert_matches(out, truth(q, k, dim ** -0.5, 1))  # truth sees the same rounded inputs
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_many_heads_long_rows(backend, device):
+    # batch * heads >= 64 and L > 256: a task walks several row blocks, the last one partial.
+    q, k = make_qk((1, 64, 300, 16), seed=3)
+    assert_matches(run(backend, device, q, k, 0.25), truth(q, k, 0.25))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_large_logits_are_stable(backend, device):
+    # Logits in the hundreds overflow exp() unless each row's max is taken out first.
+    q, k = make_qk((1, 2, 50, 64), seed=5, spread=6.0)
+    out = run(backend, device, q, k, 1.0)
+    assert torch.isfinite(out).all()
+    assert_matches(out, truth(q, k, 1.0))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_zero_scale_gives_uniform_attention(backend, device):
+    q, k = make_qk((2, 3, 40, 64), seed=6)
+    out = run(backend, device, q, k, 0.0, 4)
+    torch.testing.assert_close(out.cpu(), torch.full((2, 36), 1 / 40), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_negative_scale(backend, device):
+    q, k = make_qk((1, 2, 33, 64), seed=7)
+    assert_matches(run(backend, device, q, k, -0.3), truth(q, k, -0.3))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_strided_inputs(backend, device):
+    # (B, L, H, D) transposed to (B, H, L, D), as attention layers produce it; k strided in D as well.
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 70, 3, 64, generator=g).transpose(1, 2)
+    k = torch.randn(2, 70, 3, 128, generator=g).transpose(1, 2)[..., ::2]
+    assert not q.is_contiguous() and k.stride(-1) == 2
+    assert_matches(run(backend, device, q, k, 0.125, 1), truth(q, k, 0.125, 1))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_agrees_with_attention_scores_of_the_map(backend, device):
+    q, k = make_qk((2, 2, 29, 64), seed=9)
+    attn = torch.softmax(q @ k.transpose(-1, -2) * 0.125, dim=-1)
+    expected = hiprune_ops.reference.attention_scores(attn, 1)
+    torch.testing.assert_close(run(backend, device, q, k, 0.125, 1).cpu(), expected, rtol=1e-5, atol=1e-8)
+
+
+# Packed sequences: uneven segments, one of length 1, an empty one (cu_seqlens may repeat a value).
+VARLEN = [
+    [0, 23],
+    [0, 1, 18, 18, 50, 117],
+    [0, 40, 41],
+]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("bounds", VARLEN, ids=lambda b: "-".join(map(str, b)))
+def test_varlen_matches_per_segment_softmax(backend, device, bounds):
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    q, k = make_qk((bounds[-1], 3, 80), seed=len(bounds))
+    out = run(backend, device, q, k, 80 ** -0.5, 0, cu)
+    assert out.shape == (bounds[-1],)
+    assert_matches(out, truth(q, k, 80 ** -0.5, 0, cu))
+    # A segment of one token attends only to itself.
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e - s == 1:
+            assert out[s].item() == 1.0
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_varlen_segments_do_not_see_each_other(backend, device):
+    # Each segment scored alone (as a batch of one) gives the same numbers as inside the pack.
+    cu = torch.tensor([0, 30, 31, 75], dtype=torch.int32)
+    q, k = make_qk((75, 2, 64), dtype=torch.bfloat16, seed=11)
+    packed = run(backend, device, q, k, 0.125, 0, cu).cpu()
+    for s, e in [(0, 30), (30, 31), (31, 75)]:
+        alone = run(backend, device, q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None], 0.125)[0].cpu()
+        torch.testing.assert_close(packed[s:e], alone, rtol=2e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_varlen_strided_tokens(backend, device):
+    # Qwen2.5-VL splits one (T, 3, H, D) qkv tensor: q and k are strided views of it.
+    g = torch.Generator().manual_seed(12)
+    qkv = torch.randn(60, 3, 2, 64, generator=g)
+    cu = torch.tensor([0, 16, 60], dtype=torch.int32)
+    q, k = qkv[:, 0], qkv[:, 1]
+    assert_matches(run(backend, device, q, k, 0.125, 0, cu), truth(q, k, 0.125, 0, cu))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_empty_batch(backend, device):
+    q, k = make_qk((0, 2, 10, 64))
+    assert run(backend, device, q, k, 0.125, 1).shape == (0, 9)
+
+
+# Bad inputs: (args builder, error type, message fragment). Each message names the argument.
+def _bad_cases():
+    q, k = make_qk((2, 2, 10, 64))
+    qp, kp = make_qk((12, 2, 64))
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    return {
+        "k-shape": ((q, k[:, :, :9], 0.1, 0, None), ValueError, "k shape"),
+        "k-heads": ((q, k[:, :1], 0.1, 0, None), ValueError, "k shape"),
+        "q-rank": ((q[0], k[0], 0.1, 0, None), ValueError, "q must be (B, H, L, D)"),
+        "q-int": ((q.long(), k.long(), 0.1, 0, None), TypeError, "q must be float32"),
+        "k-dtype": ((q, k.half(), 0.1, 0, None), TypeError, "k dtype"),
+        "scale-nan": ((q, k, float("nan"), 0, None), ValueError, "scale"),
+        "scale-inf": ((q, k, float("inf"), 0, None), ValueError, "scale"),
+        "no-heads": ((q[:, :0], k[:, :0], 0.1, 0, None), ValueError, "at least one head"),
+        "prefix-too-big": ((q, k, 0.1, 10, None), ValueError, "num_prefix"),
+        "prefix-negative": ((q, k, 0.1, -1, None), ValueError, "num_prefix"),
+        "varlen-rank": ((q, k, 0.1, 0, cu), ValueError, "q must be (T, H, D)"),
+        "varlen-prefix": ((qp, kp, 0.1, 1, cu), ValueError, "num_prefix must be 0"),
+        "cu-dtype": ((qp, kp, 0.1, 0, cu.long()), TypeError, "cu_seqlens must be int32"),
+        "cu-2d": ((qp, kp, 0.1, 0, cu[None]), ValueError, "cu_seqlens must be 1-D"),
+        "cu-short": ((qp, kp, 0.1, 0, cu[:1]), ValueError, "cu_seqlens must be 1-D"),
+        "cu-end": ((qp, kp, 0.1, 0, torch.tensor([0, 5, 11], dtype=torch.int32)), ValueError, "end at T = 12"),
+        "cu-past-end": ((qp, kp, 0.1, 0, torch.tensor([0, 5, 13], dtype=torch.int32)), ValueError, "end at T"),
+        "cu-start": ((qp, kp, 0.1, 0, torch.tensor([1, 5, 12], dtype=torch.int32)), ValueError, "start at 0"),
+        "cu-decreasing": ((qp, kp, 0.1, 0, torch.tensor([0, 7, 5, 12], dtype=torch.int32)), ValueError,
+                          "non-decreasing"),
+    }
+
+
+# The GPU kernels (the torch reference reads cu_seqlens on the host, so it is not one of them).
+GPU_KERNELS = [p for p in BACKENDS if p.values == ("cpp", "cuda") or p.values == ("triton", "cuda")]
+
+# Checks of cu_seqlens values read them, which a GPU backend must not do (it would synchronise).
+VALUE_CHECKS = {"cu-end", "cu-past-end", "cu-start", "cu-decreasing"}
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", sorted(_bad_cases()))
+def test_bad_inputs_raise_naming_the_argument(backend, device, case):
+    if device == "cuda" and case in VALUE_CHECKS:
+        pytest.skip("cu_seqlens values are not read on the GPU")
+    (q, k, scale, num_prefix, cu), error, fragment = _bad_cases()[case]
+    with pytest.raises(error, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        run(backend, device, q, k, scale, num_prefix, cu)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_device_mismatch(backend, device):
+    if device != "cuda":
+        pytest.skip("needs a second device")
+    q, k = make_qk((8, 2, 64))
+    with pytest.raises(ValueError, match="cu_seqlens is on"):
+        hiprune_ops.qk_scores(q.cuda(), k.cuda(), 0.1, 0, torch.tensor([0, 8], dtype=torch.int32), backend=backend)
+    with pytest.raises(ValueError, match="k is on"):
+        hiprune_ops.qk_scores(q[None].cuda(), k[None], 0.1, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", GPU_KERNELS)
+def test_gpu_stays_in_bounds_on_bad_cu_seqlens(backend, device):
+    # The GPU cannot read cu_seqlens without a sync: it clamps them and must neither crash nor read out of bounds.
+    q, k = make_qk((20, 2, 64))
+    for bounds in ([0, 5, 3, 20], [-7, 4, 1000], [0, 30], [5, 5, 5], [0, 20, 2**31 - 1, -2**31]):
+        cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
+        out = hiprune_ops.qk_scores(q.cuda(), k.cuda(), 0.1, 0, cu, backend=backend)
+        torch.cuda.synchronize()
+        assert out.shape == (20,)
+    # A valid call afterwards still works (the context was not corrupted).
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+    assert_matches(run(backend, device, q, k, 0.1, 0, cu), truth(q, k, 0.1, 0, cu))
+
+
+@pytest.mark.parametrize("backend,device", GPU_KERNELS)
+def test_gpu_makes_no_host_sync(backend, device):
+    q, k = make_qk((2, 2, 100, 64))
+    q, k = q.cuda(), k.cuda()
+    qp, kp = q[0].transpose(0, 1).contiguous(), k[0].transpose(0, 1).contiguous()
+    cu = torch.tensor([0, 33, 100], dtype=torch.int32, device="cuda")
+    hiprune_ops.qk_scores(q, k, 0.1, 1, backend=backend)  # compile / warm up outside the check
+    hiprune_ops.qk_scores(qp, kp, 0.1, 0, cu, backend=backend)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        hiprune_ops.qk_scores(q, k, 0.1, 1, backend=backend)
+        hiprune_ops.qk_scores(qp, kp, 0.1, 0, cu, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cpu_result_does_not_depend_on_thread_count():
+    if not has_cpp_kernel("qk_scores", "cpu"):
+        pytest.skip("no C++ CPU kernel in this build")
+    q, k = make_qk((1, 3, 200, 80), seed=13)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.hiprune.qk_scores(q, k, 0.1, 0)
+        torch.set_num_threads(max(2, threads))
+        many = torch.ops.hiprune.qk_scores(q, k, 0.1, 0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+OPCHECK_DEVICES = [d for d in ("cpu", "cuda") if (d == "cpu" or torch.cuda.is_available())]
+
+
+@pytest.mark.parametrize("device", OPCHECK_DEVICES)
+def test_opcheck(device):
+    if not has_cpp_kernel("qk_scores", device):
+        pytest.skip(f"hiprune::qk_scores has no {device} kernel in this build")
+    q, k = make_qk((2, 2, 17, 64))
+    qp, kp = make_qk((17, 2, 64))
+    cu = torch.tensor([0, 1, 9, 17], dtype=torch.int32, device=device)
+    torch.library.opcheck(torch.ops.hiprune.qk_scores, (q.to(device), k.to(device), 0.125, 1, None))
+    torch.library.opcheck(torch.ops.hiprune.qk_scores, (qp.to(device), kp.to(device), 0.125, 0, cu))
+
