@@ -85,7 +85,7 @@ def measure_time(length: int, with_dense: bool) -> dict:
         del fns["dense"]
     big = length >= 8192
     # Large L take seconds per call on a small CPU: fewer samples there.
-    return compare(fns, "sdpa", rounds=1 if big else 3, warmup=1, repeat=1 if big else 3)
+    return compare(fns, "sdpa", rounds=2 if big else 3, warmup=1, repeat=1 if big else 3)
 
 
 def _child(args: list[str]) -> dict:

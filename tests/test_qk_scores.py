@@ -167,7 +167,7 @@ def test_empty_batch(backend, device):
     assert run(backend, device, q, k, 0.125, 1).shape == (0, 9)
 
 
-# Bad inputs: (args builder, error type, message fragment). Each message names the argument.
+# Bad inputs: (arguments, error type, message fragment). Each message names the argument.
 def _bad_cases():
     q, k = make_qk((2, 2, 10, 64))
     qp, kp = make_qk((12, 2, 64))
