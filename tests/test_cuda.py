@@ -66,12 +66,11 @@ def _select_both(object_attn, deep_attn, *args, **kwargs):
 def _assert_same_selection(object_attn, deep_attn, *args, **kwargs):
     cpu, cuda = _select_both(object_attn, deep_attn, *args, **kwargs)
     if isinstance(cpu, str) or isinstance(cuda, str):
-        # Official-mode overflow: both raise. The CUDA kernel, like the reference, reports the largest kept count
-        # of the batch (the CPU kernel reports the first image that overflows).
+        # Official-mode overflow: both raise, and like the reference they report the batch's largest kept count.
         assert isinstance(cpu, str) and isinstance(cuda, str), (cpu, cuda)
         with pytest.raises(ValueError) as reference_error:
             hiprune_ops.reference.select_with_roles(object_attn, deep_attn, *args, **kwargs)
-        assert cuda == str(reference_error.value)
+        assert cuda == str(reference_error.value) == cpu
         return
     assert torch.equal(cpu[0], cuda[0]), "indices differ"
     assert torch.equal(cpu[1], cuda[1]), "roles differ"

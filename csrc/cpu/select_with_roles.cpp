@@ -33,7 +33,8 @@ struct ImageSelector {
   std::vector<uint64_t> keys, scratch;
   std::vector<int8_t> role;  // kNotKept, or a Role
 
-  void run(const float* object_scores, const float* deep_scores, int64_t* indices, int8_t* roles) {
+  // Returns the number of anchors and buffers; when it exceeds the budget (official mode) nothing is written.
+  int64_t run(const float* object_scores, const float* deep_scores, int64_t* indices, int8_t* roles) {
     keys.resize(n);
     role.assign(n, kNotKept);
     if (n_anchor > 0) {
@@ -46,7 +47,7 @@ struct ImageSelector {
         if (role[i] == kAnchor) mark_buffers_around(i, role.data(), grid_h, grid_w, neighborhood, official);
     }
     const int64_t kept = std::count_if(role.begin(), role.end(), [](int8_t r) { return r != kNotKept; });
-    check_official_kept(kept, budget);
+    if (kept > budget) return kept;
     const int64_t n_register = budget - kept;
     if (n_register > 0) {
       for (int64_t i = 0; i < n; ++i) keys[i] = register_key(role[i], deep_scores[i], i);
@@ -62,6 +63,7 @@ struct ImageSelector {
       roles[out] = role[i];
       ++out;
     }
+    return kept;
   }
 };
 
@@ -83,11 +85,14 @@ std::tuple<at::Tensor, at::Tensor> select_with_roles(const at::Tensor& object_at
   int64_t* index_data = indices.data_ptr<int64_t>();
   int8_t* role_data = roles.data_ptr<int8_t>();
   const int64_t n = args.n;
+  // Errors are raised after the parallel region, never inside a worker, and name the batch's largest count.
+  std::vector<int64_t> kept(static_cast<size_t>(args.batch), 0);
   at::parallel_for(0, args.batch, 1, [&](int64_t begin, int64_t end) {
     ImageSelector selector{n, budget, grid_h, grid_w, args.n_anchor, args.neighborhood, official, {}, {}, {}};
     for (int64_t b = begin; b < end; ++b)
-      selector.run(object_data + b * n, deep_data + b * n, index_data + b * budget, role_data + b * budget);
+      kept[b] = selector.run(object_data + b * n, deep_data + b * n, index_data + b * budget, role_data + b * budget);
   });
+  if (!kept.empty()) check_official_kept(*std::max_element(kept.begin(), kept.end()), budget);
   return {indices, roles};
 }
 
