@@ -8,6 +8,7 @@
 // on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -99,7 +100,10 @@ at::Tensor qk_scores(const at::Tensor& q, const at::Tensor& k, double scale, int
   at::Tensor acc = at::zeros({acc_floats}, q.options().dtype(at::kFloat));
   const int64_t tasks = accumulators;
 
+  // Workers run tensor ops: give them the caller's thread-local state (inference mode, grad mode).
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     at::NoGradGuard no_grad;
     const auto f32 = q.options().dtype(at::kFloat);
     at::Tensor q_block = at::empty({max_rows, dim}, f32);
