@@ -1,26 +1,7 @@
-// CPU kernel of hiprune::prune: select, then gather the kept patch features.
+// CPU kernel of hiprune::prune: the CPU selection, then at::gather of the kept patch features.
 #include <torch/library.h>
 
 #include "cpu_kernels.h"
-#include "hiprune/checks.h"
+#include "hiprune/composites.h"
 
-namespace hiprune {
-namespace cpu {
-
-std::tuple<at::Tensor, at::Tensor> prune(const at::Tensor& features, const at::Tensor& object_attn,
-                                         const at::Tensor& deep_attn, int64_t budget, int64_t grid_h, int64_t grid_w,
-                                         double alpha, int64_t num_prefix, c10::string_view neighborhood,
-                                         bool official) {
-  const SelectArgs args =
-      check_select_args(object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix, neighborhood, official);
-  check_prune_features(features, args, object_attn);
-  at::Tensor indices = std::get<0>(select_with_roles(object_attn, deep_attn, budget, grid_h, grid_w, alpha,
-                                                     num_prefix, neighborhood, official));
-  at::Tensor kept = at::gather(features, 1, indices.unsqueeze(-1).expand({-1, -1, features.size(2)}));
-  return {kept, indices};
-}
-
-}  // namespace cpu
-}  // namespace hiprune
-
-TORCH_LIBRARY_IMPL(hiprune, CPU, m) { m.impl("prune", &hiprune::cpu::prune); }
+TORCH_LIBRARY_IMPL(hiprune, CPU, m) { m.impl("prune", &hiprune::prune_via<&hiprune::cpu::select_with_roles>); }

@@ -1,18 +1,7 @@
-// CPU kernel of hiprune::select: the selection of select_with_roles, without its roles.
+// CPU kernel of hiprune::select: the CPU select_with_roles, without its roles.
 #include <torch/library.h>
 
 #include "cpu_kernels.h"
+#include "hiprune/composites.h"
 
-namespace hiprune {
-namespace cpu {
-
-at::Tensor select(const at::Tensor& object_attn, const at::Tensor& deep_attn, int64_t budget, int64_t grid_h,
-                  int64_t grid_w, double alpha, int64_t num_prefix, c10::string_view neighborhood, bool official) {
-  return std::get<0>(select_with_roles(object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix,
-                                       neighborhood, official));
-}
-
-}  // namespace cpu
-}  // namespace hiprune
-
-TORCH_LIBRARY_IMPL(hiprune, CPU, m) { m.impl("select", &hiprune::cpu::select); }
+TORCH_LIBRARY_IMPL(hiprune, CPU, m) { m.impl("select", &hiprune::select_via<&hiprune::cpu::select_with_roles>); }

@@ -75,7 +75,6 @@ std::tuple<at::Tensor, at::Tensor> select_with_roles(const at::Tensor& object_at
                                                      bool official) {
   const SelectArgs args =
       check_select_args(object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix, neighborhood, official);
-  TORCH_CHECK(object_attn.device().is_cpu(), "object_attn must be a CPU tensor here, got ", object_attn.device());
   const at::Tensor object_scores = scores_of(object_attn, num_prefix);
   const at::Tensor deep_scores = scores_of(deep_attn, num_prefix);
   auto indices = at::empty({args.batch, budget}, object_attn.options().dtype(at::kLong));
