@@ -73,43 +73,48 @@ def prune(features: torch.Tensor, object_attn: torch.Tensor, deep_attn: torch.Te
         features, object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix, neighborhood, official)
 
 
-# Fake kernels: output shapes from the arguments alone, and the same argument errors as the real kernels.
+# Fake kernels: output shapes from the arguments alone, and the same argument errors as the real kernels. The
+# Triton ops (hiprune_ops.triton_kernels) register these same functions as their fakes.
+
+def attention_scores_fake(attn, num_prefix=0):
+    n = v.check_attention_map(attn, num_prefix, "attn")
+    return attn.new_empty((attn.shape[0], n), dtype=torch.float32)
+
+
+def qk_scores_fake(q, k, scale, num_prefix=0, cu_seqlens=None):
+    v.check_qk_args(q, k, scale, num_prefix, cu_seqlens)
+    shape = (q.shape[0],) if cu_seqlens is not None else (q.shape[0], q.shape[2] - num_prefix)
+    return q.new_empty(shape, dtype=torch.float32)
+
+
+def select_fake(object_attn, deep_attn, budget, grid_h, grid_w, alpha=0.1, num_prefix=0, neighborhood="cross",
+                official=False):
+    return select_with_roles_fake(object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix, neighborhood,
+                                  official)[0]
+
+
+def select_with_roles_fake(object_attn, deep_attn, budget, grid_h, grid_w, alpha=0.1, num_prefix=0,
+                           neighborhood="cross", official=False):
+    args = v.check_select_args(object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix, neighborhood,
+                               official)
+    return (object_attn.new_empty((args.batch, budget), dtype=torch.int64),
+            object_attn.new_empty((args.batch, budget), dtype=torch.int8))
+
+
+def prune_fake(features, object_attn, deep_attn, budget, grid_h, grid_w, alpha=0.1, num_prefix=0,
+               neighborhood="cross", official=False):
+    args = v.check_select_args(object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix, neighborhood,
+                               official)
+    v.check_prune_features(features, args, object_attn)
+    return (features.new_empty((args.batch, budget, features.shape[2])),
+            object_attn.new_empty((args.batch, budget), dtype=torch.int64))
+
+FAKES = {"attention_scores": attention_scores_fake, "qk_scores": qk_scores_fake, "select": select_fake,
+         "select_with_roles": select_with_roles_fake, "prune": prune_fake}
+
 if extension_loaded():
-
-    @torch.library.register_fake("hiprune::attention_scores")
-    def _attention_scores_fake(attn, num_prefix=0):
-        n = v.check_attention_map(attn, num_prefix, "attn")
-        return attn.new_empty((attn.shape[0], n), dtype=torch.float32)
-
-    @torch.library.register_fake("hiprune::qk_scores")
-    def _qk_scores_fake(q, k, scale, num_prefix=0, cu_seqlens=None):
-        v.check_qk_args(q, k, scale, num_prefix, cu_seqlens)
-        shape = (q.shape[0],) if cu_seqlens is not None else (q.shape[0], q.shape[2] - num_prefix)
-        return q.new_empty(shape, dtype=torch.float32)
-
-    @torch.library.register_fake("hiprune::select")
-    def _select_fake(object_attn, deep_attn, budget, grid_h, grid_w, alpha=0.1, num_prefix=0, neighborhood="cross",
-                     official=False):
-        args = v.check_select_args(object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix, neighborhood,
-                                   official)
-        return object_attn.new_empty((args.batch, budget), dtype=torch.int64)
-
-    @torch.library.register_fake("hiprune::select_with_roles")
-    def _select_with_roles_fake(object_attn, deep_attn, budget, grid_h, grid_w, alpha=0.1, num_prefix=0,
-                                neighborhood="cross", official=False):
-        args = v.check_select_args(object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix, neighborhood,
-                                   official)
-        return (object_attn.new_empty((args.batch, budget), dtype=torch.int64),
-                object_attn.new_empty((args.batch, budget), dtype=torch.int8))
-
-    @torch.library.register_fake("hiprune::prune")
-    def _prune_fake(features, object_attn, deep_attn, budget, grid_h, grid_w, alpha=0.1, num_prefix=0,
-                    neighborhood="cross", official=False):
-        args = v.check_select_args(object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix, neighborhood,
-                                   official)
-        v.check_prune_features(features, args, object_attn)
-        return (features.new_empty((args.batch, budget, features.shape[2])),
-                object_attn.new_empty((args.batch, budget), dtype=torch.int64))
+    for _op, _fake in FAKES.items():
+        torch.library.register_fake(f"hiprune::{_op}", _fake)
 
     # prune is differentiable in its features (a gather); the indices are discrete, so the maps get no gradient.
     def _prune_setup_context(ctx, inputs, output):

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .. import _validation as v
+from .. import ops
 from ._common import check_device, interpreting
 
 
@@ -92,9 +93,5 @@ def attention_scores(attn: torch.Tensor, num_prefix: int = 0) -> torch.Tensor:
     return launch_attention_scores(attn, num_prefix)
 
 
-# Shapes only (also the interpreter's path: wrap_triton hands interpreted kernels over as they are, so the
-# triton_op's own function cannot serve as its fake there).
-@attention_scores.register_fake
-def _(attn, num_prefix=0):
-    n = v.check_attention_map(attn, num_prefix, "attn")
-    return attn.new_empty((attn.shape[0], n), dtype=torch.float32)
+# Shapes only, the same fake as torch.ops.hiprune.attention_scores (the interpreter cannot trace the op itself).
+attention_scores.register_fake(ops.attention_scores_fake)

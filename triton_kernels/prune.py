@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from .. import _validation as v
+from .. import ops
 from ._common import interpreting
 from ._selection import launch_select
 
@@ -46,13 +47,5 @@ def prune(features: torch.Tensor, object_attn: torch.Tensor, deep_attn: torch.Te
     return out, indices
 
 
-# Shapes only (also the interpreter's path: wrap_triton hands interpreted kernels over as they are, so the
-# triton_op's own function cannot serve as its fake there).
-@prune.register_fake
-def _(features, object_attn, deep_attn, budget, grid_h, grid_w, alpha=0.1, num_prefix=0, neighborhood="cross",
-      official=False):
-    args = v.check_select_args(object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix, neighborhood,
-                               official)
-    v.check_prune_features(features, args, object_attn)
-    return (features.new_empty((args.batch, budget, features.shape[2])),
-            object_attn.new_empty((args.batch, budget), dtype=torch.int64))
+# Shapes only, the same fake as torch.ops.hiprune.prune (the interpreter cannot trace the op itself).
+prune.register_fake(ops.prune_fake)

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .. import _validation as v
+from .. import ops
 from ._common import check_device, interpreting, next_pow2
 
 
@@ -158,10 +159,5 @@ def qk_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int = 
     return launch_qk_scores(q, k, scale, num_prefix, cu_seqlens)
 
 
-# Shapes only (also the interpreter's path: wrap_triton hands interpreted kernels over as they are, so the
-# triton_op's own function cannot serve as its fake there).
-@qk_scores.register_fake
-def _(q, k, scale, num_prefix=0, cu_seqlens=None):
-    v.check_qk_args(q, k, scale, num_prefix, cu_seqlens)
-    shape = (q.shape[0],) if cu_seqlens is not None else (q.shape[0], q.shape[2] - num_prefix)
-    return q.new_empty(shape, dtype=torch.float32)
+# Shapes only, the same fake as torch.ops.hiprune.qk_scores (the interpreter cannot trace the op itself).
+qk_scores.register_fake(ops.qk_scores_fake)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _validation as v
+from .. import ops
 from ._selection import launch_select
 
 
@@ -17,10 +17,5 @@ def select(object_attn: torch.Tensor, deep_attn: torch.Tensor, budget: int, grid
                          with_roles=False)[0]
 
 
-# Shapes only (also the interpreter's path: wrap_triton hands interpreted kernels over as they are, so the
-# triton_op's own function cannot serve as its fake there).
-@select.register_fake
-def _(object_attn, deep_attn, budget, grid_h, grid_w, alpha=0.1, num_prefix=0, neighborhood="cross", official=False):
-    args = v.check_select_args(object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix, neighborhood,
-                               official)
-    return object_attn.new_empty((args.batch, budget), dtype=torch.int64)
+# Shapes only, the same fake as torch.ops.hiprune.select (the interpreter cannot trace the op itself).
+select.register_fake(ops.select_fake)

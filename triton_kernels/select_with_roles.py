@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _validation as v
+from .. import ops
 from ._selection import launch_select
 
 
@@ -17,11 +17,5 @@ def select_with_roles(object_attn: torch.Tensor, deep_attn: torch.Tensor, budget
                          with_roles=True)
 
 
-# Shapes only (also the interpreter's path: wrap_triton hands interpreted kernels over as they are, so the
-# triton_op's own function cannot serve as its fake there).
-@select_with_roles.register_fake
-def _(object_attn, deep_attn, budget, grid_h, grid_w, alpha=0.1, num_prefix=0, neighborhood="cross", official=False):
-    args = v.check_select_args(object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix, neighborhood,
-                               official)
-    return (object_attn.new_empty((args.batch, budget), dtype=torch.int64),
-            object_attn.new_empty((args.batch, budget), dtype=torch.int8))
+# Shapes only, the same fake as torch.ops.hiprune.select_with_roles (the interpreter cannot trace the op itself).
+select_with_roles.register_fake(ops.select_with_roles_fake)
