@@ -7,18 +7,13 @@ benchmarks report. Every table names the device it ran on.
 from __future__ import annotations
 
 import gc
-import platform
 import statistics
 import time
 from typing import Callable, Sequence
 
 import torch
 
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+from hiprune_ops._device import device_description as device_name  # noqa: F401 (re-exported)
 
 
 def _sync(device: str) -> None:

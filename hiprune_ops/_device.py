@@ -1,4 +1,4 @@
-"""Device naming for the CLI (benchmarks/harness.py has the same for benchmarks, but is not part of the package)."""
+"""How the CLI and the benchmarks name the device a number came from."""
 
 import platform
 

@@ -53,6 +53,17 @@ def anchor_count(budget: int, alpha: float, neighborhood: str, official: bool) -
     return n if official else min(n, budget // per)
 
 
+def check_selection_options(alpha: float, neighborhood: str, official: bool) -> None:
+    """The data-free options of select: alpha, neighborhood and its pairing with official."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if neighborhood not in NEIGHBORHOODS:
+        raise ValueError(f"neighborhood must be 'cross' or 'square', got '{neighborhood}'")
+    if official and neighborhood != "cross":
+        raise ValueError("official=True reproduces the release, which supports neighborhood='cross' only, "
+                         f"got '{neighborhood}'")
+
+
 class SelectArgs(NamedTuple):
     batch: int
     n: int
@@ -79,13 +90,7 @@ def check_select_args(object_attn, deep_attn, budget, grid_h, grid_w, alpha, num
         raise ValueError(f"object_attn has too many patch tokens: {n_object}")
     if not 1 <= budget <= n_object:
         raise ValueError(f"budget must be in [1, N] = [1, {n_object}], got {budget}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if neighborhood not in NEIGHBORHOODS:
-        raise ValueError(f"neighborhood must be 'cross' or 'square', got '{neighborhood}'")
-    if official and neighborhood != "cross":
-        raise ValueError("official=True reproduces the release, which supports neighborhood='cross' only, "
-                         f"got '{neighborhood}'")
+    check_selection_options(alpha, neighborhood, official)
     return SelectArgs(object_attn.shape[0], n_object, anchor_count(budget, alpha, neighborhood, official))
 
 

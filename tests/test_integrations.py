@@ -154,19 +154,24 @@ class _PrefillSpy:
         self.handle.remove()
 
 
+def _spied_forward(model, inputs, *modules):
+    """Runs model(**inputs) without grad while spying on `modules`; returns (output, one spy per module)."""
+    spies = [_PrefillSpy(m) for m in modules]
+    try:
+        with torch.no_grad():
+            return model(**inputs), spies
+    finally:
+        for spy in spies:
+            spy.remove()
+
+
 @pytest.mark.parametrize("name,budget", [("llava", 20), ("llava_next", 20), ("qwen", 5)])
 def test_prefill_gets_exactly_the_kept_tokens(request, name, budget):
     model, inputs = _model_and_inputs(request, name)
     image_id = model.config.image_token_id
     hiprune_ops.apply_hiprune(model, budget=budget)
-    spy = _PrefillSpy(model.model.language_model)
-    outer = _PrefillSpy(model.model)
-    try:
-        with torch.no_grad():
-            logits = model(**inputs).logits
-    finally:
-        spy.remove()
-        outer.remove()
+    output, (spy, outer) = _spied_forward(model, inputs, model.model.language_model, model.model)
+    logits = output.logits
     state = integrations.hiprune_state(model)
     images = state.last
     embeds = spy.calls[0]["inputs_embeds"]
@@ -199,12 +204,7 @@ def test_prefill_gets_exactly_the_kept_tokens(request, name, budget):
 def test_llava_prefill_rows_are_projected_kept_features(llava):
     inputs = llava_inputs(3)
     hiprune_ops.apply_hiprune(llava, budget=12)
-    spy = _PrefillSpy(llava.model.language_model)
-    try:
-        with torch.no_grad():
-            llava(**inputs)
-    finally:
-        spy.remove()
+    _, (spy,) = _spied_forward(llava, inputs, llava.model.language_model)
     embeds, mask = spy.calls[0]["inputs_embeds"], spy.calls[0]["attention_mask"]
     state = integrations.hiprune_state(llava).last
     # Recompute independently: unpatched tower, hidden_states[-2] without CLS, gathered, projected.
@@ -255,12 +255,7 @@ def test_qwen_kept_tokens_keep_their_mrope_positions(qwen):
                                                       image_grid_thw=inputs["image_grid_thw"],
                                                       attention_mask=inputs["attention_mask"])
     hiprune_ops.apply_hiprune(qwen, ratio=0.25)
-    spy = _PrefillSpy(qwen.model.language_model)
-    try:
-        with torch.no_grad():
-            qwen(**inputs)
-    finally:
-        spy.remove()
+    _, (spy,) = _spied_forward(qwen, inputs, qwen.model.language_model)
     positions = spy.calls[0]["position_ids"]  # (3, B, S')
     state = integrations.hiprune_state(qwen).last
     # Row 0: images 0 and 1. Their kept tokens' positions are the original positions at the kept indices.

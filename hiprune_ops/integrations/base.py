@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from .._validation import check_selection_options
 from .sequence import ShrinkPlan, plan_shrink
 
 _SEQUENCE_KEYS = ("token_type_ids", "mm_token_type_ids")
@@ -45,10 +46,7 @@ class Adapter:
         self.model = model
         self.budget, self.ratio, self.alpha = budget, ratio, float(alpha)
         self.neighborhood, self.official = neighborhood, bool(official)
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if neighborhood not in ("cross", "square"):
-            raise ValueError(f"neighborhood must be 'cross' or 'square', got {neighborhood!r}")
+        check_selection_options(self.alpha, neighborhood, self.official)  # fail at apply time, not mid-generate
         self.last: Optional[EncodedImages] = None
 
     @property
