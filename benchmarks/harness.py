@@ -9,16 +9,14 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
-from hiprune_ops._device import device_description as device_name  # noqa: F401 (re-exported)
+from hiprune_ops._report import device_description as device_name  # noqa: F401 (re-exported)
+from hiprune_ops._report import format_table  # noqa: F401 (re-exported)
+from hiprune_ops._report import synchronize as _sync
 
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def measure(fn: Callable[[], object], *, device: str = "cpu", warmup: int = 2, repeat: int = 7,
@@ -56,12 +54,3 @@ def compare(candidates: dict[str, Callable[[], object]], baseline: str, *, devic
     if baseline not in result:
         raise KeyError(f"baseline {baseline!r} is not a candidate")
     return result
-
-
-def format_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [list(map(str, header))] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = [title, "  ".join(h.ljust(w) for h, w in zip(cells[0], widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells[1:]]
-    return "\n".join(lines)

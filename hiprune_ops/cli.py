@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from ._report import device_description, format_table, synchronize
+
 # CLIP ViT-L/14 at 336 px, the tower of LLaVA-1.5.
 VIT_L14_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                    image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
@@ -119,14 +121,6 @@ def _overlay(image, indices, roles, grid: int, path: str) -> None:
     out.save(path, format="PNG")
 
 
-def _table(title, header, rows) -> str:
-    cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = [title, "  ".join(h.ljust(w) for h, w in zip(cells[0], widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells[1:]]
-    return "\n".join(lines)
-
-
 def _build_encoder(model_path: Optional[str], device: str, size: str):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -182,11 +176,11 @@ def demo(args) -> int:
                 with _LayerProgress(layers, "encoder + q/k scores  ", show):
                     start = time.perf_counter()
                     output, obj, deep = pruned._tower.run(pixel_values, pruned.object_layer, pruned.deep_layer)
-                    _sync(device)
+                    synchronize(device)
                     middle = time.perf_counter()
                     indices, roles = ops.select_with_roles(obj, deep, pruned.budget, grid, grid, pruned.alpha, 0,
                                                            pruned.neighborhood, pruned.official)
-                    _sync(device)
+                    synchronize(device)
                     end = time.perf_counter()
                 patched.append(end - start)
                 selection.append(end - middle)
@@ -196,7 +190,7 @@ def demo(args) -> int:
                 with _LayerProgress(layers, "unpatched SDPA pass   ", show):
                     start = time.perf_counter()
                     encoder(pixel_values=pixel_values)
-                    _sync(device)
+                    synchronize(device)
                     unpatched.append(time.perf_counter() - start)
                 pruned._marked = pruned._tower.attach((pruned.object_layer, pruned.deep_layer))
         times["unpatched SDPA encoder pass"] = min(unpatched)
@@ -212,14 +206,13 @@ def demo(args) -> int:
     _step(5, total, "report")
     counts = {name: int((result[1] == role).sum()) for role, name in ROLE_NAMES.items()}
     print()
-    print(_table(f"Tokens kept (budget {pruned.budget} of {n_tokens}, alpha {pruned.alpha}, object layer "
+    print(format_table(f"Tokens kept (budget {pruned.budget} of {n_tokens}, alpha {pruned.alpha}, object layer "
                  f"{pruned.object_layer}, deep layer {pruned.deep_layer}, official={pruned.official}), "
                  f"image: {image_name}",
                  ["role", "tokens"], [[k, v] for k, v in counts.items()] + [["total", sum(counts.values())]]))
     print()
-    from ._device import device_description
 
-    print(_table(f"Stage times (min of {args.repeat}) on {device_description(device)}", ["stage", "ms"],
+    print(format_table(f"Stage times (min of {args.repeat}) on {device_description(device)}", ["stage", "ms"],
                  [[k, f"{v * 1e3:.2f}"] for k, v in times.items()]))
     ratio = times["encoder + q/k scores + selection"] / times["unpatched SDPA encoder pass"]
     print(f"encoder + selection / unpatched SDPA pass: {ratio:.3f}x")
@@ -230,17 +223,12 @@ def demo(args) -> int:
     for budget in (192, 128, 64):
         flops = prefill_flops(budget + text, **LLAMA_7B)
         rows.append([budget, f"{flops / 1e12:.2f}", f"{(full - flops) / 1e12:.2f}", f"{100 * (1 - flops / full):.1f}%"])
-    print(_table(f"LLaVA-1.5-7B language-model prefill FLOPs ({n_tokens} visual tokens unpruned: "
+    print(format_table(f"LLaVA-1.5-7B language-model prefill FLOPs ({n_tokens} visual tokens unpruned: "
                  f"{full / 1e12:.2f} TFLOPs; {text} text tokens)",
                  ["visual tokens", "TFLOPs", "saved TFLOPs", "saved"], rows))
     print()
     print(f"overlay written to {os.path.abspath(args.output)} (red: anchors, yellow: buffers, blue: registers)")
     return 0
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
