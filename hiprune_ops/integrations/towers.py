@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import ops
+from .._validation import round_half_even
 from . import capture
 
 
@@ -24,10 +25,6 @@ class EncodeOutput(NamedTuple):
 
 
 TOWER_CLASSES = ("CLIPVisionModel", "SiglipVisionModel")
-
-
-def round_half_even(x: float) -> int:
-    return int(round(x))  # Python's round() is half-to-even, like the kernels' round_half_even
 
 
 def resolve_layer(layer: Optional[int], depth: int, default: int, name: str) -> int:
