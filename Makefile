@@ -4,9 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-installed
 EDITABLE_STAMP := $(VENV)/.editable-installed
-PIP_DEPS := setuptools>=64 wheel torch==2.14.1 numpy pytest expecttest ninja transformers==5.23.0 scikit-image pillow
+PIP_DEPS := setuptools>=64 wheel torch==2.14.1 numpy pytest expecttest ninja transformers==5.23.0 scikit-image pillow matplotlib pytest-benchmark tqdm
 
-.PHONY: build test test-fast demo bench clean
+.PHONY: build test test-fast demo bench bench-smoke clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,14 @@ test: build
 demo: build
 	$(VENV)/bin/hiprune demo
 
+# The benchmark suite (results under benchmarks/results/<device>/); BENCH_ARGS= for the full sweeps.
+BENCH_ARGS ?= --quick
 bench: build
-	$(PY) benchmarks/run_all.py
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# Every benchmark case once at tiny shapes, its candidates checked against each other (CI).
+bench-smoke: build
+	$(PY) -m pytest -q benchmarks --benchmark-disable -p no:cacheprovider
 
 clean:
 	rm -rf build hiprune_ops/*.so *.egg-info

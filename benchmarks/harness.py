@@ -21,6 +21,8 @@ from typing import Callable, Optional
 
 import torch
 
+from hiprune_ops._report import device_description as device_name  # noqa: F401 (for one-off scripts)
+from hiprune_ops._report import format_table  # noqa: F401 (for one-off scripts)
 from hiprune_ops._report import synchronize
 
 
@@ -161,3 +163,12 @@ def device_slug(device: str) -> str:
     prefix = "cuda" if device.startswith("cuda") else "cpu"
     suffix = "" if device.startswith("cuda") else f"-{env['threads']}t"
     return f"{prefix}-{slug[:40]}{suffix}"
+
+
+def compare(candidates: dict[str, Callable[[], object]], baseline: str, *, device: str = "cpu", rounds: int = 3,
+            warmup: int = 2, repeat: int = 7) -> dict[str, float]:
+    """Median seconds of each candidate, timed side by side (for one-off scripts; the suite uses time_candidates)."""
+    if baseline not in candidates:
+        raise KeyError(f"baseline {baseline!r} is not a candidate")
+    samples = time_candidates(candidates, device, warmup=warmup, repeat=repeat, rounds=rounds)
+    return {name: statistics.median(values) for name, values in samples.items()}
