@@ -31,9 +31,10 @@ RATIOS = (0.333, 0.222, 0.111)  # of the merged tokens of a Qwen2.5-VL image
 class Profile:
     name: str
     timing: dict                   # warmup / repeat / rounds of the fast cases
-    heavy_timing: dict             # the same for end-to-end cases
+    heavy_timing: dict             # the same for end-to-end cases (after one call that measures memory)
     map_batches: tuple             # select from maps, LLaVA-1.5 24x24
     map_grid: int
+    map_dtypes: tuple              # lower precisions of the maps, at batch 8
     score_batches: tuple           # select from scores, batch sweep at budget 192
     budgets: tuple
     budget_batch: int
@@ -52,7 +53,7 @@ _TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, nu
 PROFILES = {
     "smoke": Profile(
         "smoke", dict(warmup=0, repeat=1, rounds=1), dict(warmup=0, repeat=1, rounds=1),
-        map_batches=(2,), map_grid=8, score_batches=(1, 4), budgets=(30, 40), budget_batch=2,
+        map_batches=(2,), map_grid=8, map_dtypes=(), score_batches=(1, 4), budgets=(30, 40), budget_batch=2,
         qwen_grids=(16,), next_images=1, score_lengths=(33,), score_heads=2, score_dim=16,
         clip=dict(overrides=dict(_TINY_CLIP, image_size=84), batches=(1,)),
         qwen=dict(overrides=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
@@ -60,17 +61,17 @@ PROFILES = {
         llava=dict(lm=dict(hidden=64, intermediate=128, layers=1, heads=4), vision=dict(_TINY_CLIP, image_size=84),
                    budgets=(None, 12, 6), text_tokens=8)),
     "quick": Profile(
-        "quick", dict(warmup=2, repeat=3, rounds=3), dict(warmup=1, repeat=1, rounds=2),
-        map_batches=(8,), map_grid=24, score_batches=(1, 8, 32, 64), budgets=(64, 128, 192), budget_batch=32,
-        qwen_grids=(32, 64, 128), next_images=8, score_lengths=(577, 1024, 2048, 4096), score_heads=16,
-        score_dim=80,
+        "quick", dict(warmup=2, repeat=3, rounds=3), dict(warmup=0, repeat=1, rounds=2),
+        map_batches=(8,), map_grid=24, map_dtypes=(), score_batches=(1, 8, 32, 64), budgets=(64, 128, 192),
+        budget_batch=32, qwen_grids=(32, 64, 128), next_images=8, score_lengths=(577, 1024, 2048, 4096),
+        score_heads=16, score_dim=80,
         clip=dict(overrides={}, batches=(1,)),
         qwen=dict(overrides=dict(depth=4, fullatt_block_indexes=[1, 3]), grid=64),
         llava=dict(lm=dict(layers=2), vision={}, budgets=(None, 192, 128, 64), text_tokens=64)),
     "full": Profile(
-        "full", dict(warmup=3, repeat=5, rounds=3), dict(warmup=1, repeat=1, rounds=3),
-        map_batches=(1, 8, 32), map_grid=24, score_batches=(1, 2, 4, 8, 16, 32, 64), budgets=(64, 128, 192),
-        budget_batch=32, qwen_grids=(16, 32, 64, 128), next_images=8,
+        "full", dict(warmup=3, repeat=5, rounds=3), dict(warmup=0, repeat=1, rounds=3),
+        map_batches=(1, 8, 32), map_grid=24, map_dtypes=("float16", "bfloat16"),
+        score_batches=(1, 2, 4, 8, 16, 32, 64), budgets=(64, 128, 192), budget_batch=32, qwen_grids=(16, 32, 64, 128), next_images=8,
         score_lengths=(577, 1024, 2048, 4096, 8192, 16384), score_heads=16, score_dim=80,
         clip=dict(overrides={}, batches=(1, 8)),
         qwen=dict(overrides={}, grid=64),
@@ -169,11 +170,14 @@ def select_candidates(device: str, from_maps: bool) -> list:
 
 
 def _check_selection(x: SimpleNamespace, from_maps: bool) -> None:
-    """The published loop equals official=True; every backend equals the reference (both bit for bit)."""
+    """The published loop equals official=True on the same scores (its own reduction, in the maps' dtype, may
+    round differently from ours); every backend equals the reference (both bit for bit)."""
     args = (x.obj, x.deep, x.budget, x.grid_h, x.grid_w, 0.1, x.prefix)
-    mask = (published.select_from_maps(x.obj, x.deep, x.budget, x.grid_w, x.prefix) if from_maps
-            else published.select_mask(x.obj, x.deep, x.budget, x.grid_w))
-    official = hiprune_ops.select(*args, official=True, backend="torch")
+    obj, deep = x.obj, x.deep
+    if from_maps:
+        obj, deep = published.received_attention(obj, x.prefix), published.received_attention(deep, x.prefix)
+    mask = published.select_mask(obj, deep, x.budget, x.grid_w)
+    official = hiprune_ops.select(obj, deep, x.budget, x.grid_h, x.grid_w, official=True, backend="torch")
     if not torch.equal(published.mask_to_indices(mask), official):
         raise AssertionError("the published loop disagrees with select(official=True)")
     expected = reference.select(*args)
@@ -206,17 +210,18 @@ def selection_cases(p: Profile, device: str) -> list:
     cases = []
     grid = p.map_grid
     length = grid * grid + 1
-    for batch in p.map_batches:
-        budget = min(192, grid * grid // 2)
-        params = dict(sweep="batch", model="LLaVA-1.5", B=batch, H=16, L=length, grid=f"{grid}x{grid}",
-                      budget=budget, dtype="float32", headline=batch == 8)
+    budget = min(192, grid * grid // 2)
+    for batch, dtype in [(b, "float32") for b in p.map_batches] + [(8, d) for d in p.map_dtypes]:
+        params = dict(sweep="batch" if dtype == "float32" else "dtype", model="LLaVA-1.5", B=batch, H=16, L=length,
+                      grid=f"{grid}x{grid}", budget=budget, dtype=dtype, headline=batch == 8 and dtype == "float32")
 
-        def setup(batch=batch, budget=budget):
-            return SimpleNamespace(obj=_maps(batch, 16, length, device, seed=1), deep=_maps(batch, 16, length, device,
-                                                                                           seed=2),
+        def setup(batch=batch, dtype=getattr(torch, dtype)):
+            return SimpleNamespace(obj=_maps(batch, 16, length, device, dtype, seed=1),
+                                   deep=_maps(batch, 16, length, device, dtype, seed=2),
                                    budget=budget, grid_h=grid, grid_w=grid, prefix=1)
-        cases.append(_select_case(f"select_maps/llava-{grid}x{grid}/B{batch}", params, setup, device, True,
-                                  "streaming floor (read both maps once)"))
+        cases.append(_select_case(f"select_maps/llava-{grid}x{grid}/B{batch}" + ("" if dtype == "float32" else
+                                                                                f"/{dtype}"),
+                                  params, setup, device, True, "streaming floor (read both maps once)"))
 
     def scores_case(sweep, model, rows, grid_h, grid_w, budget, label, headline=False, images=None):
         params = dict(sweep=sweep, model=model, B=images or rows, rows=rows, grid=f"{grid_h}x{grid_w}",
