@@ -71,7 +71,8 @@ PROFILES = {
     "full": Profile(
         "full", dict(warmup=3, repeat=5, rounds=3), dict(warmup=0, repeat=1, rounds=3),
         map_batches=(1, 8, 32), map_grid=24, map_dtypes=("float16", "bfloat16"),
-        score_batches=(1, 2, 4, 8, 16, 32, 64), budgets=(64, 128, 192), budget_batch=32, qwen_grids=(16, 32, 64, 128), next_images=8,
+        score_batches=(1, 2, 4, 8, 16, 32, 64), budgets=(64, 128, 192), budget_batch=32,
+        qwen_grids=(16, 32, 64, 128), next_images=8,
         score_lengths=(577, 1024, 2048, 4096, 8192, 16384), score_heads=16, score_dim=80,
         clip=dict(overrides={}, batches=(1, 8)),
         qwen=dict(overrides={}, grid=64),
