@@ -257,10 +257,18 @@ def selection_cases(p: Profile, device: str) -> list:
 
 # -- scoring -------------------------------------------------------------------------------------------------------
 
-def _row_lse(q, k, scale, block=1024):
-    """log-sum-exp of every row of q @ k^T * scale (B, H, L), by blocks of rows: what an SDPA forward can return."""
-    return torch.cat([torch.logsumexp((q[:, :, i:i + block] @ k.transpose(-1, -2)).float() * scale, dim=-1)
-                      for i in range(0, q.shape[2], block)], dim=2)
+class ScoringInputs:
+    """q, k, v (B, H, L, D), scale, prefix; lse (B, H, L) float32, the log-sum-exp of every row of q @ k^T * scale
+    (what an SDPA forward can return), computed by blocks of rows on first use."""
+
+    def __init__(self, q, k, v, scale, prefix):
+        self.q, self.k, self.v, self.scale, self.prefix = q, k, v, scale, prefix
+
+    @functools.cached_property
+    def lse(self):
+        q, k, block = self.q, self.k, 1024
+        return torch.cat([torch.logsumexp((q[:, :, i:i + block] @ k.transpose(-1, -2)).float() * self.scale, dim=-1)
+                          for i in range(0, q.shape[2], block)], dim=2)
 
 
 def _dense_fits(params, device):
@@ -269,10 +277,13 @@ def _dense_fits(params, device):
 
 
 def scoring_candidates(device: str) -> list:
-    """Scoring candidates; x has q, k, v (B, H, L, D), scale, prefix, lse (B, H, L) float32 row log-sum-exp."""
+    """Scoring candidates on ScoringInputs x (q, k, v, scale, prefix, lse)."""
     return [
         Candidate("SDPA forward", lambda x: lambda: F.scaled_dot_product_attention(x.q, x.k, x.v)),
         Candidate("qk_scores (two passes)", lambda x: lambda: hiprune_ops.qk_scores(x.q, x.k, x.scale, x.prefix)),
+        Candidate("qk_scores (two passes, Triton)",
+                  lambda x: lambda: hiprune_ops.qk_scores(x.q, x.k, x.scale, x.prefix, backend="triton"),
+                  _needs_gpu_triton),
         Candidate("dense softmax map + attention_scores",
                   lambda x: lambda: hiprune_ops.attention_scores(
                       torch.softmax(x.q @ x.k.transpose(-1, -2) * x.scale, dim=-1), x.prefix), _dense_fits),
@@ -288,7 +299,7 @@ def scoring_cases(p: Profile, device: str) -> list:
             g = torch.Generator().manual_seed(length)
             q, k, v = (torch.randn(1, p.score_heads, length, p.score_dim, generator=g).to(device) for _ in range(3))
             scale = p.score_dim ** -0.5
-            return SimpleNamespace(q=q, k=k, v=v, scale=scale, prefix=1, lse=_row_lse(q, k, scale))
+            return ScoringInputs(q, k, v, scale, prefix=1)
 
         def check(x):
             got = hiprune_ops.qk_scores(x.q, x.k, x.scale, x.prefix)
