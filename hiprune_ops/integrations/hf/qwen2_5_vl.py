@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from . import capture
+from ... import ops
+from .. import capture
 from .base import Adapter, EncodedImages
-from .towers import resolve_budget, resolve_layer
+from ..towers import resolve_budget, resolve_layer
 
 
 class Qwen2_5_VLAdapter(Adapter):
-    model_class = "Qwen2_5_VLForConditionalGeneration"
+    model_classes = ("Qwen2_5_VLForConditionalGeneration",)
     default_ratio = 0.334
 
     def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official):

@@ -20,8 +20,8 @@ from typing import Optional
 
 import torch
 
-from .._validation import check_selection_options
-from .sequence import ShrinkPlan, plan_shrink
+from ..._validation import check_selection_options
+from ..sequence import ShrinkPlan, plan_shrink
 
 _SEQUENCE_KEYS = ("token_type_ids", "mm_token_type_ids")
 
@@ -35,12 +35,27 @@ class EncodedImages:
     roles: list[torch.Tensor] = field(default_factory=list)
 
 
-class Adapter:
-    """One supported model class. Subclasses implement encode_images and may add position ids."""
+FAMILIES: dict[str, type["Adapter"]] = {}   # transformers class name -> the family that handles it
 
-    model_class = ""
+
+class Adapter:
+    """A model family, declared by what differs from the shared pipeline below.
+
+    A family lists the transformers classes it handles in `model_classes` (a subclass that lists any is registered
+    in FAMILIES, where apply_hiprune looks models up), says where its placeholder id lives (`image_token_attr`) and
+    which inputs only its encoder reads (`image_only_keys`), and implements attach / detach (the q/k capture of
+    its tower), encode_images (tower, selection, merger or projector) and, when the language model needs them,
+    positions.
+    """
+
+    model_classes: tuple[str, ...] = ()
     image_token_attr = "image_token_id"
     image_only_keys: tuple[str, ...] = ("pixel_values",)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in cls.__dict__.get("model_classes", ()):
+            FAMILIES[name] = cls
 
     def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official):
         self.model = model
@@ -99,6 +114,15 @@ class Adapter:
             new["position_ids"] = positions
         new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(images.features))}
         return new, plan
+
+
+def family_for(model: torch.nn.Module) -> Optional[type[Adapter]]:
+    """The family registered for the model's class or its nearest registered base class, or None."""
+    for klass in type(model).__mro__:
+        family = FAMILIES.get(klass.__name__)
+        if family is not None:
+            return family
+    return None
 
 
 def _pad_id(model) -> int:
