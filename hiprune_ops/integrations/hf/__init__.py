@@ -11,8 +11,9 @@ from typing import Optional
 import torch
 
 from ..towers import TOWER_CLASSES
-from . import llava, qwen2_5_vl  # noqa: F401  (registers the families)
+from . import gemma3, internvl, llava, qwen2_5_vl  # noqa: F401  (registers the families)
 from .base import FAMILIES, Adapter, family_for, make_forward, make_generate
+from .refused import refusal
 
 _STATE_ATTR = "_hiprune_state"
 
@@ -40,6 +41,9 @@ def apply_hiprune(model: torch.nn.Module, budget: Optional[int] = None, ratio: O
     default scaled to its depth. Returns the model. Undo with remove_hiprune(model).
     """
     name = type(model).__name__
+    refused = refusal(model)
+    if refused is not None:
+        raise NotImplementedError(f"apply_hiprune: refused, {refused}")
     family = family_for(model)
     if family is None:
         if name in TOWER_CLASSES:
