@@ -53,7 +53,20 @@ def gemma3():
     return transformers.Gemma3ForConditionalGeneration(config).eval()
 
 
-FAMILIES = ["internvl", "gemma3"]
+@pytest.fixture(scope="module")
+def paligemma():
+    torch.manual_seed(23)
+    config = transformers.PaliGemmaConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=3, num_attention_heads=4, image_size=16, patch_size=4,
+                           vision_use_head=False),
+        text_config=_text(model_type="gemma", head_dim=8), image_token_index=IMAGE, projection_dim=32,
+        attn_implementation="sdpa")
+    return transformers.PaliGemmaForConditionalGeneration(config).eval()
+
+
+FAMILIES = ["internvl", "gemma3", "paligemma"]
+FIRST_POSITION = {"internvl": 0, "gemma3": 0, "paligemma": 1}  # PaliGemma counts positions from 1
 
 
 @pytest.fixture(autouse=True)
@@ -86,8 +99,19 @@ def gemma3_inputs(seed=0):
                 pixel_values=torch.randn(3, 3, 64, 64, generator=g))
 
 
+def paligemma_inputs(seed=0):
+    """Row 0: two images; row 1: one image; image tokens first, then the prompt, all one bidirectional prefix."""
+    g = torch.Generator().manual_seed(seed)
+    ids, mask = _left_pad([[IMAGE] * 2 * TOKENS + [1, 5, 6], [IMAGE] * TOKENS + [1, 7]])
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids),
+                pixel_values=torch.randn(3, 3, 16, 16, generator=g))
+
+
+INPUTS = {"internvl": internvl_inputs, "gemma3": gemma3_inputs, "paligemma": paligemma_inputs}
+
+
 def _model_and_inputs(request, name):
-    return request.getfixturevalue(name), {"internvl": internvl_inputs, "gemma3": gemma3_inputs}[name]()
+    return request.getfixturevalue(name), INPUTS[name]()
 
 
 def _tiles_per_row(inputs):
@@ -108,7 +132,7 @@ def test_full_budget_is_identity(request, name):
     assert torch.equal(ids, reference_ids)
 
 
-@pytest.mark.parametrize("name,budget", [("internvl", 5), ("gemma3", 7)])
+@pytest.mark.parametrize("name,budget", [("internvl", 5), ("gemma3", 7), ("paligemma", 3)])
 def test_prefill_gets_exactly_the_kept_tokens_per_tile(request, name, budget):
     model, inputs = _model_and_inputs(request, name)
     with torch.no_grad():  # every token's features, computed by the unpatched model
@@ -122,8 +146,7 @@ def test_prefill_gets_exactly_the_kept_tokens_per_tile(request, name, budget):
     expected = [int(t) - tiles * (TOKENS - budget)
                 for t, tiles in zip(inputs["attention_mask"].sum(1), _tiles_per_row(inputs))]
     assert embeds.shape[1] == max(expected)
-    mask = spy.calls[0]["attention_mask"]
-    valid = mask if name == "internvl" else outer.calls[0]["attention_mask"]  # Gemma 3's LM gets a mask dict
+    valid = outer.calls[0]["attention_mask"]  # Gemma 3's and PaliGemma's LM get a 4-D mask (dict)
     assert [int(m) for m in valid.sum(1)] == expected
     # The image rows are the model's own features of the kept tokens, tile after tile.
     kept = torch.cat([f[i] for f, i in zip(all_features, state.indices)])
@@ -205,7 +228,7 @@ def _record_positions(model, calls):
     return model.model.language_model.rotary_emb.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-@pytest.mark.parametrize("name,budget", [("internvl", 6), ("gemma3", 4)])
+@pytest.mark.parametrize("name,budget", [("internvl", 6), ("gemma3", 4), ("paligemma", 2)])
 def test_generate_batch_left_padded_prefill_and_positions(request, name, budget):
     model, inputs = _model_and_inputs(request, name)
     hiprune_ops.apply_hiprune(model, budget=budget)
@@ -223,10 +246,11 @@ def test_generate_batch_left_padded_prefill_and_positions(request, name, budget)
     # Prefill: exactly the shrunk prompt, left padded; the kept tokens are recompacted (positions 0.. per row).
     prefill, first_step = calls[0], next(c for c in calls if c.shape[-1] == 1)
     assert prefill.shape == (2, max(lengths))
+    first = FIRST_POSITION[name]
     for row, length in enumerate(lengths):
-        assert torch.equal(prefill[row, -length:], torch.arange(length))
+        assert torch.equal(prefill[row, -length:], torch.arange(length) + first)
     # The first generated token sits right after the shrunk prompt; greedy decoding matches the forward.
-    assert first_step.flatten().tolist() == lengths
+    assert first_step.flatten().tolist() == [length + first for length in lengths]
     with torch.no_grad():
         logits = model(**inputs).logits
     assert torch.equal(out[:, prompt.shape[1]], logits[:, -1].argmax(-1))

@@ -11,21 +11,13 @@ after the post-layernorm, feeds the pool and projector); ratio 1/3 (85 of 256).
 
 from __future__ import annotations
 
-from .grid import PooledGridAdapter
+from .paligemma import PaliGemmaAdapter
 
 
-class Gemma3Adapter(PooledGridAdapter):
+class Gemma3Adapter(PaliGemmaAdapter):
+    """PaliGemma's SigLIP tower and projector call, plus the projector's k x k average pool."""
+
     model_classes = ("Gemma3ForConditionalGeneration",)
-
-    def attention_modules(self):
-        return [layer.self_attn for layer in self.model.model.vision_tower.encoder.layers]
-
-    def patch_grid(self):
-        side = self.model.model.multi_modal_projector.patches_per_image
-        return side, side
 
     def pool_size(self):
         return self.model.model.multi_modal_projector.kernel_size
-
-    def image_features(self, kwargs):
-        return self.model.model.get_image_features(kwargs["pixel_values"]).pooler_output
