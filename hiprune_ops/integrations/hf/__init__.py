@@ -33,12 +33,16 @@ def apply_hiprune(model: torch.nn.Module, budget: Optional[int] = None, ratio: O
     """Patches a supported VLM in place so its language model only sees the HiPrune-kept visual tokens.
 
     Supported classes (docs/huggingface.md has the defaults of each):
-    LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, Qwen2_5_VLForConditionalGeneration.
+    LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
+    InternVLForConditionalGeneration (budget per tile / thumbnail / video frame, of 256),
+    Gemma3ForConditionalGeneration (per image, of 256 pooled tokens), PaliGemmaForConditionalGeneration (per image).
+    Refused with NotImplementedError naming the class and the reason (hf/refused.py): Pixtral towers (LLaVA with
+    Pixtral, Mistral3), Idefics2/3, SmolVLM, Mllama, Gemma3n.
 
     budget: tokens kept per image (LLaVA-NeXT: over the base image and its tiles; Qwen2.5-VL: clamped to each
     image); or ratio of each image's tokens; neither: the model's default (LLaVA-1.5 192/576, LLaVA-NeXT 640/2880,
-    Qwen2.5-VL 0.334). object_layer / deep_layer: 1-based layer numbers (negative from the end); None: the model's
-    default scaled to its depth. Returns the model. Undo with remove_hiprune(model).
+    Qwen2.5-VL 0.334, InternVL / Gemma 3 / PaliGemma 1/3). object_layer / deep_layer: 1-based layer numbers
+    (negative from the end); None: the model's default scaled to its depth. Returns the model. Undo with remove_hiprune(model).
     """
     name = type(model).__name__
     refused = refusal(model)
