@@ -318,9 +318,10 @@ REFUSED = {  # test id -> (family named in the error, a word of its reason, tiny
     "llava-pixtral": ("PixtralVisionModel", "block-diagonal", lambda: transformers.LlavaForConditionalGeneration(
         transformers.LlavaConfig(vision_config=_pixtral(), text_config=_text(model_type="llama"),
                                  image_token_id=IMAGE, vision_feature_layer=-1))),
-    "mistral3": ("Mistral3ForConditionalGeneration", "block-diagonal", lambda: transformers.Mistral3ForConditionalGeneration(
-        transformers.Mistral3Config(vision_config=_pixtral(), text_config=_text(model_type="mistral"),
-                                    image_token_id=IMAGE, vision_feature_layer=-1))),
+    "mistral3": ("Mistral3ForConditionalGeneration", "block-diagonal",
+                 lambda: transformers.Mistral3ForConditionalGeneration(transformers.Mistral3Config(
+                     vision_config=_pixtral(), text_config=_text(model_type="mistral"), image_token_id=IMAGE,
+                     vision_feature_layer=-1))),
     "idefics3": ("Idefics3ForConditionalGeneration", "patch_attention_mask",
                  lambda: transformers.Idefics3ForConditionalGeneration(transformers.Idefics3Config(
                      vision_config=_idefics_vision(), text_config=_text(model_type="llama"), image_token_id=IMAGE,

@@ -42,7 +42,8 @@ def apply_hiprune(model: torch.nn.Module, budget: Optional[int] = None, ratio: O
     budget: tokens kept per image (LLaVA-NeXT: over the base image and its tiles; Qwen2.5-VL: clamped to each
     image); or ratio of each image's tokens; neither: the model's default (LLaVA-1.5 192/576, LLaVA-NeXT 640/2880,
     Qwen2.5-VL 0.334, InternVL / Gemma 3 / PaliGemma 1/3). object_layer / deep_layer: 1-based layer numbers
-    (negative from the end); None: the model's default scaled to its depth. Returns the model. Undo with remove_hiprune(model).
+    (negative from the end); None: the model's default scaled to its depth. Returns the model. Undo with
+    remove_hiprune(model).
     """
     name = type(model).__name__
     refused = refusal(model)
