@@ -65,8 +65,30 @@ def paligemma():
     return transformers.PaliGemmaForConditionalGeneration(config).eval()
 
 
-FAMILIES = ["internvl", "gemma3", "paligemma"]
-FIRST_POSITION = {"internvl": 0, "gemma3": 0, "paligemma": 1}  # PaliGemma counts positions from 1
+def _pixtral(**extra):
+    return dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                num_attention_heads=4, image_size=32, patch_size=4, head_dim=8, **extra)
+
+
+@pytest.fixture(scope="module")
+def llava_pixtral():
+    torch.manual_seed(24)
+    config = transformers.LlavaConfig(vision_config=_pixtral(), text_config=_text(model_type="mistral"),
+                                      image_token_id=IMAGE, vision_feature_layer=-1,
+                                      vision_feature_select_strategy="full", attn_implementation="sdpa")
+    return transformers.LlavaForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="module")
+def mistral3():
+    torch.manual_seed(25)
+    config = transformers.Mistral3Config(vision_config=_pixtral(), text_config=_text(model_type="mistral"),
+                                         image_token_id=IMAGE, vision_feature_layer=-1, attn_implementation="sdpa")
+    return transformers.Mistral3ForConditionalGeneration(config).eval()
+
+
+FAMILIES = ["internvl", "gemma3", "paligemma", "llava_pixtral", "mistral3"]
+FIRST_POSITION = {"paligemma": 1}  # PaliGemma counts positions from 1, the others from 0
 
 
 @pytest.fixture(autouse=True)
@@ -107,15 +129,58 @@ def paligemma_inputs(seed=0):
                 pixel_values=torch.randn(3, 3, 16, 16, generator=g))
 
 
-INPUTS = {"internvl": internvl_inputs, "gemma3": gemma3_inputs, "paligemma": paligemma_inputs}
+BREAK, IMAGE_END = 153, 154
+PIXTRAL_SIZES = torch.tensor([[16, 24], [32, 16], [24, 32]])  # (h, w) pixels: patch grids 4x6, 8x4, 6x8
+
+
+def _pixtral_image(rows, cols):
+    """An image in a Pixtral prompt: rows of [IMG] tokens, each ended by [IMG_BREAK], the last by [IMG_END]."""
+    tokens = ([IMAGE] * cols + [BREAK]) * rows
+    return tokens[:-1] + [IMAGE_END]
+
+
+def pixtral_inputs(merge, seed=0):
+    """Row 0: two images of different sizes; row 1: a third. merge: Mistral 3's patch merger (2) or none (1)."""
+    g = torch.Generator().manual_seed(seed)
+    grids = [(h // 4 // merge, w // 4 // merge) for h, w in PIXTRAL_SIZES.tolist()]
+    rows = [[1, 5] + _pixtral_image(*grids[0]) + [6] + _pixtral_image(*grids[1]) + [7],
+            [1, 8] + _pixtral_image(*grids[2]) + [9, 10]]
+    ids, mask = _left_pad(rows)
+    return dict(input_ids=ids, attention_mask=mask, image_sizes=PIXTRAL_SIZES,
+                pixel_values=torch.randn(3, 3, 32, 32, generator=g))
+
+
+INPUTS = {"internvl": internvl_inputs, "gemma3": gemma3_inputs, "paligemma": paligemma_inputs,
+          "llava_pixtral": lambda: pixtral_inputs(1), "mistral3": lambda: pixtral_inputs(2)}
 
 
 def _model_and_inputs(request, name):
     return request.getfixturevalue(name), INPUTS[name]()
 
 
-def _tiles_per_row(inputs):
-    return [int(c) // TOKENS for c in (inputs["input_ids"] == IMAGE).sum(1)]
+def _all_features(name, model, inputs):
+    """Every token's projected features per tile, from the unpatched model's own get_image_features."""
+    extra = {}
+    if "pixtral" in name or name == "mistral3":
+        extra = dict(image_sizes=inputs["image_sizes"], vision_feature_layer=-1)
+        if name == "llava_pixtral":
+            extra["vision_feature_select_strategy"] = "full"
+    with torch.no_grad():
+        return model.model.get_image_features(pixel_values=inputs["pixel_values"], **extra).pooler_output
+
+
+def _expected_lengths(inputs, state, budget):
+    """Each row's real tokens after pruning: every tile of the row keeps min(budget, its tokens)."""
+    lengths, tile = [], 0
+    for row_tokens, image_tokens in zip(inputs["attention_mask"].sum(1).tolist(),
+                                        (inputs["input_ids"] == IMAGE).sum(1).tolist()):
+        while image_tokens > 0:
+            full = state.full_counts[tile]
+            row_tokens -= full - min(budget, full)
+            image_tokens -= full
+            tile += 1
+        lengths.append(row_tokens)
+    return lengths
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -124,7 +189,7 @@ def test_full_budget_is_identity(request, name):
     with torch.no_grad():
         reference = model(**inputs).logits
         reference_ids = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    hiprune_ops.apply_hiprune(model, budget=TOKENS)
+    hiprune_ops.apply_hiprune(model, budget=TOKENS if name in ("internvl", "gemma3", "paligemma") else 64)
     with torch.no_grad():
         logits = model(**inputs).logits
         ids = model.generate(**inputs, max_new_tokens=3, do_sample=False)
@@ -132,19 +197,21 @@ def test_full_budget_is_identity(request, name):
     assert torch.equal(ids, reference_ids)
 
 
-@pytest.mark.parametrize("name,budget", [("internvl", 5), ("gemma3", 7), ("paligemma", 3)])
+@pytest.mark.parametrize("name,budget", [("internvl", 5), ("gemma3", 7), ("paligemma", 3), ("llava_pixtral", 9),
+                                         ("mistral3", 5)])
 def test_prefill_gets_exactly_the_kept_tokens_per_tile(request, name, budget):
     model, inputs = _model_and_inputs(request, name)
-    with torch.no_grad():  # every token's features, computed by the unpatched model
-        all_features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    all_features = _all_features(name, model, inputs)
     hiprune_ops.apply_hiprune(model, budget=budget)
     _, (spy, outer) = _spied_forward(model, inputs, model.model.language_model, model.model)
     state = integrations.hiprune_state(model).last
     assert len(state.indices) == inputs["pixel_values"].shape[0]  # one selection per tile / thumbnail / frame
-    assert all(i.shape == (budget,) and bool((i.diff() > 0).all()) for i in state.indices)
+    assert all(i.shape == (min(budget, n),) and bool((i.diff() > 0).all())
+               for i, n in zip(state.indices, state.full_counts))
+    if name == "mistral3":
+        assert state.full_counts == [6, 8, 12]  # the 2x2-merged grids 2x3, 4x2, 3x4: the last keeps all 5 of 12
     embeds = spy.calls[0]["inputs_embeds"]
-    expected = [int(t) - tiles * (TOKENS - budget)
-                for t, tiles in zip(inputs["attention_mask"].sum(1), _tiles_per_row(inputs))]
+    expected = _expected_lengths(inputs, state, budget)
     assert embeds.shape[1] == max(expected)
     valid = outer.calls[0]["attention_mask"]  # Gemma 3's and PaliGemma's LM get a 4-D mask (dict)
     assert [int(m) for m in valid.sum(1)] == expected
@@ -152,6 +219,9 @@ def test_prefill_gets_exactly_the_kept_tokens_per_tile(request, name, budget):
     kept = torch.cat([f[i] for f, i in zip(all_features, state.indices)])
     shrunk_ids = outer.calls[0]["input_ids"]
     torch.testing.assert_close(embeds[shrunk_ids == IMAGE], kept.to(embeds.dtype), atol=1e-6, rtol=0)
+    if "pixtral" in name or name == "mistral3":  # row markers are never pruned
+        for marker in (BREAK, IMAGE_END):
+            assert torch.equal((shrunk_ids == marker).sum(1), (inputs["input_ids"] == marker).sum(1))
 
 
 def _eager_scores(tower, pixel_values, layers, num_prefix):
@@ -198,6 +268,42 @@ def test_gemma3_scores_are_pooled_like_the_features(gemma3):
     assert torch.equal(torch.stack(state.last.indices), indices)
 
 
+@pytest.mark.parametrize("name,merge", [("llava_pixtral", 1), ("mistral3", 2)])
+def test_pixtral_scores_each_image_within_its_block(request, name, merge):
+    # The tower packs the images into one sequence behind a block-diagonal mask; each image is scored on its own
+    # block of the eager attention maps, pooled over Mistral 3's 2x2 merge groups.
+    model, inputs = _model_and_inputs(request, name)
+    hiprune_ops.apply_hiprune(model, budget=4)
+    with torch.no_grad():
+        model(**inputs)
+    state = integrations.hiprune_state(model)
+    tower = model.model.vision_tower
+    tower.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            attentions = tower(inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                               output_attentions=True).attentions
+    finally:
+        tower.set_attn_implementation("sdpa")
+    start = 0
+    for image, (h, w) in enumerate((PIXTRAL_SIZES // 4).tolist()):
+        block = slice(start, start + h * w)
+        start += h * w
+        obj, deep = (pool_scores(hiprune_ops.attention_scores(attentions[layer - 1][:, :, block, block]), h, w, merge)
+                     for layer in (state.object_layer, state.deep_layer))
+        indices, _ = hiprune_ops.select_with_roles(obj, deep, 4, h // merge, w // merge)
+        assert torch.equal(state.last.indices[image], indices[0])
+
+
+def test_pixtral_needs_image_sizes_and_full_strategy(llava_pixtral):
+    inputs = pixtral_inputs(1)
+    hiprune_ops.apply_hiprune(llava_pixtral, budget=4)
+    with pytest.raises(ValueError, match="image_sizes"):
+        llava_pixtral(**{k: v for k, v in inputs.items() if k != "image_sizes"})
+    with pytest.raises(NotImplementedError, match="vision_feature_select_strategy"):
+        llava_pixtral(**inputs, vision_feature_select_strategy="default")
+
+
 def test_gemma3_bidirectional_image_mask_covers_exactly_the_kept_tokens(gemma3):
     inputs = gemma3_inputs(2)
     hiprune_ops.apply_hiprune(gemma3, budget=5)
@@ -228,7 +334,8 @@ def _record_positions(model, calls):
     return model.model.language_model.rotary_emb.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-@pytest.mark.parametrize("name,budget", [("internvl", 6), ("gemma3", 4), ("paligemma", 2)])
+@pytest.mark.parametrize("name,budget", [("internvl", 6), ("gemma3", 4), ("paligemma", 2), ("llava_pixtral", 7),
+                                         ("mistral3", 3)])
 def test_generate_batch_left_padded_prefill_and_positions(request, name, budget):
     model, inputs = _model_and_inputs(request, name)
     hiprune_ops.apply_hiprune(model, budget=budget)
@@ -241,12 +348,11 @@ def test_generate_batch_left_padded_prefill_and_positions(request, name, budget)
         handle.remove()
     prompt = inputs["input_ids"]
     assert out.shape == (2, prompt.shape[1] + 3) and torch.equal(out[:, :prompt.shape[1]], prompt)
-    lengths = [int(t) - tiles * (TOKENS - budget)
-               for t, tiles in zip(inputs["attention_mask"].sum(1), _tiles_per_row(inputs))]
+    lengths = _expected_lengths(inputs, integrations.hiprune_state(model).last, budget)
     # Prefill: exactly the shrunk prompt, left padded; the kept tokens are recompacted (positions 0.. per row).
     prefill, first_step = calls[0], next(c for c in calls if c.shape[-1] == 1)
     assert prefill.shape == (2, max(lengths))
-    first = FIRST_POSITION[name]
+    first = FIRST_POSITION.get(name, 0)
     for row, length in enumerate(lengths):
         assert torch.equal(prefill[row, -length:], torch.arange(length) + first)
     # The first generated token sits right after the shrunk prompt; greedy decoding matches the forward.
@@ -289,7 +395,8 @@ def test_defaults_and_bad_arguments(internvl, gemma3):
     inputs = internvl_inputs()
     with pytest.raises(NotImplementedError, match="vision_feature_select_strategy"):
         internvl(**inputs, vision_feature_select_strategy="full")
-    with pytest.raises(ValueError, match="8x8 grid"):  # the tower interpolates to 10x10 patches; refused
+    # A 40x40 image: the tower interpolates its positions to 10x10 patches, which is not the 8x8 grid; refused.
+    with pytest.raises(ValueError, match=r"100 patch scores, not the 64 of the tiles' patch grids \(8x8\)"):
         internvl(input_ids=inputs["input_ids"][1:], pixel_values=torch.randn(1, 3, 40, 40))
 
 
@@ -304,24 +411,12 @@ def test_internvl_other_downsample_ratio_is_refused():
     assert not capture._installed
 
 
-def _pixtral(**extra):
-    return dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, image_size=32, patch_size=4, head_dim=8, **extra)
-
-
 def _idefics_vision():
     return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
                 patch_size=4)
 
 
 REFUSED = {  # test id -> (family named in the error, a word of its reason, tiny model builder)
-    "llava-pixtral": ("PixtralVisionModel", "block-diagonal", lambda: transformers.LlavaForConditionalGeneration(
-        transformers.LlavaConfig(vision_config=_pixtral(), text_config=_text(model_type="llama"),
-                                 image_token_id=IMAGE, vision_feature_layer=-1))),
-    "mistral3": ("Mistral3ForConditionalGeneration", "block-diagonal",
-                 lambda: transformers.Mistral3ForConditionalGeneration(transformers.Mistral3Config(
-                     vision_config=_pixtral(), text_config=_text(model_type="mistral"), image_token_id=IMAGE,
-                     vision_feature_layer=-1))),
     "idefics3": ("Idefics3ForConditionalGeneration", "patch_attention_mask",
                  lambda: transformers.Idefics3ForConditionalGeneration(transformers.Idefics3Config(
                      vision_config=_idefics_vision(), text_config=_text(model_type="llama"), image_token_id=IMAGE,

@@ -37,21 +37,27 @@ class ScoreSlot:
     def __init__(self, num_prefix: int = 0):
         self.num_prefix = num_prefix
         self.scores: list[torch.Tensor] = []
+        # cu_seqlens of images a tower packs into one sequence behind a block-diagonal mask (Pixtral), set by the
+        # family around each tower call: the mask is then scored as these packed segments.
+        self.segments: Optional[torch.Tensor] = None
 
     def reset(self) -> None:
         self.scores = []
 
     def record(self, query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs: dict) -> None:
+        cu_seqlens = kwargs.get("cu_seq_lens_q")
         if attention_mask is not None and not isinstance(attention_mask, dict):
-            raise NotImplementedError("hiprune: a captured vision layer received an attention mask; masked vision "
-                                      "attention is not supported")
+            if self.segments is None:
+                raise NotImplementedError("hiprune: a captured vision layer received an attention mask; masked "
+                                          "vision attention is not supported")
+            cu_seqlens = self.segments
         scale = kwargs.get("scaling")
         if scale is None:
             scale = query.shape[-1] ** -0.5
         if query.shape[1] != key.shape[1]:  # grouped kv heads: expand like the kernels do
             key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         with torch.no_grad():  # scores only pick indices; no graph through them
-            self._record(query, key, float(scale), kwargs.get("cu_seq_lens_q"))
+            self._record(query, key, float(scale), cu_seqlens)
 
     def _record(self, query, key, scale, cu_seqlens) -> None:
         if cu_seqlens is not None:

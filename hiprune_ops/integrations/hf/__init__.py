@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..towers import TOWER_CLASSES
-from . import gemma3, internvl, llava, paligemma, qwen2_5_vl  # noqa: F401  (registers the families)
+from . import gemma3, internvl, llava, paligemma, pixtral, qwen2_5_vl  # noqa: F401  (registers the families)
 from .base import FAMILIES, Adapter, family_for, make_forward, make_generate
 from .refused import refusal
 

@@ -117,11 +117,14 @@ class Adapter:
 
 
 def family_for(model: torch.nn.Module) -> Optional[type[Adapter]]:
-    """The family registered for the model's class or its nearest registered base class, or None."""
-    for klass in type(model).__mro__:
-        family = FAMILIES.get(klass.__name__)
-        if family is not None:
-            return family
+    """The family registered for the model's vision tower class (a Pixtral tower under LLaVA), else for the model's
+    class or its nearest registered base class, or None."""
+    tower = getattr(getattr(model, "model", None), "vision_tower", None)
+    for candidate in (tower, model):
+        for klass in type(candidate).__mro__ if candidate is not None else ():
+            family = FAMILIES.get(klass.__name__)
+            if family is not None:
+                return family
     return None
 
 

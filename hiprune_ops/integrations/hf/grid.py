@@ -1,18 +1,22 @@
-"""Families whose tower sees fixed-size tiles and whose language-model token is a k x k group of patches.
+"""Families whose language-model token is a k x k group of patches of one tile, selected tile by tile.
 
-InternVL 3/3.5 (pixel_shuffle 0.5: k = 2), Gemma 3 (4 x 4 average pool: k = 4), PaliGemma (no pooling: k = 1).
-Every tile (an image, a tile or thumbnail of an image, a video frame) is one row of pixel_values and owns the next
-run of (grid / k)^2 placeholders, in order. Each tile is its own selection:
-- the object and deep scores of its patches (B, N) are averaged over each k x k group, exactly as the features are
-  (avg_pool2d with kernel and stride k), and the selection runs on the pooled (grid / k)^2 grid;
-- the model's own get_image_features (tower, pooling or pixel shuffle, projector) gives every token, and the kept
-  ones are gathered; so at full budget the language model gets exactly what it gets unpatched.
-`budget` counts kept tokens per tile; the language model's 1-D positions are recompacted (the prompt is shorter).
-A family declares: its model classes, the tower's attention modules, its prefix, the patch grid, k, the layer that
-feeds the projector, and how to call get_image_features.
+InternVL 3/3.5 (pixel_shuffle 0.5: k = 2), Gemma 3 (4 x 4 average pool: k = 4), PaliGemma (k = 1): fixed-size
+tiles; Pixtral (k = 1) and Mistral 3 (2 x 2 patch merger: k = 2): one tile per image, of the image's own size.
+A tile (an image, a tile or thumbnail of an image, a video frame) owns the next run of placeholders, in order, one
+per token of its pooled grid. Each tile is its own selection:
+- the object and deep scores of its patches are averaged over each k x k group, exactly as the features are
+  (avg_pool2d, kernel and stride k), and HiPrune selects on the pooled grid;
+- the model's own get_image_features (tower, pooling or merger, projector) gives every token and the kept ones are
+  gathered, so at full budget the language model gets exactly what it gets unpatched.
+`budget` counts kept tokens per tile (clamped to the tile when tiles differ in size); the language model's 1-D
+positions are recompacted (the prompt is shorter).
+A family declares its model classes, the tower's attention modules, its prefix, its grid (fixed_grid) or the grid
+of each tile (tile_grids), k, the layer that feeds the projector, and how to call get_image_features.
 """
 
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import torch
 
@@ -39,23 +43,32 @@ def pool_scores(scores: torch.Tensor, grid_h: int, grid_w: int, k: int) -> torch
 class PooledGridAdapter(Adapter):
     default_ratio = 1 / 3
     num_prefix = 0
+    concat_features = True  # the model takes one (tokens, D) tensor of image features; False: a tuple per image
 
     # -- what a family declares --------------------------------------------------------------------------------
     def attention_modules(self) -> list[torch.nn.Module]:
         """The tower's attention modules, first layer first."""
         raise NotImplementedError
 
-    def patch_grid(self) -> tuple[int, int]:
-        raise NotImplementedError
+    def fixed_grid(self) -> Optional[tuple[int, int]]:
+        """The patch grid of every tile, or None when each tile has its own (then tile_grids says it)."""
+        return None
+
+    def tile_grids(self, kwargs: dict, tiles: int) -> list[tuple[int, int]]:
+        return [self.fixed_grid()] * tiles
 
     def pool_size(self) -> int:
-        raise NotImplementedError
+        return 1
 
     def default_deep_layer(self, depth: int) -> int:
         return depth
 
-    def image_features(self, kwargs: dict) -> torch.Tensor:
-        """(tiles, tokens, D) projected features of every token, from the model's own get_image_features."""
+    def segments(self, kwargs: dict) -> Optional[torch.Tensor]:
+        """cu_seqlens of the images the tower packs into one sequence behind a block-diagonal mask, else None."""
+        return None
+
+    def image_features(self, kwargs: dict) -> Sequence[torch.Tensor]:
+        """Per tile (tokens, D): the projected features of every token, from the model's own get_image_features."""
         raise NotImplementedError
 
     # -- shared ----------------------------------------------------------------------------------------------------
@@ -65,11 +78,12 @@ class PooledGridAdapter(Adapter):
         depth = len(self.attentions)
         self.object_layer = resolve_layer(object_layer, depth, default_object_layer(depth), "object_layer")
         self.deep_layer = resolve_layer(deep_layer, depth, self.default_deep_layer(depth), "deep_layer")
-        self.grid_h, self.grid_w = self.patch_grid()
-        k = self.pool_size()
-        self.pooled_h, self.pooled_w = self.grid_h // k, self.grid_w // k
-        self.n = self.pooled_h * self.pooled_w
-        self.per_tile = resolve_budget(budget, ratio, self.n, self.default_ratio)
+        grid, k = self.fixed_grid(), self.pool_size()
+        if grid is None:  # validated now, clamped to each tile later
+            self.per_tile = None
+            resolve_budget(budget, ratio, 10 ** 9, self.default_ratio)
+        else:
+            self.per_tile = resolve_budget(budget, ratio, (grid[0] // k) * (grid[1] // k), self.default_ratio)
         self._marked: list[int] = []
 
     def attach(self):
@@ -83,38 +97,56 @@ class PooledGridAdapter(Adapter):
             capture.detach(self.attentions[layer - 1])
         self._marked = []
 
-    def _scores(self, layer: int) -> torch.Tensor:
-        recorded = capture.slot_of(self.attentions[layer - 1]).scores
-        if len(recorded) != 1:
-            raise RuntimeError(f"hiprune: layer {layer} of the vision tower recorded {len(recorded)} attention calls, "
-                               "expected 1 (was the attention implementation changed after patching?)")
-        scores = recorded[0]
-        if scores.dim() != 2 or scores.shape[1] != self.grid_h * self.grid_w:
-            raise ValueError(f"hiprune: the tower produced {tuple(scores.shape)} patch scores, not a "
-                             f"{self.grid_h}x{self.grid_w} grid per tile (pixel_values must have the configured "
-                             "image_size)")
-        return pool_scores(scores, self.grid_h, self.grid_w, self.pool_size())
+    def _scores(self, slot, layer: int, grids: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
+        """The layer's patch scores split per tile (padded batches (B, N) and packed (T,) alike)."""
+        counts = [h * w for h, w in grids]
+        if len(slot.scores) != 1:
+            raise RuntimeError(f"hiprune: layer {layer} of the vision tower recorded {len(slot.scores)} attention "
+                               "calls, expected 1 (was the attention implementation changed after patching?)")
+        scores = slot.scores[0].reshape(-1)
+        if scores.numel() != sum(counts):
+            shapes = ", ".join(sorted({f"{h}x{w}" for h, w in grids}))
+            raise ValueError(f"hiprune: the tower produced {scores.numel()} patch scores, not the {sum(counts)} of "
+                             f"the tiles' patch grids ({shapes}); pixel_values must have the configured image_size")
+        return scores.split(counts)
 
     def encode_images(self, kwargs) -> EncodedImages:
         layers = (self.object_layer, self.deep_layer)
-        for layer in layers:
-            capture.slot_of(self.attentions[layer - 1]).reset()
+        slots = [capture.slot_of(self.attentions[layer - 1]) for layer in layers]
+        segments = self.segments(kwargs)
+        for slot in slots:
+            slot.reset()
+            slot.segments = segments
         try:
             features = self.image_features(kwargs)
-            obj, deep = (self._scores(layer) for layer in layers)
+            grids = self.tile_grids(kwargs, len(features))
+            obj, deep = (self._scores(slot, layer, grids) for slot, layer in zip(slots, layers))
         finally:
-            for layer in layers:
-                capture.slot_of(self.attentions[layer - 1]).reset()
-        indices, roles = ops.select_with_roles(obj, deep, self.per_tile, self.pooled_h, self.pooled_w, self.alpha, 0,
-                                               self.neighborhood, self.official)
-        kept = features.gather(1, indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
-        tiles = kept.shape[0]
-        return EncodedImages(list(kept.unbind(0)), [self.n] * tiles, list(indices.unbind(0)),
-                             list(indices.unbind(0)), list(roles.unbind(0)))
+            for slot in slots:
+                slot.reset()
+                slot.segments = None
+        k = self.pool_size()
+        tiles = len(grids)
+        result = EncodedImages([None] * tiles, [(h // k) * (w // k) for h, w in grids], [None] * tiles,
+                               [None] * tiles, [None] * tiles)
+        by_grid: dict[tuple[int, int], list[int]] = {}
+        for tile, grid in enumerate(grids):
+            by_grid.setdefault(grid, []).append(tile)
+        for (h, w), members in by_grid.items():  # tiles of one size: one selection call
+            pooled = [pool_scores(torch.stack([s[t] for t in members]), h, w, k) for s in (obj, deep)]
+            keep = self.per_tile or resolve_budget(self.budget, self.ratio, (h // k) * (w // k), self.default_ratio,
+                                                   clamp=True)
+            indices, roles = ops.select_with_roles(pooled[0], pooled[1], keep, h // k, w // k, self.alpha, 0,
+                                                   self.neighborhood, self.official)
+            for tile, index, role in zip(members, indices, roles):
+                result.features[tile] = features[tile][index]
+                result.kept_slots[tile] = result.indices[tile] = index
+                result.roles[tile] = role
+        return result
 
     def prepare(self, kwargs, for_generate):
         prepared = super().prepare(kwargs, for_generate)
-        if prepared is not None:  # these models take one (tokens, D) tensor, not a tuple per image
+        if prepared is not None and self.concat_features:
             image = prepared[0]["mm_encoder_outputs"]["image"]
             image.pooler_output = torch.cat(image.pooler_output)
         return prepared

@@ -21,7 +21,7 @@ class InternVLAdapter(PooledGridAdapter):
     def attention_modules(self):
         return [layer.attention for layer in self.model.model.vision_tower.encoder.layer]
 
-    def patch_grid(self):
+    def fixed_grid(self):
         config = self.model.config.vision_config
         pair = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v, v)  # noqa: E731
         return tuple(size // patch for size, patch in zip(pair(config.image_size), pair(config.patch_size)))

@@ -19,12 +19,9 @@ class PaliGemmaAdapter(PooledGridAdapter):
     def attention_modules(self):
         return [layer.self_attn for layer in self.model.model.vision_tower.encoder.layers]
 
-    def patch_grid(self):
+    def fixed_grid(self):
         config = self.model.config.vision_config
         return config.image_size // config.patch_size, config.image_size // config.patch_size
-
-    def pool_size(self):
-        return 1
 
     def image_features(self, kwargs):
         return self.model.model.get_image_features(kwargs["pixel_values"]).pooler_output

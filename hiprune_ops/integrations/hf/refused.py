@@ -1,7 +1,7 @@
 """Families apply_hiprune refuses, each with the reason the capture or the pruning cannot run as it is.
 
-A model is refused if its class or its vision tower's class is listed here (so LLaVA with a Pixtral tower is
-refused even though LlavaForConditionalGeneration is supported). The reasons also say what support would take.
+A model is refused if its class or its vision tower's class is listed here (a refused tower is refused under any
+model class). The reasons also say what support would take.
 """
 
 from __future__ import annotations
@@ -10,17 +10,11 @@ from typing import Optional
 
 import torch
 
-_PIXTRAL = ("the Pixtral tower packs every image of the batch into one sequence and separates them with a "
-            "block-diagonal attention mask (SDPA / eager), which the q/k capture refuses; its variable-size grids "
-            "also interleave [IMG_BREAK] row tokens with the image tokens. Supportable: score each image's block "
-            "with the packed qk_scores (cu_seqlens from image_sizes) and drop emptied rows' break tokens")
 _PATCH_MASK = ("its tower is called with a patch padding mask (patch_attention_mask, for images padded to the "
                "batch's largest), which the q/k capture refuses, and its images are split into sub-images with "
                "row/column marker tokens. Supportable for unpadded batches (the mask is then all ones)")
 
 REFUSED: dict[str, str] = {
-    "PixtralVisionModel": _PIXTRAL,
-    "Mistral3ForConditionalGeneration": _PIXTRAL + ", then prune on the 2x2 patch-merger grid",
     "Idefics3ForConditionalGeneration": _PATCH_MASK,
     "SmolVLMForConditionalGeneration": _PATCH_MASK,
     "Idefics2ForConditionalGeneration": ("its tower takes a patch padding mask, and its perceiver resampler turns "
