@@ -35,9 +35,10 @@ def apply_hiprune(model: torch.nn.Module, budget: Optional[int] = None, ratio: O
     Supported classes (docs/huggingface.md has the defaults of each):
     LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
     InternVLForConditionalGeneration (budget per tile / thumbnail / video frame, of 256),
-    Gemma3ForConditionalGeneration (per image, of 256 pooled tokens), PaliGemmaForConditionalGeneration (per image).
-    Refused with NotImplementedError naming the class and the reason (hf/refused.py): Pixtral towers (LLaVA with
-    Pixtral, Mistral3), Idefics2/3, SmolVLM, Mllama, Gemma3n.
+    Gemma3ForConditionalGeneration (per image, of 256 pooled tokens), PaliGemmaForConditionalGeneration (per image),
+    Mistral3ForConditionalGeneration and LLaVA with a Pixtral tower (per image, clamped to the image).
+    Refused with NotImplementedError naming the class and the reason (hf/refused.py): Idefics2/3, SmolVLM, Mllama,
+    Gemma3n.
 
     budget: tokens kept per image (LLaVA-NeXT: over the base image and its tiles; Qwen2.5-VL: clamped to each
     image); or ratio of each image's tokens; neither: the model's default (LLaVA-1.5 192/576, LLaVA-NeXT 640/2880,
