@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..towers import TOWER_CLASSES
-from . import llava, qwen2_5_vl  # noqa: F401  (registers the families)
+from . import glm4v, llava, qwen2_5_vl, qwen2_vl, qwen3_5, qwen3_vl  # noqa: F401  (registers the families)
 from .base import FAMILIES, Adapter, family_for, make_forward, make_generate
 
 _STATE_ATTR = "_hiprune_state"
@@ -28,16 +28,22 @@ def _supported_message() -> str:
 
 def apply_hiprune(model: torch.nn.Module, budget: Optional[int] = None, ratio: Optional[float] = None,
                   alpha: float = 0.1, object_layer: Optional[int] = None, deep_layer: Optional[int] = None,
-                  neighborhood: str = "cross", official: bool = False) -> torch.nn.Module:
+                  neighborhood: str = "cross", official: bool = False, *, video_budget: Optional[int] = None,
+                  video_ratio: Optional[float] = None) -> torch.nn.Module:
     """Patches a supported VLM in place so its language model only sees the HiPrune-kept visual tokens.
 
-    Supported classes (docs/huggingface.md has the defaults of each):
-    LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, Qwen2_5_VLForConditionalGeneration.
+    Supported classes (docs/huggingface.md has each one's defaults):
+    - LlavaForConditionalGeneration (LLaVA-1.5), LlavaNextForConditionalGeneration (LLaVA-NeXT);
+    - Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration,
+      Qwen3VLMoeForConditionalGeneration, Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration,
+      Glm4vForConditionalGeneration (GLM-4.1V), Glm4vMoeForConditionalGeneration (GLM-4.5V): images and videos.
 
-    budget: tokens kept per image (LLaVA-NeXT: over the base image and its tiles; Qwen2.5-VL: clamped to each
-    image); or ratio of each image's tokens; neither: the model's default (LLaVA-1.5 192/576, LLaVA-NeXT 640/2880,
-    Qwen2.5-VL 0.334). object_layer / deep_layer: 1-based layer numbers (negative from the end); None: the model's
-    default scaled to its depth. Returns the model. Undo with remove_hiprune(model).
+    budget: tokens kept per image (LLaVA-NeXT: over the base image and its tiles; Qwen-style and GLM: per image and
+    per video slice, clamped to it); or ratio of each image's tokens; neither: the model's default (LLaVA-1.5
+    192/576, LLaVA-NeXT 640/2880, Qwen-style and GLM 0.334). video_budget / video_ratio: the same per temporal
+    slice of a video (default: budget / ratio); only for families that take video. object_layer / deep_layer:
+    1-based layer numbers (negative from the end); None: the model's default scaled to its depth. Returns the
+    model. Undo with remove_hiprune(model).
     """
     name = type(model).__name__
     family = family_for(model)
@@ -48,7 +54,8 @@ def apply_hiprune(model: torch.nn.Module, budget: Optional[int] = None, ratio: O
         raise TypeError(f"apply_hiprune: unsupported model {name}; {_supported_message()}")
     if _STATE_ATTR in model.__dict__:
         raise RuntimeError("apply_hiprune: the model is already patched; call remove_hiprune(model) first")
-    adapter = family(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official)
+    adapter = family(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official,
+                     video_budget=video_budget, video_ratio=video_ratio)
     adapter.attach()
     model.__dict__[_STATE_ATTR] = adapter
     model.forward = make_forward(adapter, type(model).forward.__get__(model))
