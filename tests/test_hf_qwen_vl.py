@@ -62,14 +62,16 @@ def _qwen3_5(moe=False):
     return getattr(transformers, prefix + "ForConditionalGeneration")(config)
 
 
-def _glm4v(moe=False):
+def _glm4v(prefix="Glm4v"):
     text = dict(_TEXT, rope_parameters=dict(_ROPE, partial_rotary_factor=1.0))
-    if moe:
+    vision = dict(_VISION, intermediate_size=64, out_hidden_size=32, image_size=32)
+    if prefix == "Glm4vMoe":
         text.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
                     first_k_dense_replace=1, head_dim=8)
-    prefix = "Glm4vMoe" if moe else "Glm4v"
+    if prefix == "Glm46V":  # sub-configs named by type
+        text["model_type"], vision["model_type"] = "glm4v_text", "glm4v_vision"
     config = getattr(transformers, prefix + "Config")(
-        vision_config=dict(_VISION, intermediate_size=64, out_hidden_size=32, image_size=32), text_config=text,
+        vision_config=vision, text_config=text,
         image_token_id=IMG, video_token_id=VID, image_start_token_id=START, image_end_token_id=END,
         video_start_token_id=154, video_end_token_id=155)
     return getattr(transformers, prefix + "ForConditionalGeneration")(config)
@@ -78,20 +80,24 @@ def _glm4v(moe=False):
 BUILDERS = {
     "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl,
     "qwen3_vl_moe": lambda: _qwen3_vl(moe=True), "qwen3_5": _qwen3_5, "qwen3_5_moe": lambda: _qwen3_5(moe=True),
-    "glm4v": _glm4v, "glm4v_moe": lambda: _glm4v(moe=True),
+    "glm4v": _glm4v, "glm4v_moe": lambda: _glm4v("Glm4vMoe"), "glm46v": lambda: _glm4v("Glm46V"),
 }
-PER_FRAME = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe")  # one run per slice
-GLM = ("glm4v", "glm4v_moe")  # video placeholders use the image id
+GLM = ("glm4v", "glm4v_moe", "glm46v")  # video placeholders use the image id
+PER_FRAME = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe") + GLM  # one placeholder run per video slice
 _models = {}
+
+
+def _model(name):
+    if name not in _models:
+        torch.manual_seed(list(BUILDERS).index(name))
+        _models[name] = BUILDERS[name]().eval()
+    return _models[name]
 
 
 @pytest.fixture(params=list(BUILDERS))
 def family(request):
     name = request.param
-    if name not in _models:
-        torch.manual_seed(hash(name) % 1000)
-        _models[name] = BUILDERS[name]().eval()
-    model = _models[name]
+    model = _model(name)
     yield name, model
     hiprune_ops.remove_hiprune(model)
     assert not capture._installed, "a capture wrapper outlived remove_hiprune"
@@ -301,8 +307,7 @@ def test_each_video_slice_is_selected_on_its_own(family):
 
 @pytest.mark.parametrize("name", ["qwen3_vl", "qwen3_vl_moe"])
 def test_qwen3_deepstack_features_follow_the_kept_tokens(name):
-    model = _models.get(name) or BUILDERS[name]().eval()
-    _models[name] = model
+    model = _model(name)
     inputs, _ = make_inputs(name, "mixed", seed=6)
     try:
         hiprune_ops.apply_hiprune(model, budget=5, video_budget=3)
@@ -336,8 +341,7 @@ def _flat_kept(encoded, grid_thw):
 def test_glm_mixed_prompt_is_one_stream_in_prompt_order():
     # transformers' GLM-4V cannot take this prompt itself; pruned, images and video slices go in as one stream.
     name = "glm4v"
-    model = _models.get(name) or BUILDERS[name]().eval()
-    _models[name] = model
+    model = _model(name)
     inputs, _ = make_inputs(name, "mixed", seed=7)
     outer, handle = _spy(model.model)
     try:

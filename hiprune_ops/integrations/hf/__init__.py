@@ -36,7 +36,8 @@ def apply_hiprune(model: torch.nn.Module, budget: Optional[int] = None, ratio: O
     - LlavaForConditionalGeneration (LLaVA-1.5), LlavaNextForConditionalGeneration (LLaVA-NeXT);
     - Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration,
       Qwen3VLMoeForConditionalGeneration, Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration,
-      Glm4vForConditionalGeneration (GLM-4.1V), Glm4vMoeForConditionalGeneration (GLM-4.5V): images and videos.
+      Glm4vForConditionalGeneration (GLM-4.1V), Glm4vMoeForConditionalGeneration (GLM-4.5V),
+      Glm46VForConditionalGeneration (GLM-4.6V): images and videos.
 
     budget: tokens kept per image (LLaVA-NeXT: over the base image and its tiles; Qwen-style and GLM: per image and
     per video slice, clamped to it); or ratio of each image's tokens; neither: the model's default (LLaVA-1.5

@@ -1,5 +1,6 @@
-"""GLM-4.1V / GLM-4.5V (Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration): the Qwen-VL pipeline
-with per-frame video encoding and one placeholder id for images and videos.
+"""GLM-4.1V / 4.5V / 4.6V (Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration,
+Glm46VForConditionalGeneration): the Qwen-VL pipeline with per-frame video encoding and one placeholder id for
+images and videos.
 
 - A video goes through the tower as one grid (1, h, w) per temporal slice (cu_seqlens per frame), as
   get_video_features does; each slice is then pruned on its own grid like every Qwen-style video.
@@ -19,7 +20,8 @@ _TYPE = {"image": 1, "video": 2}
 
 
 class Glm4vAdapter(QwenVLAdapter):
-    model_classes = ("Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration")
+    model_classes = ("Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration",
+                     "Glm46VForConditionalGeneration")
 
     def run_tower(self, kind, pixel_values, grid_thw):
         if kind == "video":
