@@ -175,6 +175,7 @@ def _contents(name):
 
 
 def test_full_budget_is_identity(family):
+    # "mixed" is forward() with both pixel_values and pixel_values_videos, which used to raise.
     name, model = family
     for content in _contents(name):
         inputs, _ = make_inputs(name, content)
@@ -373,10 +374,27 @@ def test_video_options_name_themselves(family):
     assert integrations.hiprune_state(model) is None and not capture._installed
 
 
-def test_every_family_is_registered_and_documented(family):
+def test_missing_inputs_name_themselves(family):
     name, model = family
-    cls = type(model).__name__
-    assert cls in FAMILIES and cls in integrations.SUPPORTED_MODELS
-    assert cls in hiprune_ops.apply_hiprune.__doc__
+    inputs, _ = make_inputs(name, "video", types=False)
+    hiprune_ops.apply_hiprune(model, budget=4)
+    if name in GLM:  # its video frames use the image id: only the processor's token types tell them apart
+        with pytest.raises(ValueError, match="mm_token_type_ids"):
+            model(**inputs)
+    else:  # the token types are inferred from the placeholder ids
+        with_types, _ = make_inputs(name, "video")
+        assert torch.equal(_forward_spied(model, inputs)[1]["position_ids"],
+                           _forward_spied(model, with_types)[1]["position_ids"])
+    del inputs["video_grid_thw"]
+    with pytest.raises(ValueError, match="video_grid_thw"):
+        model(**inputs)
+
+
+def test_every_registered_class_is_documented():
     doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "huggingface.md")).read()
-    assert f"`{cls}`" in doc
+    for cls in FAMILIES:
+        assert cls in integrations.SUPPORTED_MODELS
+        assert cls in hiprune_ops.apply_hiprune.__doc__, cls
+        assert f"`{cls}`" in doc, cls
+    for builder in BUILDERS:
+        assert type(_model(builder)).__name__ in FAMILIES
