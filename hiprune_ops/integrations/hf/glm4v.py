@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .qwen_vl import QwenVLAdapter
-
-_TYPE = {"image": 1, "video": 2}
+from .qwen_vl import KIND_TYPE, QwenVLAdapter
 
 
 class Glm4vAdapter(QwenVLAdapter):
@@ -39,7 +37,7 @@ class Glm4vAdapter(QwenVLAdapter):
         return types
 
     def placeholder_mask(self, kind, kwargs):
-        return (kwargs["input_ids"] == self.image_token_id) & (self.token_types(kwargs) == _TYPE[kind])
+        return (kwargs["input_ids"] == self.image_token_id) & (self.token_types(kwargs) == KIND_TYPE[kind])
 
     def encoder_outputs(self, encoded, new):
         if len(encoded) < 2:
@@ -49,6 +47,6 @@ class Glm4vAdapter(QwenVLAdapter):
         types = new["mm_token_type_ids"][new["input_ids"] == self.image_token_id]
         images, videos = torch.cat(encoded["image"].features), torch.cat(encoded["video"].features)
         stream = images.new_empty(types.shape[0], images.shape[-1])
-        stream[types == _TYPE["image"]] = images
-        stream[types == _TYPE["video"]] = videos
+        stream[types == KIND_TYPE["image"]] = images
+        stream[types == KIND_TYPE["video"]] = videos
         return {"image": BaseModelOutputWithPooling(pooler_output=(stream,))}

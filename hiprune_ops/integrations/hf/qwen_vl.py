@@ -29,8 +29,7 @@ from .. import capture
 from ..towers import resolve_budget, resolve_layer
 from .base import Adapter, EncodedImages
 
-_KIND_TYPE = {"image": 1, "video": 2}  # mm_token_type_ids values
-_VIDEO_NAMES = ("video_budget", "video_ratio")
+KIND_TYPE = {"image": 1, "video": 2}  # mm_token_type_ids values
 
 
 class QwenVLAdapter(Adapter):
@@ -48,7 +47,7 @@ class QwenVLAdapter(Adapter):
         self.deep_layer = resolve_layer(deep_layer, depth, depth, "deep_layer")
         # Validate now; applied per image / slice later.
         resolve_budget(budget, ratio, 10 ** 9, self.default_ratio)
-        resolve_budget(video_budget, video_ratio, 10 ** 9, self.default_ratio, names=_VIDEO_NAMES)
+        resolve_budget(video_budget, video_ratio, 10 ** 9, self.default_ratio, names=("video_budget", "video_ratio"))
         self._marked = []
 
     # -- what a family may change --------------------------------------------------------------------------------
@@ -74,7 +73,7 @@ class QwenVLAdapter(Adapter):
             return types
         input_ids = kwargs["input_ids"]
         types = torch.zeros_like(input_ids, dtype=torch.int)
-        for kind, value in _KIND_TYPE.items():
+        for kind, value in KIND_TYPE.items():
             types[input_ids == getattr(self.model.config, f"{kind}_token_id")] = value
         return types
 
