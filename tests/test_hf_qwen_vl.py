@@ -199,7 +199,11 @@ def test_prefill_gets_exactly_the_kept_tokens(family, content):
     inputs, layout = make_inputs(name, content)
     budget, video_budget = 5, 3
     hiprune_ops.apply_hiprune(model, budget=budget, video_budget=video_budget)
-    output, call = _forward_spied(model, inputs)
+    outer, handle = _spy(model.model)
+    try:
+        output, call = _forward_spied(model, inputs)
+    finally:
+        handle.remove()
     state = integrations.hiprune_state(model)
     embeds, mask = call["inputs_embeds"], call["attention_mask"]
     text = inputs["attention_mask"].sum(1) - sum((inputs["input_ids"] == i).sum(1) for i in (IMG, VID))
@@ -218,6 +222,17 @@ def test_prefill_gets_exactly_the_kept_tokens(family, content):
         assert [f.shape[0] for f in state.last.features] == [budget] * len(images)
     else:
         assert state.last is None
+    # The visual rows of the prefill are the unpatched tower's merged tokens at the kept indices, in order.
+    shrunk_types = outer[0]["mm_token_type_ids"]
+    for value, encoded, kind in ((1, state.last, "image"), (2, state.last_video, "video")):
+        if encoded is None:
+            continue
+        pixels, grid = (inputs["pixel_values"], inputs["image_grid_thw"]) if kind == "image" else (
+            inputs["pixel_values_videos"], inputs["video_grid_thw"])
+        with torch.no_grad():
+            features = getattr(model.model, f"get_{kind}_features")(pixels, grid).pooler_output
+        expected_rows = torch.cat(features)[_flat_kept(encoded, grid)]
+        torch.testing.assert_close(embeds[shrunk_types == value], expected_rows, atol=1e-5, rtol=1e-5)
 
 
 def test_kept_tokens_keep_their_mrope_positions(family):
