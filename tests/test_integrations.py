@@ -406,6 +406,8 @@ def test_bad_arguments_name_themselves(llava):
         hiprune_ops.apply_hiprune(llava, budget=8, alpha=1.5)
     with pytest.raises(ValueError, match="ratio"):
         hiprune_ops.apply_hiprune(llava, ratio=0.0)
+    with pytest.raises(ValueError, match="video_budget"):
+        hiprune_ops.apply_hiprune(llava, video_budget=8)
     assert "_hiprune_state" not in llava.__dict__ and not capture._installed
     hiprune_ops.apply_hiprune(llava, budget=8)
     with pytest.raises(RuntimeError, match="already patched"):

@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 
 from ..towers import TOWER_CLASSES
-from . import gemma3, internvl, llava, paligemma, pixtral, qwen2_5_vl  # noqa: F401  (registers the families)
+from . import (gemma3, glm4v, internvl, llava, paligemma, pixtral, qwen2_5_vl, qwen2_vl,  # noqa: F401
+               qwen3_5, qwen3_vl)  # (importing registers the families)
 from .base import FAMILIES, Adapter, family_for, make_forward, make_generate
 from .refused import refusal
 
@@ -29,20 +30,27 @@ def _supported_message() -> str:
 
 def apply_hiprune(model: torch.nn.Module, budget: Optional[int] = None, ratio: Optional[float] = None,
                   alpha: float = 0.1, object_layer: Optional[int] = None, deep_layer: Optional[int] = None,
-                  neighborhood: str = "cross", official: bool = False) -> torch.nn.Module:
+                  neighborhood: str = "cross", official: bool = False, *, video_budget: Optional[int] = None,
+                  video_ratio: Optional[float] = None) -> torch.nn.Module:
     """Patches a supported VLM in place so its language model only sees the HiPrune-kept visual tokens.
 
-    Supported classes (docs/huggingface.md has the defaults of each):
-    LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
-    InternVLForConditionalGeneration (budget per tile / thumbnail / video frame, of 256),
-    Gemma3ForConditionalGeneration (per image, of 256 pooled tokens), PaliGemmaForConditionalGeneration (per image),
-    Mistral3ForConditionalGeneration and LLaVA with a Pixtral tower (per image, clamped to the image).
+    Supported classes (docs/huggingface.md has each one's defaults):
+    - LlavaForConditionalGeneration (LLaVA-1.5), LlavaNextForConditionalGeneration (LLaVA-NeXT);
+    - Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration,
+      Qwen3VLMoeForConditionalGeneration, Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration,
+      Glm4vForConditionalGeneration (GLM-4.1V), Glm4vMoeForConditionalGeneration (GLM-4.5V),
+      Glm46VForConditionalGeneration (GLM-4.6V): images and videos.
+    - InternVLForConditionalGeneration (InternVL 3 / 3.5; budget per tile, thumbnail and video frame, of 256),
+      Gemma3ForConditionalGeneration (per image, of 256 pooled tokens), PaliGemmaForConditionalGeneration,
+      Mistral3ForConditionalGeneration and any model with a PixtralVisionModel tower (per image, clamped to it).
     Refused with NotImplementedError naming the class and the reason (hf/refused.py): Idefics2/3, SmolVLM, Mllama,
     Gemma3n.
 
-    budget: tokens kept per image (LLaVA-NeXT: over the base image and its tiles; Qwen2.5-VL: clamped to each
-    image); or ratio of each image's tokens; neither: the model's default (LLaVA-1.5 192/576, LLaVA-NeXT 640/2880,
-    Qwen2.5-VL 0.334, InternVL / Gemma 3 / PaliGemma 1/3). object_layer / deep_layer: 1-based layer numbers
+    budget: tokens kept per image (LLaVA-NeXT: over the base image and its tiles; Qwen-style and GLM: per image and
+    per video slice, clamped to it); or ratio of each image's tokens; neither: the model's default (LLaVA-1.5
+    192/576, LLaVA-NeXT 640/2880, Qwen-style and GLM 0.334, the others 1/3). video_budget / video_ratio: the same
+    per temporal slice of a video (default: budget / ratio); only for families that take pixel_values_videos
+    (InternVL's frames arrive as images: budget applies). object_layer / deep_layer: 1-based layer numbers
     (negative from the end); None: the model's default scaled to its depth. Returns the model. Undo with
     remove_hiprune(model).
     """
@@ -58,7 +66,8 @@ def apply_hiprune(model: torch.nn.Module, budget: Optional[int] = None, ratio: O
         raise TypeError(f"apply_hiprune: unsupported model {name}; {_supported_message()}")
     if _STATE_ATTR in model.__dict__:
         raise RuntimeError("apply_hiprune: the model is already patched; call remove_hiprune(model) first")
-    adapter = family(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official)
+    adapter = family(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official,
+                     video_budget=video_budget, video_ratio=video_ratio)
     adapter.attach()
     model.__dict__[_STATE_ATTR] = adapter
     model.forward = make_forward(adapter, type(model).forward.__get__(model))

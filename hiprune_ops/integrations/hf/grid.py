@@ -72,8 +72,8 @@ class PooledGridAdapter(Adapter):
         raise NotImplementedError
 
     # -- shared ----------------------------------------------------------------------------------------------------
-    def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official):
-        super().__init__(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official)
+    def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **video):
+        super().__init__(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **video)
         self.attentions = self.attention_modules()
         depth = len(self.attentions)
         self.object_layer = resolve_layer(object_layer, depth, default_object_layer(depth), "object_layer")
@@ -144,9 +144,8 @@ class PooledGridAdapter(Adapter):
                 result.roles[tile] = role
         return result
 
-    def prepare(self, kwargs, for_generate):
-        prepared = super().prepare(kwargs, for_generate)
-        if prepared is not None and self.concat_features:
-            image = prepared[0]["mm_encoder_outputs"]["image"]
-            image.pooler_output = torch.cat(image.pooler_output)
-        return prepared
+    def encoder_outputs(self, encoded, new):
+        outputs = super().encoder_outputs(encoded, new)
+        if self.concat_features:
+            outputs["image"].pooler_output = torch.cat(outputs["image"].pooler_output)
+        return outputs

@@ -25,8 +25,8 @@ class LlavaAdapter(Adapter):
     model_classes = ("LlavaForConditionalGeneration",)
     default_ratio = 1 / 3  # 192 of 576
 
-    def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official):
-        super().__init__(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official)
+    def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **video):
+        super().__init__(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **video)
         self.tower = ViTTower(self.vision_tower())
         depth = self.tower.depth
         self.object_layer = resolve_layer(object_layer, depth, default_object_layer(depth), "object_layer")
