@@ -6,7 +6,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 EDITABLE_STAMP := $(VENV)/.editable-installed
 # Every spec quoted: an unquoted `>` is a shell redirection.
 PIP_DEPS := 'setuptools>=64' wheel 'torch==2.14.1' numpy pytest expecttest hypothesis build ninja \
-	'transformers==5.23.0' scikit-image pillow
+	'transformers==5.23.0' scikit-image pillow matplotlib pytest-benchmark tqdm
 
 # make test-compat: the op tests on the oldest torch of pyproject's range, in a second venv. PyPI's torch 2.6 for
 # Linux x86-64 is a CUDA build that does not import without its nvidia-* wheels, so they come along (~3 GB).
@@ -28,7 +28,7 @@ SDIST_TORCH := 2.13.0
 NO_NVCC_PATH := $(shell $(PYTHON) -c "import os; print(':'.join(d for d in os.environ['PATH'].split(':') \
 	if not os.path.exists(os.path.join(d, 'nvcc'))))")
 
-.PHONY: build test test-fast demo bench clean sdist test-compat test-sdist sanitize
+.PHONY: build test test-fast demo bench bench-smoke clean sdist test-compat test-sdist sanitize
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,8 +51,14 @@ test: build
 demo: build
 	$(VENV)/bin/hiprune demo
 
+# The benchmark suite (results under benchmarks/results/<device>/); BENCH_ARGS= for the full sweeps.
+BENCH_ARGS ?= --quick
 bench: build
-	$(PY) benchmarks/run_all.py
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# Every benchmark case once at tiny shapes, its candidates checked against each other (CI).
+bench-smoke: build
+	$(PY) -m pytest -q benchmarks --benchmark-disable -p no:cacheprovider
 
 # The sdist is also the source tree of the compat and sanitizer builds: what ships is what is tested.
 sdist: $(DEPS_STAMP)
