@@ -35,10 +35,11 @@ def _install_position_spy(model):
     captured = []
 
     def hook(module, args, kwargs):
-        positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+        positions = kwargs["positions"] if "positions" in kwargs else args[0]
         captured.append(positions.detach().cpu().clone())
 
-    model.language_model.model.register_forward_pre_hook(hook, with_kwargs=True)
+    # The first decoder layer (the language model's own forward is wrapped by vLLM's compile decorator).
+    model.language_model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     model._spy_positions = captured
     return True
 
@@ -68,8 +69,8 @@ def main() -> None:
     prompt, size = PROMPTS[arch]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     results = []
-    for i, request in enumerate(spec["requests"]):
-        inputs = {"prompt": prompt, "multi_modal_data": {"image": image(request.get("image_seed", i), size)}}
+    for request in spec["requests"]:
+        inputs = {"prompt": prompt, "multi_modal_data": {"image": image(request.get("image_seed", 0), size)}}
         if request.get("mm_processor_kwargs") is not None:
             inputs["mm_processor_kwargs"] = request["mm_processor_kwargs"]
         try:
