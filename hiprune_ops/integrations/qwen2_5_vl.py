@@ -16,6 +16,7 @@ import torch
 from .. import ops
 from . import capture
 from .base import Adapter, EncodedImages
+from .qwen_positions import merged_raster_scores
 from .towers import resolve_budget, resolve_layer
 
 
@@ -47,9 +48,8 @@ class Qwen2_5_VLAdapter(Adapter):
             capture.detach(self.visual.blocks[layer - 1].attn)
         self._marked = []
 
-    def _raster_scores(self, scores, reverse):
-        unit = self.visual.spatial_merge_unit
-        return scores.reshape(-1, unit).mean(dim=1)[reverse]
+    def _raster_scores(self, scores, window_index):
+        return merged_raster_scores(scores, window_index, self.visual.spatial_merge_unit)
 
     def encode_images(self, kwargs) -> EncodedImages:
         from transformers.vision_utils import get_vision_window_index
@@ -64,13 +64,12 @@ class Qwen2_5_VLAdapter(Adapter):
         merged = output.pooler_output
         window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
                                                   window_size=visual.window_size, patch_size=visual.patch_size)
-        reverse = torch.argsort(window_index)
         per_layer = []
         for layer in (self.object_layer, self.deep_layer):
             recorded = slots[layer].scores
             if not recorded:
                 raise RuntimeError(f"hiprune: block {layer} of the vision tower recorded no attention call")
-            per_layer.append(self._raster_scores(torch.cat([s.reshape(-1) for s in recorded]), reverse))
+            per_layer.append(self._raster_scores(torch.cat([s.reshape(-1) for s in recorded]), window_index))
         for slot in slots.values():
             slot.reset()
         m = visual.spatial_merge_size
