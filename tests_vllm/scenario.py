@@ -1,4 +1,4 @@
-"""One vLLM engine, several requests, the results as JSON on the last stdout line. Run as a script (the default
+"""One vLLM engine, several requests, the results as JSON on the stdout line marked RESULT_MARK. Run as a script (the default
 multiprocess mode needs the __main__ guard); test_vllm.py runs it in a fresh process per engine so that runs with
 and without the plugin never share a ModelRegistry.
 
@@ -16,6 +16,8 @@ import os
 import sys
 
 import numpy as np
+
+RESULT_MARK = "HIPRUNE_SCENARIO_RESULT "  # vLLM may log to stdout after us (shutdown)
 
 
 def image(seed: int, size):
@@ -82,7 +84,7 @@ def main() -> None:
         if spy:
             result["positions"], result["kept"] = llm.apply_model(_take_spy)[0]
         results.append(result)
-    print(json.dumps({"results": results}))
+    print(RESULT_MARK + json.dumps({"results": results}), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import scenario  # noqa: E402
 import tiny_models  # noqa: E402
 
 LLAVA_TOKENS = tiny_models.LLAVA_GRID ** 2                                    # 64 per image
@@ -38,7 +39,9 @@ def run(models, arch, spec, plugin=True, in_process=True, env=None):
                           capture_output=True, text=True, env=environ, timeout=300)
     if done.returncode != 0:
         raise AssertionError(f"scenario failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["results"]
+    marked = [line for line in done.stdout.splitlines() if line.startswith(scenario.RESULT_MARK)]
+    assert marked, f"no result line:\n{done.stdout[-3000:]}"
+    return json.loads(marked[-1][len(scenario.RESULT_MARK):])["results"]
 
 
 def image_tokens(result, token_id):
