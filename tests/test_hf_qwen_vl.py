@@ -400,6 +400,11 @@ def test_missing_inputs_name_themselves(family):
         with_types, _ = make_inputs(name, "video")
         assert torch.equal(_forward_spied(model, inputs)[1]["position_ids"],
                            _forward_spied(model, with_types)[1]["position_ids"])
+    inputs, _ = make_inputs(name, "video")
+    short = dict(inputs, video_grid_thw=inputs["video_grid_thw"].clone())
+    short["video_grid_thw"][0, 0] = 1  # one slice fewer than the pixels and placeholders hold
+    with pytest.raises(ValueError, match="video_grid_thw"):
+        model(**short)
     del inputs["video_grid_thw"]
     with pytest.raises(ValueError, match="video_grid_thw"):
         model(**inputs)
