@@ -259,7 +259,7 @@ def selection_cases(p: Profile, device: str) -> list:
 
 class ScoringInputs:
     """q, k, v (B, H, L, D), scale, prefix; lse (B, H, L) float32, the log-sum-exp of every row of q @ k^T * scale
-    (what an SDPA forward can return), computed by blocks of rows on first use."""
+    (what an SDPA forward can return), computed by blocks of rows when a candidate first needs it."""
 
     def __init__(self, q, k, v, scale, prefix):
         self.q, self.k, self.v, self.scale, self.prefix = q, k, v, scale, prefix
@@ -276,11 +276,17 @@ def _dense_fits(params, device):
     return None if need <= _memory_limit(device) else f"two (H, L, L) float32 maps need {need / GIB:.0f} GiB"
 
 
+def _qk_scores_with_lse(x):
+    lse = x.lse  # what the attention forward returns beside its output: not part of the timed call
+    return lambda: hiprune_ops.qk_scores(x.q, x.k, x.scale, x.prefix, lse=lse)
+
+
 def scoring_candidates(device: str) -> list:
     """Scoring candidates on ScoringInputs x (q, k, v, scale, prefix, lse)."""
     return [
         Candidate("SDPA forward", lambda x: lambda: F.scaled_dot_product_attention(x.q, x.k, x.v)),
         Candidate("qk_scores (two passes)", lambda x: lambda: hiprune_ops.qk_scores(x.q, x.k, x.scale, x.prefix)),
+        Candidate("qk_scores with lse (one pass)", _qk_scores_with_lse),
         Candidate("qk_scores (two passes, Triton)",
                   lambda x: lambda: hiprune_ops.qk_scores(x.q, x.k, x.scale, x.prefix, backend="triton"),
                   _needs_gpu_triton),
@@ -306,6 +312,7 @@ def scoring_cases(p: Profile, device: str) -> list:
             expected = hiprune_ops.attention_scores(torch.softmax(x.q @ x.k.transpose(-1, -2) * x.scale, -1),
                                                     x.prefix) if x.q.shape[2] <= 4096 else got
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(_qk_scores_with_lse(x)(), got, rtol=1e-4, atol=1e-7)
 
         cases.append(Case("scoring", f"scoring/L{length}", params, setup, scoring_candidates(device),
                           "SDPA forward", check=check))
