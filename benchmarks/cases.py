@@ -216,7 +216,7 @@ def selection_cases(p: Profile, device: str) -> list:
         params = dict(sweep="batch" if dtype == "float32" else "dtype", model="LLaVA-1.5", B=batch, H=16, L=length,
                       grid=f"{grid}x{grid}", budget=budget, dtype=dtype, headline=batch == 8 and dtype == "float32")
 
-        def setup(batch=batch, dtype=getattr(torch, dtype)):
+        def setup(batch=batch, dtype=getattr(torch, dtype), budget=budget):
             return SimpleNamespace(obj=_maps(batch, 16, length, device, dtype, seed=1),
                                    deep=_maps(batch, 16, length, device, dtype, seed=2),
                                    budget=budget, grid_h=grid, grid_w=grid, prefix=1)
