@@ -391,6 +391,8 @@ def test_defaults_and_bad_arguments(internvl, gemma3):
         hiprune_ops.apply_hiprune(gemma3, budget=TOKENS + 1)
     with pytest.raises(ValueError, match="deep_layer"):
         hiprune_ops.apply_hiprune(gemma3, deep_layer=4)
+    with pytest.raises(ValueError, match="video_budget"):  # Gemma 3 takes no video (InternVL: frames are images)
+        hiprune_ops.apply_hiprune(gemma3, video_budget=4)
     assert "_hiprune_state" not in gemma3.__dict__
     inputs = internvl_inputs()
     with pytest.raises(NotImplementedError, match="vision_feature_select_strategy"):
