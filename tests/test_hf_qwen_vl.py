@@ -400,6 +400,11 @@ def test_missing_inputs_name_themselves(family):
         with_types, _ = make_inputs(name, "video")
         assert torch.equal(_forward_spied(model, inputs)[1]["position_ids"],
                            _forward_spied(model, with_types)[1]["position_ids"])
+    inputs, _ = make_inputs(name, "video")
+    short = dict(inputs, video_grid_thw=inputs["video_grid_thw"].clone())
+    short["video_grid_thw"][0, 0] = 1  # one slice fewer than the pixels and placeholders hold
+    with pytest.raises(ValueError, match="video_grid_thw"):
+        model(**short)
     del inputs["video_grid_thw"]
     with pytest.raises(ValueError, match="video_grid_thw"):
         model(**inputs)
@@ -413,3 +418,49 @@ def test_every_registered_class_is_documented():
         assert f"`{cls}`" in doc, cls
     for builder in BUILDERS:
         assert type(_model(builder)).__name__ in FAMILIES
+
+
+def test_qwen2_5_window_order_scores_match_eager_attention_maps(monkeypatch):
+    """Captured q/k scores of a windowed tower, mapped to raster order, select what the eager attention maps do."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as modeling
+    from transformers.vision_utils import get_vision_window_index
+
+    model = _model("qwen2_5_vl")
+    visual = model.model.visual
+    inputs, _ = make_inputs("qwen2_5_vl", "video", seed=8)
+    maps = {}
+    original = modeling.eager_attention_forward
+
+    def recording(module, *args, **kwargs):
+        output, weights = original(module, *args, **kwargs)
+        maps.setdefault(id(module), []).append(weights)
+        return output, weights
+
+    monkeypatch.setattr(modeling, "eager_attention_forward", recording)
+    visual.config._attn_implementation = "eager"
+    try:
+        hiprune_ops.apply_hiprune(model, video_ratio=0.3)
+        adapter = integrations.hiprune_state(model)
+        with torch.no_grad():
+            video = adapter.encode({"pixel_values_videos": inputs["pixel_values_videos"],
+                                    "video_grid_thw": inputs["video_grid_thw"]})["video"]
+    finally:
+        hiprune_ops.remove_hiprune(model)
+        visual.config._attn_implementation = "sdpa"
+    grid = inputs["video_grid_thw"]
+    window_index, _ = get_vision_window_index(grid, spatial_merge_size=2, window_size=visual.window_size,
+                                              patch_size=visual.patch_size)
+    raster = torch.argsort(window_index)
+    scores = []
+    for layer in (adapter.object_layer, adapter.deep_layer):
+        received = torch.cat([w[0].float().mean(dim=(0, 1)) for w in maps[id(visual.blocks[layer - 1].attn)]])
+        scores.append(received.reshape(-1, 4).mean(dim=1)[raster])
+    start, slice_index = 0, 0
+    for t, h, w in grid.tolist():
+        n = h * w // 4
+        for _ in range(t):
+            indices = hiprune_ops.select(scores[0][None, start:start + n], scores[1][None, start:start + n],
+                                         round(0.3 * n), h // 2, w // 2)
+            assert torch.equal(indices[0], video.indices[slice_index])
+            start += n
+            slice_index += 1

@@ -128,6 +128,10 @@ class QwenVLAdapter(Adapter):
         return output, scores
 
     def _encode_kind(self, kind, pixel_values, grid_thw) -> EncodedImages:
+        patches = int(grid_thw.prod(-1).sum())
+        if pixel_values.shape[0] != patches:
+            raise ValueError(f"hiprune: {self.grid_keys[kind]} describes {patches} patches but "
+                             f"{self.media_keys[kind]} holds {pixel_values.shape[0]}")
         output, (obj, deep) = self._tower_scores(kind, pixel_values, grid_thw)
         merged = output.pooler_output
         extras = self.extra_features(output)
@@ -153,9 +157,6 @@ class QwenVLAdapter(Adapter):
                 result.roles.append(roles[s])
                 for level, extra in zip(result.deepstack, extras):
                     level.append(extra[flat[s]])
-        if start != merged.shape[0]:
-            raise ValueError(f"hiprune: {self.grid_keys[kind]} describes {start} merged tokens but the tower made "
-                             f"{merged.shape[0]}")
         return result
 
     def positions(self, kwargs, plan, new, for_generate):
