@@ -1,7 +1,8 @@
-"""apply_hiprune on InternVL (pixel_shuffle 2x2) and Gemma 3 (4x4 average pool), and the refused families.
+"""apply_hiprune on the grid.py families and the refused ones, on tiny random models built offline from configs.
 
-Tiny random models built offline from configs. Both towers see an 8x8 (InternVL) or 16x16 (Gemma 3) patch grid
-and hand 16 tokens per tile to the language model (4x4 grid).
+InternVL (pixel_shuffle 2x2), Gemma 3 (4x4 average pool), PaliGemma (no pooling): 16 language-model tokens per
+tile (a 4x4 grid). LLaVA with a Pixtral tower and Mistral 3 (2x2 merger): images of their own sizes, packed by the
+tower behind a block-diagonal mask.
 """
 
 import os
@@ -427,6 +428,18 @@ REFUSED = {  # test id -> (family named in the error, a word of its reason, tiny
                 lambda: transformers.SmolVLMForConditionalGeneration(transformers.SmolVLMConfig(
                     vision_config=_idefics_vision(), text_config=_text(model_type="llama"), image_token_id=IMAGE,
                     scale_factor=2))),
+    "idefics2": ("Idefics2ForConditionalGeneration", "perceiver resampler",
+                 lambda: transformers.Idefics2ForConditionalGeneration(transformers.Idefics2Config(
+                     vision_config=_idefics_vision(), text_config=_text(model_type="llama"), image_token_id=IMAGE,
+                     perceiver_config=dict(hidden_size=32, resampler_n_latents=4, resampler_depth=1,
+                                           resampler_n_heads=2, resampler_head_dim=8, num_key_value_heads=1)))),
+    "mllama": ("MllamaForConditionalGeneration", "cross-attention",
+               lambda: transformers.MllamaForConditionalGeneration(transformers.MllamaConfig(
+                   vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                                      attention_heads=4, image_size=16, patch_size=4, vision_output_dim=64,
+                                      intermediate_layers_indices=[0]),
+                   text_config=_text(cross_attention_layers=[1]),
+                   image_token_index=IMAGE))),
 }
 
 
