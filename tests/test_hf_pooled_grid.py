@@ -1,7 +1,8 @@
-"""apply_hiprune on InternVL (pixel_shuffle 2x2) and Gemma 3 (4x4 average pool), and the refused families.
+"""apply_hiprune on the grid.py families and the refused ones, on tiny random models built offline from configs.
 
-Tiny random models built offline from configs. Both towers see an 8x8 (InternVL) or 16x16 (Gemma 3) patch grid
-and hand 16 tokens per tile to the language model (4x4 grid).
+InternVL (pixel_shuffle 2x2), Gemma 3 (4x4 average pool), PaliGemma (no pooling): 16 language-model tokens per
+tile (a 4x4 grid). LLaVA with a Pixtral tower and Mistral 3 (2x2 merger): images of their own sizes, packed by the
+tower behind a block-diagonal mask.
 """
 
 import os
@@ -87,7 +88,27 @@ def mistral3():
     return transformers.Mistral3ForConditionalGeneration(config).eval()
 
 
-FAMILIES = ["internvl", "gemma3", "paligemma", "llava_pixtral", "mistral3"]
+def _idefics(config_class, model_class, image_size, scale_factor, seed):
+    torch.manual_seed(seed)
+    config = config_class(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                             num_attention_heads=4, image_size=image_size, patch_size=4),
+                          text_config=_text(model_type="llama"), image_token_id=IMAGE, scale_factor=scale_factor,
+                          attn_implementation="sdpa")
+    return model_class(config).eval()
+
+
+@pytest.fixture(scope="module")
+def idefics3():  # 8x8 patches, pixel_shuffle 2: 4x4 tokens per tile
+    return _idefics(transformers.Idefics3Config, transformers.Idefics3ForConditionalGeneration, 32, 2, 26)
+
+
+@pytest.fixture(scope="module")
+def smolvlm():  # 16x16 patches, pixel_shuffle 4: 4x4 tokens per tile
+    return _idefics(transformers.SmolVLMConfig, transformers.SmolVLMForConditionalGeneration, 64, 4, 27)
+
+
+FAMILIES = ["internvl", "gemma3", "paligemma", "llava_pixtral", "mistral3", "idefics3", "smolvlm"]
+TILES = {"internvl": 6}  # selections per forward of each family's inputs (default 3)
 FIRST_POSITION = {"paligemma": 1}  # PaliGemma counts positions from 1, the others from 0
 
 
@@ -150,12 +171,29 @@ def pixtral_inputs(merge, seed=0):
                 pixel_values=torch.randn(3, 3, 32, 32, generator=g))
 
 
+def idefics_inputs(image_size, seed=0):
+    """Row 0: two tiles; row 1: one tile and an all-zero padding tile (unmasked: dropped by the model itself)."""
+    g = torch.Generator().manual_seed(seed)
+    ids, mask = _left_pad([[1, 5] + _run(1) + [6] + _run(1) + [7], [1, 8] + _run(1) + [9, 10]])
+    pixel_values = torch.randn(2, 2, 3, image_size, image_size, generator=g)
+    pixel_values[1, 1] = 0
+    pixel_mask = torch.ones(2, 2, image_size, image_size, dtype=torch.long)
+    pixel_mask[1, 1] = 0
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, pixel_attention_mask=pixel_mask)
+
+
 INPUTS = {"internvl": internvl_inputs, "gemma3": gemma3_inputs, "paligemma": paligemma_inputs,
-          "llava_pixtral": lambda: pixtral_inputs(1), "mistral3": lambda: pixtral_inputs(2)}
+          "llava_pixtral": lambda: pixtral_inputs(1), "mistral3": lambda: pixtral_inputs(2),
+          "idefics3": lambda: idefics_inputs(32), "smolvlm": lambda: idefics_inputs(64)}
 
 
 def _model_and_inputs(request, name):
     return request.getfixturevalue(name), INPUTS[name]()
+
+
+def _language_model(model):
+    inner = model.model
+    return inner.language_model if hasattr(inner, "language_model") else inner.text_model  # Idefics3 / SmolVLM
 
 
 def _all_features(name, model, inputs):
@@ -165,8 +203,13 @@ def _all_features(name, model, inputs):
         extra = dict(image_sizes=inputs["image_sizes"], vision_feature_layer=-1)
         if name == "llava_pixtral":
             extra["vision_feature_select_strategy"] = "full"
+    if name in ("idefics3", "smolvlm"):  # per prompt row, (tiles * tokens, D)
+        extra = dict(pixel_attention_mask=inputs["pixel_attention_mask"])
     with torch.no_grad():
-        return model.model.get_image_features(pixel_values=inputs["pixel_values"], **extra).pooler_output
+        features = model.model.get_image_features(pixel_values=inputs["pixel_values"], **extra).pooler_output
+    if name in ("idefics3", "smolvlm"):
+        features = torch.cat(list(features)).unflatten(0, (-1, TOKENS))
+    return features
 
 
 def _expected_lengths(inputs, state, budget):
@@ -189,7 +232,7 @@ def test_full_budget_is_identity(request, name):
     with torch.no_grad():
         reference = model(**inputs).logits
         reference_ids = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    hiprune_ops.apply_hiprune(model, budget=TOKENS if name in ("internvl", "gemma3", "paligemma") else 64)
+    hiprune_ops.apply_hiprune(model, budget=64 if name in ("llava_pixtral", "mistral3") else TOKENS)
     with torch.no_grad():
         logits = model(**inputs).logits
         ids = model.generate(**inputs, max_new_tokens=3, do_sample=False)
@@ -198,14 +241,14 @@ def test_full_budget_is_identity(request, name):
 
 
 @pytest.mark.parametrize("name,budget", [("internvl", 5), ("gemma3", 7), ("paligemma", 3), ("llava_pixtral", 9),
-                                         ("mistral3", 5)])
+                                         ("mistral3", 5), ("idefics3", 6), ("smolvlm", 2)])
 def test_prefill_gets_exactly_the_kept_tokens_per_tile(request, name, budget):
     model, inputs = _model_and_inputs(request, name)
     all_features = _all_features(name, model, inputs)
     hiprune_ops.apply_hiprune(model, budget=budget)
-    _, (spy, outer) = _spied_forward(model, inputs, model.model.language_model, model.model)
+    _, (spy, outer) = _spied_forward(model, inputs, _language_model(model), model.model)
     state = integrations.hiprune_state(model).last
-    assert len(state.indices) == inputs["pixel_values"].shape[0]  # one selection per tile / thumbnail / frame
+    assert len(state.indices) == TILES.get(name, 3)  # one selection per tile / thumbnail / frame
     assert all(i.shape == (min(budget, n),) and bool((i.diff() > 0).all())
                for i, n in zip(state.indices, state.full_counts))
     if name == "mistral3":
@@ -250,6 +293,22 @@ def test_internvl_scores_are_pooled_over_the_pixel_shuffle_groups(internvl):
     indices, roles = hiprune_ops.select_with_roles(pool_scores(obj, 8, 8, 2), pool_scores(deep, 8, 8, 2), 6, 4, 4)
     assert torch.equal(torch.stack(state.last.indices), indices)
     assert torch.equal(torch.stack(state.last.roles), roles)
+
+
+@pytest.mark.parametrize("name,side,k", [("idefics3", 8, 2), ("smolvlm", 16, 4)])
+def test_idefics_scores_are_pooled_over_the_pixel_shuffle_groups(request, name, side, k):
+    model = request.getfixturevalue(name)
+    scores = torch.randn(3, side * side, dtype=torch.float64)
+    shuffled = model.model.connector.pixel_shuffle(scores[..., None], k)  # (3, tokens, k * k): each token's patches
+    torch.testing.assert_close(pool_scores(scores, side, side, k), shuffled.mean(-1), atol=1e-12, rtol=0)
+
+
+def test_idefics3_padded_tiles_are_refused(idefics3):
+    inputs = idefics_inputs(32)
+    inputs["pixel_attention_mask"][0, 0, :, 28:] = 0  # a real tile with a padded right edge
+    hiprune_ops.apply_hiprune(idefics3, budget=4)
+    with pytest.raises(NotImplementedError, match="Idefics3ForConditionalGeneration with padded tiles"):
+        idefics3(**inputs)
 
 
 def test_gemma3_scores_are_pooled_like_the_features(gemma3):
@@ -331,11 +390,11 @@ def _record_positions(model, calls):
     """Hooks the language model's rotary embedding; appends the position_ids of every call."""
     def hook(module, args, kwargs):
         calls.append(args[1] if len(args) > 1 else kwargs["position_ids"])
-    return model.model.language_model.rotary_emb.register_forward_pre_hook(hook, with_kwargs=True)
+    return _language_model(model).rotary_emb.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 @pytest.mark.parametrize("name,budget", [("internvl", 6), ("gemma3", 4), ("paligemma", 2), ("llava_pixtral", 7),
-                                         ("mistral3", 3)])
+                                         ("mistral3", 3), ("idefics3", 5), ("smolvlm", 3)])
 def test_generate_batch_left_padded_prefill_and_positions(request, name, budget):
     model, inputs = _model_and_inputs(request, name)
     hiprune_ops.apply_hiprune(model, budget=budget)
@@ -391,6 +450,8 @@ def test_defaults_and_bad_arguments(internvl, gemma3):
         hiprune_ops.apply_hiprune(gemma3, budget=TOKENS + 1)
     with pytest.raises(ValueError, match="deep_layer"):
         hiprune_ops.apply_hiprune(gemma3, deep_layer=4)
+    with pytest.raises(ValueError, match="video_budget"):  # Gemma 3 takes no video (InternVL: frames are images)
+        hiprune_ops.apply_hiprune(gemma3, video_budget=4)
     assert "_hiprune_state" not in gemma3.__dict__
     inputs = internvl_inputs()
     with pytest.raises(NotImplementedError, match="vision_feature_select_strategy"):
@@ -417,14 +478,18 @@ def _idefics_vision():
 
 
 REFUSED = {  # test id -> (family named in the error, a word of its reason, tiny model builder)
-    "idefics3": ("Idefics3ForConditionalGeneration", "patch_attention_mask",
-                 lambda: transformers.Idefics3ForConditionalGeneration(transformers.Idefics3Config(
+    "idefics2": ("Idefics2ForConditionalGeneration", "perceiver resampler",
+                 lambda: transformers.Idefics2ForConditionalGeneration(transformers.Idefics2Config(
                      vision_config=_idefics_vision(), text_config=_text(model_type="llama"), image_token_id=IMAGE,
-                     scale_factor=2))),
-    "smolvlm": ("SmolVLMForConditionalGeneration", "patch_attention_mask",
-                lambda: transformers.SmolVLMForConditionalGeneration(transformers.SmolVLMConfig(
-                    vision_config=_idefics_vision(), text_config=_text(model_type="llama"), image_token_id=IMAGE,
-                    scale_factor=2))),
+                     perceiver_config=dict(hidden_size=32, resampler_n_latents=4, resampler_depth=1,
+                                           resampler_n_heads=2, resampler_head_dim=8, num_key_value_heads=1)))),
+    "mllama": ("MllamaForConditionalGeneration", "cross-attention",
+               lambda: transformers.MllamaForConditionalGeneration(transformers.MllamaConfig(
+                   vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                                      attention_heads=4, image_size=16, patch_size=4, vision_output_dim=64,
+                                      intermediate_layers_indices=[0]),
+                   text_config=_text(cross_attention_layers=[1]),
+                   image_token_index=IMAGE))),
 }
 
 

@@ -52,7 +52,8 @@ class PixtralAdapter(PooledGridAdapter):
         config, model = self.model.config, self.model.model
         layer = kwargs.get("vision_feature_layer")
         layer = config.vision_feature_layer if layer is None else layer
-        common = dict(pixel_values=kwargs["pixel_values"], image_sizes=kwargs["image_sizes"], vision_feature_layer=layer)
+        common = dict(pixel_values=kwargs["pixel_values"], image_sizes=kwargs["image_sizes"],
+                      vision_feature_layer=layer)
         if self._merged():
             return model.get_image_features(**common).pooler_output
         strategy = kwargs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
