@@ -249,14 +249,24 @@ def test_prefill_gets_exactly_the_kept_tokens_per_tile(request, name, budget):
             assert torch.equal((shrunk_ids == marker).sum(1), (inputs["input_ids"] == marker).sum(1))
 
 
-def _eager_scores(tower, pixel_values, layers, num_prefix):
+def _assert_selection_matches_eager_maps(model, inputs, budget, side, k, num_prefix):
+    """Each tile's selection equals HiPrune on the tower's eager attention maps (prefix excluded), pooled k x k."""
+    hiprune_ops.apply_hiprune(model, budget=budget)
+    with torch.no_grad():
+        model(**inputs)
+    state = integrations.hiprune_state(model)
+    tower = model.model.vision_tower
     tower.set_attn_implementation("eager")
     try:
         with torch.no_grad():
-            attentions = tower(pixel_values=pixel_values, output_attentions=True).attentions
+            attentions = tower(pixel_values=inputs["pixel_values"], output_attentions=True).attentions
     finally:
         tower.set_attn_implementation("sdpa")
-    return [hiprune_ops.attention_scores(attentions[layer - 1], num_prefix) for layer in layers]
+    obj, deep = (pool_scores(hiprune_ops.attention_scores(attentions[layer - 1], num_prefix), side, side, k)
+                 for layer in (state.object_layer, state.deep_layer))
+    indices, roles = hiprune_ops.select_with_roles(obj, deep, budget, side // k, side // k)
+    assert torch.equal(torch.stack(state.last.indices), indices)
+    assert torch.equal(torch.stack(state.last.roles), roles)
 
 
 def test_internvl_scores_are_pooled_over_the_pixel_shuffle_groups(internvl):
@@ -264,17 +274,7 @@ def test_internvl_scores_are_pooled_over_the_pixel_shuffle_groups(internvl):
     scores = torch.randn(3, 64, dtype=torch.float64)
     shuffled = internvl.model.pixel_shuffle(scores.reshape(3, 8, 8, 1)).reshape(3, TOKENS, 4)
     torch.testing.assert_close(pool_scores(scores, 8, 8, 2), shuffled.mean(-1), atol=1e-12, rtol=0)
-    # The selection equals HiPrune on the eager attention maps (CLS excluded), pooled, on the 4x4 grid.
-    inputs = internvl_inputs(1)
-    hiprune_ops.apply_hiprune(internvl, budget=6)
-    with torch.no_grad():
-        internvl(**inputs)
-    state = integrations.hiprune_state(internvl)
-    obj, deep = _eager_scores(internvl.model.vision_tower, inputs["pixel_values"],
-                              (state.object_layer, state.deep_layer), 1)
-    indices, roles = hiprune_ops.select_with_roles(pool_scores(obj, 8, 8, 2), pool_scores(deep, 8, 8, 2), 6, 4, 4)
-    assert torch.equal(torch.stack(state.last.indices), indices)
-    assert torch.equal(torch.stack(state.last.roles), roles)
+    _assert_selection_matches_eager_maps(internvl, internvl_inputs(1), 6, 8, 2, num_prefix=1)  # CLS excluded
 
 
 @pytest.mark.parametrize("name,side,k", [("idefics3", 8, 2), ("smolvlm", 16, 4)])
@@ -298,15 +298,7 @@ def test_gemma3_scores_are_pooled_like_the_features(gemma3):
     scores = torch.randn(2, 256, dtype=torch.float64)
     pooled = projector.avg_pool(scores.reshape(2, 1, 16, 16)).flatten(1)
     torch.testing.assert_close(pool_scores(scores, 16, 16, 4), pooled, atol=1e-12, rtol=0)
-    inputs = gemma3_inputs(1)
-    hiprune_ops.apply_hiprune(gemma3, budget=6)
-    with torch.no_grad():
-        gemma3(**inputs)
-    state = integrations.hiprune_state(gemma3)
-    obj, deep = _eager_scores(gemma3.model.vision_tower, inputs["pixel_values"],
-                              (state.object_layer, state.deep_layer), 0)
-    indices, _ = hiprune_ops.select_with_roles(pool_scores(obj, 16, 16, 4), pool_scores(deep, 16, 16, 4), 6, 4, 4)
-    assert torch.equal(torch.stack(state.last.indices), indices)
+    _assert_selection_matches_eager_maps(gemma3, gemma3_inputs(1), 6, 16, 4, num_prefix=0)
 
 
 @pytest.mark.parametrize("name,merge", [("llava_pixtral", 1), ("mistral3", 2)])

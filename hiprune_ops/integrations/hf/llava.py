@@ -33,7 +33,7 @@ class LlavaAdapter(Adapter):
         self.object_layer = resolve_layer(object_layer, depth, default_object_layer(depth), "object_layer")
         self.deep_layer = resolve_layer(deep_layer, depth, projector_layer(model.config.vision_feature_layer, depth),
                                         "deep_layer")
-        self.n = self.tower.grid * self.tower.grid
+        self.grid_tokens = self.tower.grid * self.tower.grid  # patch tokens of one image or tile
         self.check_budget()
 
     def project(self, kept: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,7 @@ class LlavaAdapter(Adapter):
         return self.model.model.multi_modal_projector(kept)
 
     def check_budget(self):
-        self.per_image = resolve_budget(self.budget, self.ratio, self.n, self.default_ratio)
+        self.per_image = resolve_budget(self.budget, self.ratio, self.grid_tokens, self.default_ratio)
 
     def attention(self, layer):
         return self.tower.attention(layer)
@@ -77,7 +77,7 @@ class LlavaAdapter(Adapter):
             slots = torch.cat([torch.arange(prefix, device=indices.device).expand(indices.shape[0], -1),
                                indices + prefix], dim=1)
         features = self.project(kept)
-        full = self.n + (prefix if keep_prefix else 0)
+        full = self.grid_tokens + (prefix if keep_prefix else 0)
         return EncodedImages(list(features.unbind(0)), [full] * features.shape[0], list(slots.unbind(0)),
                              list(indices.unbind(0)), list(roles.unbind(0)))
 
@@ -94,12 +94,12 @@ class LlavaNextAdapter(LlavaAdapter):
             if self.ratio is not None:
                 raise ValueError("give budget or ratio, not both")
         else:
-            resolve_budget(None, self.ratio, self.n, self.default_ratio)  # validates ratio
+            resolve_budget(None, self.ratio, self.grid_tokens, self.default_ratio)  # validates ratio
 
     def per_tile(self, tiles: int) -> int:
         if self.budget is None:
-            return resolve_budget(None, self.ratio, self.n, self.default_ratio)
-        keep = min(self.n, self.budget // tiles)
+            return resolve_budget(None, self.ratio, self.grid_tokens, self.default_ratio)
+        keep = min(self.grid_tokens, self.budget // tiles)
         if keep < 1:
             raise ValueError(f"budget={self.budget} leaves no token per tile for an image with {tiles} tiles")
         return keep
@@ -132,16 +132,16 @@ class LlavaNextAdapter(LlavaAdapter):
                 rows, cols = get_anyres_image_grid_shape(image_sizes[image], config.image_grid_pinpoints,
                                                          config.vision_config.image_size)
                 unpadded = unpad_image(torch.empty(1, rows * grid, cols * grid, device="meta"), image_sizes[image])
-                full = self.n + unpadded.shape[1] * (unpadded.shape[2] + 1)
+                full = self.grid_tokens + unpadded.shape[1] * (unpadded.shape[2] + 1)
             else:
                 rows = cols = 0
-                full = self.n + 1
+                full = self.grid_tokens + 1
             keep = self.per_tile(tiles)
-            if keep == self.n:  # nothing pruned: transformers' packing, token for token
+            if keep == self.grid_tokens:  # nothing pruned: transformers' packing, token for token
                 packed, _ = model.pack_image_features([projected], image_sizes[image:image + 1], strategy,
                                                       image_newline=model.image_newline)
                 features = packed[0]
-                indices = torch.arange(self.n, device=hidden.device).expand(tiles, -1)
+                indices = torch.arange(self.grid_tokens, device=hidden.device).expand(tiles, -1)
                 roles = torch.full_like(indices, 2, dtype=torch.int8)
             else:
                 indices, roles = self._select(obj[tile_slice], deep[tile_slice], keep)
