@@ -249,19 +249,24 @@ def test_prefill_gets_exactly_the_kept_tokens_per_tile(request, name, budget):
             assert torch.equal((shrunk_ids == marker).sum(1), (inputs["input_ids"] == marker).sum(1))
 
 
-def _assert_selection_matches_eager_maps(model, inputs, budget, side, k, num_prefix):
-    """Each tile's selection equals HiPrune on the tower's eager attention maps (prefix excluded), pooled k x k."""
+def _state_and_eager_maps(model, inputs, budget, **tower_inputs):
+    """Prunes one forward at `budget`; returns the adapter and the tower's eager attention maps of the same pixels."""
     hiprune_ops.apply_hiprune(model, budget=budget)
     with torch.no_grad():
         model(**inputs)
-    state = integrations.hiprune_state(model)
     tower = model.model.vision_tower
     tower.set_attn_implementation("eager")
     try:
         with torch.no_grad():
-            attentions = tower(pixel_values=inputs["pixel_values"], output_attentions=True).attentions
+            attentions = tower(inputs["pixel_values"], output_attentions=True, **tower_inputs).attentions
     finally:
         tower.set_attn_implementation("sdpa")
+    return integrations.hiprune_state(model), attentions
+
+
+def _assert_selection_matches_eager_maps(model, inputs, budget, side, k, num_prefix):
+    """Each tile's selection equals HiPrune on the tower's eager attention maps (prefix excluded), pooled k x k."""
+    state, attentions = _state_and_eager_maps(model, inputs, budget)
     obj, deep = (pool_scores(hiprune_ops.attention_scores(attentions[layer - 1], num_prefix), side, side, k)
                  for layer in (state.object_layer, state.deep_layer))
     indices, roles = hiprune_ops.select_with_roles(obj, deep, budget, side // k, side // k)
@@ -306,18 +311,7 @@ def test_pixtral_scores_each_image_within_its_block(request, name, merge):
     # The tower packs the images into one sequence behind a block-diagonal mask; each image is scored on its own
     # block of the eager attention maps, pooled over Mistral 3's 2x2 merge groups.
     model, inputs = _model_and_inputs(request, name)
-    hiprune_ops.apply_hiprune(model, budget=4)
-    with torch.no_grad():
-        model(**inputs)
-    state = integrations.hiprune_state(model)
-    tower = model.model.vision_tower
-    tower.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            attentions = tower(inputs["pixel_values"], image_sizes=inputs["image_sizes"],
-                               output_attentions=True).attentions
-    finally:
-        tower.set_attn_implementation("sdpa")
+    state, attentions = _state_and_eager_maps(model, inputs, 4, image_sizes=inputs["image_sizes"])
     start = 0
     for image, (h, w) in enumerate((PIXTRAL_SIZES // 4).tolist()):
         block = slice(start, start + h * w)
