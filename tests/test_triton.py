@@ -271,6 +271,16 @@ def test_qk_scores_with_lse(dtype, dim):
     torch.testing.assert_close(halved.cpu(), want / 2, rtol=1e-4 if dtype == torch.float32 else 1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("dim, chunks", [(64, (64, 0)), (72, (64, 16)), (80, (64, 16)), (96, (64, 32)),
+                                         (128, (128, 0)), (8, (16, 0))])
+def test_qk_scores_head_dims_split_into_two_dots(dim, chunks):
+    # 80 runs as 64 + 16 channels, not padded to 128; every split gives the reference's scores.
+    assert triton_kernels.qk_scores.channel_chunks(dim) == chunks
+    q, k = _qk((1, 2, 20, dim), seed=dim)
+    torch.testing.assert_close(ops.qk_scores(q, k, dim ** -0.5, 1).cpu(),
+                               reference.qk_scores(q.cpu(), k.cpu(), dim ** -0.5, 1), rtol=1e-4, atol=1e-6)
+
+
 def test_qk_scores_varlen_with_lse():
     q, k = _qk((45, 3, 80), seed=27)
     bounds = [0, 1, 18, 18, 45]
