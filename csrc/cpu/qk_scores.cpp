@@ -55,8 +55,9 @@ bool blas_ready(const at::Tensor& m) {
 
 // exp(x) in float32 within a few ulp, branch free so that the compiler vectorises the loop below (ATen's exp is
 // the accurate, slower variant, and a separate pass). Cody-Waite: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its
-// Taylor series to r^7 (error < 1e-8 relative), times 2^n built in the exponent bits. Below -87 the result
-// flushes to 0 (the smallest normal float is exp(-87.3)); here x = logit - lse, never much above 0.
+// Taylor series to r^7 (error < 1e-8 relative), times 2^n built in the exponent bits. x is clamped to
+// [-87, 0.5]: no denormals (exp(-87) = 1.6e-38 stands in for anything smaller, an absolute error far below the
+// scores' scale of 1 / L), and x = logit - lse is never much above 0.
 __attribute__((always_inline)) inline float exp_nonpositive(float x) {
   x = x < -87.0f ? -87.0f : (x > 0.5f ? 0.5f : x);  // (std::min / max would not inline into the clones)
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest integer

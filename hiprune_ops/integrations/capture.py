@@ -83,8 +83,9 @@ SDP_EFFICIENT = int(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION.value)
 
 
 def _sdpa_flash_with_lse(module, query, key, value, attention_mask, args, kwargs):
-    """(output, lse) exactly as transformers' SDPA forward would compute the output, when SDPA would pick its flash
-    kernel for this call; None otherwise. lse: (B, H, L) float32, natural log."""
+    """(output, lse) with the output exactly as transformers' SDPA forward computes it, when SDPA would run its
+    flash kernel (or, on CUDA, its memory-efficient one) for this call; None otherwise. lse: (B, H, L) float32,
+    natural log."""
     if args or attention_mask is not None or kwargs.get("output_attentions"):
         return None
     if any(kwargs.get(name) is not None for name in _SDPA_SHORTCUT_BLOCKERS):
@@ -118,7 +119,6 @@ def _sdpa_flash_with_lse(module, query, key, value, attention_mask, args, kwargs
     # The tail of sdpa_attention_forward: (B, H, L, D) -> (B, L, H, D), contiguous.
     output = output.reshape(output.shape[0], -1, query.shape[2], value.shape[-1]).transpose(1, 2).contiguous()
     return output, lse
-
 
 
 def _wrap(original: Callable) -> Callable:
