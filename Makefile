@@ -59,7 +59,7 @@ sdist: $(DEPS_STAMP)
 	rm -rf build/dist
 	$(PY) -m build --sdist --no-isolation --skip-dependency-check --outdir build/dist .
 
-# $(call unpack_sdist,DIR): the sdist's tree in DIR (kept between runs, so its build is incremental).
+# $(call unpack_sdist,DIR): the sdist's tree in DIR.
 unpack_sdist = mkdir -p $(1) && tar -xzf build/dist/*.tar.gz -C $(1) --strip-components=1
 
 $(COMPAT_VENV)/.deps-installed:
@@ -67,11 +67,12 @@ $(COMPAT_VENV)/.deps-installed:
 	$(COMPAT_VENV)/bin/python -m pip install -q $(COMPAT_DEPS)
 	touch $@
 
+# The sdist installed into the compat venv (Triton kernels included), then its own tests run against the install.
 test-compat: sdist $(COMPAT_VENV)/.deps-installed
-	$(call unpack_sdist,build/compat)
-	cd build/compat && HIPRUNE_CUDA=0 $(COMPAT_PY) setup.py -q build_ext --inplace
-	cd build/compat && HIPRUNE_OTHER_TORCH_PYTHON=$(CURDIR)/$(PY) $(COMPAT_PY) -m pytest -q -p no:cacheprovider \
-		$(OP_TESTS)
+	HIPRUNE_CUDA=0 $(COMPAT_PY) -m pip install -q --no-deps --no-build-isolation --force-reinstall build/dist/*.tar.gz
+	rm -rf build/compat && $(call unpack_sdist,build/compat)
+	cd build/compat/tests && HIPRUNE_OTHER_TORCH_PYTHON=$(CURDIR)/$(PY) $(COMPAT_PY) -m pytest -q -p no:cacheprovider \
+		$(OP_TESTS:tests/%=%)
 
 test-sdist: sdist
 	rm -rf build/sdist-venv

@@ -17,18 +17,19 @@ PACKAGE = os.path.dirname(os.path.abspath(hiprune_ops.__file__))
 needs_extension = pytest.mark.skipif(not hiprune_ops.extension_loaded(), reason="extension not built")
 
 
-def import_in_subprocess(python, path):
-    env = dict(os.environ, PYTHONPATH=path)
-    return subprocess.run([python, "-c", "import hiprune_ops"], cwd=path, env=env, capture_output=True, text=True,
+def import_copy(python, tmp_path, built_for=None):
+    """Imports a copy of this package (extension included) in a subprocess; built_for rewrites its record."""
+    copy = tmp_path / "hiprune_ops"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    if built_for is not None:
+        (copy / "_C.torch_version").write_text(built_for + "\n")
+    return subprocess.run([python, "-c", "import hiprune_ops"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
 
 
 @needs_extension
 def test_extension_for_another_torch_is_refused(tmp_path):
-    copy = tmp_path / "hiprune_ops"
-    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    (copy / "_C.torch_version").write_text("2.0.0\n")
-    result = import_in_subprocess(sys.executable, str(tmp_path))
+    result = import_copy(sys.executable, tmp_path, built_for="2.0.0")
     assert result.returncode != 0
     assert (f"hiprune_ops._C was built for torch 2.0.0, but torch {torch.__version__} is installed"
             in result.stderr), result.stderr
@@ -37,14 +38,14 @@ def test_extension_for_another_torch_is_refused(tmp_path):
 @needs_extension
 @pytest.mark.skipif("HIPRUNE_OTHER_TORCH_PYTHON" not in os.environ,
                     reason="HIPRUNE_OTHER_TORCH_PYTHON (a python with another torch) not set: make test-compat sets it")
-def test_real_other_torch_is_refused():
-    # This extension, imported by a python whose torch is another release (make test-compat: the oldest torch
-    # running the current one's package, or the reverse).
+def test_real_other_torch_is_refused(tmp_path):
+    # This extension, imported by a python whose torch is another release (make test-compat: the current torch
+    # importing the package built for the oldest one).
     other = os.environ["HIPRUNE_OTHER_TORCH_PYTHON"]
     other_version = subprocess.run([other, "-c", "import torch; print(torch.__version__)"], capture_output=True,
                                    text=True, check=True).stdout.strip()
     assert other_version != torch.__version__
-    result = import_in_subprocess(other, os.path.dirname(PACKAGE))
+    result = import_copy(other, tmp_path)
     assert result.returncode != 0
     assert (f"hiprune_ops._C was built for torch {torch.__version__}, but torch {other_version} is installed"
             in result.stderr), result.stderr
