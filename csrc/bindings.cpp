@@ -14,7 +14,10 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY(hiprune, m) {
   const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
   m.def("attention_scores(Tensor attn, int num_prefix=0) -> Tensor", tags);
-  m.def("qk_scores(Tensor q, Tensor k, float scale, int num_prefix=0, Tensor? cu_seqlens=None) -> Tensor", tags);
+  m.def(
+      "qk_scores(Tensor q, Tensor k, float scale, int num_prefix=0, Tensor? cu_seqlens=None, Tensor? lse=None) "
+      "-> Tensor",
+      tags);
   m.def(
       "select(Tensor object_attn, Tensor deep_attn, int budget, int grid_h, int grid_w, float alpha=0.1, "
       "int num_prefix=0, str neighborhood=\"cross\", bool official=False) -> Tensor",

@@ -109,7 +109,21 @@ def official_overflow_message(kept: int, budget: int) -> str:
     return f"official=True keeps {kept} anchors and buffers, more than budget {budget}; raise budget or lower alpha"
 
 
-def check_qk_args(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int, cu_seqlens) -> None:
+def check_qk_lse(q: torch.Tensor, packed: bool, lse) -> None:
+    """The optional lse of qk_scores: float32 on q's device, (B, H, L) dense or (H, T) packed, any strides."""
+    if lse is None:
+        return
+    expected = (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[1], q.shape[2])
+    if tuple(lse.shape) != expected:
+        layout = "(H, T)" if packed else "(B, H, L)"
+        raise ValueError(f"lse must be {layout} = {expected} for q of shape {tuple(q.shape)}, got {tuple(lse.shape)}")
+    if lse.dtype != torch.float32:
+        raise TypeError(f"lse must be float32, got {lse.dtype}")
+    if lse.device != q.device:
+        raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
+
+
+def check_qk_args(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int, cu_seqlens, lse=None) -> None:
     """Checks of qk_scores. Values of cu_seqlens are checked only on the CPU (reading them on a GPU would sync)."""
     packed = cu_seqlens is not None
     rank = 3 if packed else 4
@@ -131,6 +145,7 @@ def check_qk_args(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: in
     if not packed:
         if not 0 <= num_prefix < q.shape[2]:
             raise ValueError(f"num_prefix must be in [0, L - 1] = [0, {q.shape[2] - 1}], got {num_prefix}")
+        check_qk_lse(q, False, lse)
         return
     if num_prefix != 0:
         raise ValueError(f"num_prefix must be 0 with cu_seqlens (packed sequences), got {num_prefix}")
@@ -140,6 +155,7 @@ def check_qk_args(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: in
         raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    check_qk_lse(q, True, lse)
     if cu_seqlens.device.type == "cpu" and not isinstance(cu_seqlens, torch._subclasses.FakeTensor):
         bounds = cu_seqlens.tolist()
         if bounds[0] != 0 or bounds[-1] != q.shape[0]:

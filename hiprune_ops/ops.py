@@ -34,13 +34,19 @@ def attention_scores(attn: torch.Tensor, num_prefix: int = 0, *, backend: Option
 
 
 def qk_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int = 0,
-              cu_seqlens: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> torch.Tensor:
+              cu_seqlens: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, *,
+              backend: Optional[str] = None) -> torch.Tensor:
     """attention_scores(softmax(q @ k^T * scale), num_prefix) without the (L, L) map: O(B * H * L) extra memory.
 
     q, k: (B, H, L, D) -> (B, L - num_prefix) float32. Packed: q, k (T, H, D) with int32 cu_seqlens (S + 1,),
     attention inside each segment, num_prefix 0 -> (T,) float32, each token averaged over its segment's queries.
+
+    lse (optional): float32, the natural-log log-sum-exp of each query row's scaled logits over the keys it
+    attends to, as the attention forward already computed it: (B, H, L) dense, (H, T) packed (the layouts of
+    torch's flash attention and of flash-attn's varlen kernel; any strides). With it, one pass over q and k gives
+    the same scores (to float32 tolerance) instead of two. The kernels trust its values.
     """
-    return _implementation("qk_scores", backend, q.device)(q, k, scale, num_prefix, cu_seqlens)
+    return _implementation("qk_scores", backend, q.device)(q, k, scale, num_prefix, cu_seqlens, lse)
 
 
 def select(object_attn: torch.Tensor, deep_attn: torch.Tensor, budget: int, grid_h: int, grid_w: int,
@@ -81,8 +87,8 @@ def attention_scores_fake(attn, num_prefix=0):
     return attn.new_empty((attn.shape[0], n), dtype=torch.float32)
 
 
-def qk_scores_fake(q, k, scale, num_prefix=0, cu_seqlens=None):
-    v.check_qk_args(q, k, scale, num_prefix, cu_seqlens)
+def qk_scores_fake(q, k, scale, num_prefix=0, cu_seqlens=None, lse=None):
+    v.check_qk_args(q, k, scale, num_prefix, cu_seqlens, lse)
     shape = (q.shape[0],) if cu_seqlens is not None else (q.shape[0], q.shape[2] - num_prefix)
     return q.new_empty(shape, dtype=torch.float32)
 

@@ -27,12 +27,18 @@ def attention_scores(attn: torch.Tensor, num_prefix: int = 0) -> torch.Tensor:
 
 
 def qk_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int = 0,
-              cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """attention_scores(softmax(q @ k^T * scale)), computed densely in float64 (the truth, not memory-lean)."""
-    v.check_qk_args(q, k, scale, num_prefix, cu_seqlens)
+              cu_seqlens: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """attention_scores(softmax(q @ k^T * scale)), computed densely in float64 (the truth, not memory-lean).
+
+    With lse (each row's log-sum-exp, (B, H, L) or packed (H, T)), the probabilities are exp(logits - lse).
+    """
+    v.check_qk_args(q, k, scale, num_prefix, cu_seqlens, lse)
     if cu_seqlens is None:
         logits = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale
-        probs = torch.softmax(logits, dim=-1)
+        if lse is None:
+            probs = torch.softmax(logits, dim=-1)
+        else:
+            probs = torch.exp(logits - lse.double().unsqueeze(-1))
         return (probs[..., num_prefix:].sum(dim=(1, 2)) / (q.shape[1] * q.shape[2])).to(torch.float32)
     out = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
     bounds = cu_seqlens.tolist()
@@ -40,7 +46,8 @@ def qk_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int = 
         if end > start:
             seg_q = q[start:end].transpose(0, 1).unsqueeze(0)
             seg_k = k[start:end].transpose(0, 1).unsqueeze(0)
-            out[start:end] = qk_scores(seg_q, seg_k, scale)[0]
+            seg_lse = None if lse is None else lse[:, start:end].unsqueeze(0)
+            out[start:end] = qk_scores(seg_q, seg_k, scale, 0, None, seg_lse)[0]
     return out
 
 

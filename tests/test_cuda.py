@@ -306,3 +306,57 @@ def test_opcheck_on_cuda():
     torch.library.opcheck(torch.ops.hiprune.prune.default, (features,) + select_args)
     scores = random_scores(2, 49, seed=63, device="cuda")
     torch.library.opcheck(torch.ops.hiprune.select_with_roles.default, (scores, scores, 16, 7, 7, 0.3, 0, "square"))
+
+
+def _row_lse(q, k, scale):
+    """Natural-log LSE of each query row (float32, (B, H, L)) from a float64 map on the CPU."""
+    return torch.logsumexp(q.cpu().double() @ k.cpu().double().mT * scale, dim=-1).float()
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_qk_scores_with_lse_matches_cpu(dtype):
+    _need_kernels("qk_scores")
+    g = torch.Generator().manual_seed(70)
+    for batch, heads, length, dim, num_prefix in ((1, 1, 1, 64, 0), (2, 3, 70, 80, 1), (2, 16, 577, 64, 1)):
+        q, k = (torch.randn(batch, heads, length, dim, generator=g).to(dtype) for _ in range(2))
+        lse = _row_lse(q, k, dim ** -0.5)
+        expected = torch.ops.hiprune.qk_scores(q, k, dim ** -0.5, num_prefix)
+        got = torch.ops.hiprune.qk_scores(q.cuda(), k.cuda(), dim ** -0.5, num_prefix, None, lse.cuda())
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-7)
+
+
+@needs_gpu
+def test_qk_scores_with_lse_varlen_matches_cpu():
+    _need_kernels("qk_scores")
+    g = torch.Generator().manual_seed(71)
+    q, k = (torch.randn(150, 4, 80, generator=g) for _ in range(2))
+    bounds = [0, 1, 64, 64, 150]
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    lse = torch.cat([_row_lse(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), 80 ** -0.5)
+                     for s, e in zip(bounds[:-1], bounds[1:])], dim=1)  # (H, T)
+    expected = torch.ops.hiprune.qk_scores(q, k, 80 ** -0.5, 0, cu)
+    got = torch.ops.hiprune.qk_scores(q.cuda(), k.cuda(), 80 ** -0.5, 0, cu.cuda(), lse.cuda())
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-7)
+
+
+@needs_gpu
+def test_qk_scores_takes_the_lse_of_torch_attention_kernels():
+    # Flash attention's lse is (B, H, L); memory-efficient attention pads L to a multiple of 32: a strided slice.
+    _need_kernels("qk_scores")
+    q, k, v = (torch.randn(2, 16, 577, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    expected = torch.ops.hiprune.qk_scores(q.cpu(), k.cpu(), 0.125, 1)
+    flash_lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=0.125)[1]
+    efficient_lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=0.125)[1]
+    for lse in (flash_lse, efficient_lse[..., :577]):
+        got = torch.ops.hiprune.qk_scores(q, k, 0.125, 1, None, lse)
+        torch.testing.assert_close(got.cpu(), expected, rtol=2e-3, atol=1e-7)
+
+
+@needs_gpu
+def test_opcheck_qk_scores_with_lse_on_cuda():
+    _need_kernels("qk_scores")
+    g = torch.Generator().manual_seed(72)
+    q, k = (torch.randn(2, 2, 17, 64, generator=g) for _ in range(2))
+    lse = _row_lse(q, k, 0.125)
+    torch.library.opcheck(torch.ops.hiprune.qk_scores.default, (q.cuda(), k.cuda(), 0.125, 1, None, lse.cuda()))

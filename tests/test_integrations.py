@@ -328,7 +328,9 @@ def test_attention_implementation_kept_and_no_eager(llava, monkeypatch):
         llava(**llava_inputs())
     assert llava.config.vision_config._attn_implementation == "sdpa"
     vision_calls = [s for s in calls if s[-2] == N + 1]
-    assert len(vision_calls) == 4  # every tower layer ran SDPA, the two captured ones included
+    # The two untapped tower layers ran SDPA; the two captured ones ran SDPA's own flash kernel directly, for its
+    # lse (test_captured_sdpa_layers_reuse_the_flash_lse_and_keep_their_output).
+    assert len(vision_calls) == 2
 
 
 def test_captured_scores_match_eager_attention_maps():
@@ -406,6 +408,8 @@ def test_bad_arguments_name_themselves(llava):
         hiprune_ops.apply_hiprune(llava, budget=8, alpha=1.5)
     with pytest.raises(ValueError, match="ratio"):
         hiprune_ops.apply_hiprune(llava, ratio=0.0)
+    with pytest.raises(ValueError, match="video_budget"):
+        hiprune_ops.apply_hiprune(llava, video_budget=8)
     assert "_hiprune_state" not in llava.__dict__ and not capture._installed
     hiprune_ops.apply_hiprune(llava, budget=8)
     with pytest.raises(RuntimeError, match="already patched"):
@@ -481,3 +485,56 @@ def test_generate_with_processor_output_unchanged(llava):
     prompt = inputs["input_ids"]
     assert torch.equal(out[:, :prompt.shape[1]], prompt) and out.shape[1] == prompt.shape[1] + 3
     assert len(processor.batch_decode(out[:, prompt.shape[1]:])) == 2
+
+
+def test_captured_sdpa_layers_reuse_the_flash_lse_and_keep_their_output(monkeypatch):
+    # A captured SDPA layer runs SDPA's own CPU flash kernel, which returns each row's lse, and scores in one pass.
+    torch.manual_seed(12)
+    tower = transformers.CLIPVisionModel(_clip()).eval()
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        plain = tower(pixels, output_hidden_states=True).hidden_states
+    lse_given = []
+    real_qk_scores = hiprune_ops.ops.qk_scores
+
+    def spying_qk_scores(q, k, scale, num_prefix=0, cu_seqlens=None, lse=None, **kwargs):
+        lse_given.append(lse)
+        return real_qk_scores(q, k, scale, num_prefix, cu_seqlens, lse, **kwargs)
+
+    monkeypatch.setattr(capture.ops, "qk_scores", spying_qk_scores)
+    layers = tower.encoder.layers
+    slots = [capture.attach(layers[i].self_attn, num_prefix=1) for i in (1, 2)]
+    try:
+        with torch.no_grad():
+            captured = tower(pixels, output_hidden_states=True).hidden_states
+    finally:
+        for i in (1, 2):
+            capture.detach(layers[i].self_attn)
+    assert len(lse_given) == 2 and all(lse is not None and lse.shape == (2, 4, N + 1) for lse in lse_given)
+    for got, want in zip(captured, plain):  # every layer's output, tapped or not, is SDPA's bit for bit
+        assert torch.equal(got, want)
+    assert all(slot.scores[0].shape == (2, N) for slot in slots)
+    # The scores equal the two-pass ones from the same q and k (the layer's own attention maps, reduced).
+    with torch.no_grad():
+        tower.set_attn_implementation("eager")
+        maps = tower(pixels, output_attentions=True).attentions
+        tower.set_attn_implementation("sdpa")
+    for slot, i in zip(slots, (1, 2)):
+        torch.testing.assert_close(slot.scores[0], hiprune_ops.attention_scores(maps[i], 1), rtol=1e-5, atol=1e-7)
+
+
+def test_sdpa_capture_falls_back_to_two_passes_with_a_mask(monkeypatch):
+    # A mask takes SDPA off the flash kernel: the shortcut is not taken, the original SDPA call runs.
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=g) for _ in range(3))
+    module = torch.nn.Module()
+    module.is_causal = False
+    assert capture._sdpa_flash_with_lse(module, q, k, v, torch.zeros(1, 1, 9, 9), (), {}) is None
+    assert capture._sdpa_flash_with_lse(module, q, k, v, None, (), {"dropout": 0.1}) is None
+    assert capture._sdpa_flash_with_lse(module, q, k, v, None, (), {"position_bias": torch.zeros(1)}) is None
+    module.is_causal = True
+    assert capture._sdpa_flash_with_lse(module, q, k, v, None, (), {}) is None
+    output, lse = capture._sdpa_flash_with_lse(module, q, k, v, None, (), {"is_causal": False, "scaling": 0.3})
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3).transpose(1, 2)
+    assert torch.equal(output, want)
+    torch.testing.assert_close(lse, torch.logsumexp(q @ k.mT * 0.3, dim=-1))

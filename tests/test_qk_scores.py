@@ -1,5 +1,7 @@
 """qk_scores: received attention from q and k, checked against softmax(q @ k^T * scale) reduced in float64."""
 
+import math
+
 import pytest
 import torch
 
@@ -30,9 +32,21 @@ def make_qk(shape, dtype=torch.float32, seed=0, spread=1.0):
     return q, k
 
 
-def run(backend, device, q, k, scale, num_prefix=0, cu_seqlens=None):
+def row_lse(q, k, scale, cu_seqlens=None):
+    """Each query row's natural-log log-sum-exp, float32: (B, H, L), or (H, T) packed as flash-attn lays it out."""
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        pieces = [row_lse(q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None], scale)[0]
+                  for s, e in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(pieces, dim=1)
+    logits = torch.matmul(q.cpu().double(), k.cpu().double().transpose(-1, -2)) * scale
+    return torch.logsumexp(logits, dim=-1).float()
+
+
+def run(backend, device, q, k, scale, num_prefix=0, cu_seqlens=None, lse=None):
     cu = None if cu_seqlens is None else cu_seqlens.to(device)
-    return hiprune_ops.qk_scores(q.to(device), k.to(device), scale, num_prefix, cu, backend=backend)
+    lse = None if lse is None else lse.to(device)
+    return hiprune_ops.qk_scores(q.to(device), k.to(device), scale, num_prefix, cu, lse, backend=backend)
 
 
 def assert_matches(out, expected):
@@ -178,12 +192,77 @@ def test_empty_batch(backend, device):
     assert run(backend, device, q, k, 0.125, 1).shape == (0, 9)
 
 
+# -- with the rows' lse: one pass, the same scores ------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("batch,heads,length,dim,num_prefix", SHAPES)
+def test_lse_gives_the_two_pass_scores(backend, device, batch, heads, length, dim, num_prefix):
+    q, k = make_qk((batch, heads, length, dim), seed=length + 1)
+    scale = dim ** -0.5
+    out = run(backend, device, q, k, scale, num_prefix, lse=row_lse(q, k, scale))
+    assert_matches(out, truth(q, k, scale, num_prefix))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lse_with_half_inputs(backend, device, dtype):
+    q, k = make_qk((2, 2, 37, 80), dtype=dtype, seed=21)
+    out = run(backend, device, q, k, 80 ** -0.5, 1, lse=row_lse(q, k, 80 ** -0.5))
+    assert_matches(out, truth(q, k, 80 ** -0.5, 1))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_lse_is_used_not_recomputed(backend, device):
+    # Every probability is exp(logit - lse): raising lse by log(2) halves every score.
+    q, k = make_qk((2, 2, 30, 64), seed=22)
+    out = run(backend, device, q, k, 0.125, 1, lse=row_lse(q, k, 0.125) + math.log(2.0))
+    assert_matches(out, truth(q, k, 0.125, 1) / 2)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_lse_strided(backend, device):
+    # lse laid out (B, L, H) in memory and viewed as (B, H, L); q, k from a (B, L, H, D) layout.
+    g = torch.Generator().manual_seed(23)
+    q = torch.randn(2, 45, 3, 64, generator=g).transpose(1, 2)
+    k = torch.randn(2, 45, 3, 64, generator=g).transpose(1, 2)
+    lse = row_lse(q, k, 0.125).transpose(1, 2).contiguous().transpose(1, 2)
+    assert not lse.is_contiguous()
+    assert_matches(run(backend, device, q, k, 0.125, 2, lse=lse), truth(q, k, 0.125, 2))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("bounds", VARLEN, ids=lambda b: "-".join(map(str, b)))
+def test_lse_varlen(backend, device, bounds):
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    q, k = make_qk((bounds[-1], 3, 80), seed=len(bounds) + 1)
+    lse = row_lse(q, k, 80 ** -0.5, cu)
+    assert lse.shape == (3, bounds[-1])
+    assert_matches(run(backend, device, q, k, 80 ** -0.5, 0, cu, lse), truth(q, k, 80 ** -0.5, 0, cu))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_lse_large_logits(backend, device):
+    # The one-pass path subtracts lse inside the float32 dot product: still stable for logits in the hundreds.
+    q, k = make_qk((1, 2, 50, 64), seed=5, spread=6.0)
+    out = run(backend, device, q, k, 1.0, lse=row_lse(q, k, 1.0))
+    assert torch.isfinite(out).all()
+    # A float32 lse of magnitude ~300 is itself rounded by ~2e-5: looser than the two-pass check.
+    torch.testing.assert_close(out.cpu().double(), truth(q, k, 1.0), rtol=2e-4, atol=1e-7)
+
+
 # Bad inputs: (arguments, error type, message fragment). Each message names the argument.
 def _bad_cases():
     q, k = make_qk((2, 2, 10, 64))
     qp, kp = make_qk((12, 2, 64))
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    lse, lse_packed = torch.zeros(2, 2, 10), torch.zeros(2, 12)
     return {
+        "lse-shape": ((q, k, 0.1, 0, None, lse[:, :, :9]), ValueError, "lse must be (B, H, L) = (2, 2, 10)"),
+        "lse-rank": ((q, k, 0.1, 0, None, lse[0]), ValueError, "lse must be (B, H, L)"),
+        "lse-dtype": ((q, k, 0.1, 0, None, lse.double()), TypeError, "lse must be float32"),
+        "lse-half": ((q, k, 0.1, 0, None, lse.half()), TypeError, "lse must be float32"),
+        "lse-packed-layout": ((qp, kp, 0.1, 0, cu, lse_packed.t()), ValueError, "lse must be (H, T) = (2, 12)"),
+        "lse-packed-dense": ((qp, kp, 0.1, 0, cu, lse_packed[None]), ValueError, "lse must be (H, T)"),
         "k-shape": ((q, k[:, :, :9], 0.1, 0, None), ValueError, "k shape"),
         "k-heads": ((q, k[:, :1], 0.1, 0, None), ValueError, "k shape"),
         "q-rank": ((q[0], k[0], 0.1, 0, None), ValueError, "q must be (B, H, L, D)"),
@@ -219,9 +298,9 @@ VALUE_CHECKS = {"cu-end", "cu-past-end", "cu-start", "cu-decreasing"}
 def test_bad_inputs_raise_naming_the_argument(backend, device, case):
     if device == "cuda" and case in VALUE_CHECKS:
         pytest.skip("cu_seqlens values are not read on the GPU")
-    (q, k, scale, num_prefix, cu), error, fragment = _bad_cases()[case]
+    args, error, fragment = _bad_cases()[case]
     with pytest.raises(error, match=fragment.replace("(", r"\(").replace(")", r"\)")):
-        run(backend, device, q, k, scale, num_prefix, cu)
+        run(backend, device, *args)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -233,6 +312,8 @@ def test_device_mismatch(backend, device):
         hiprune_ops.qk_scores(q.cuda(), k.cuda(), 0.1, 0, torch.tensor([0, 8], dtype=torch.int32), backend=backend)
     with pytest.raises(ValueError, match="k is on"):
         hiprune_ops.qk_scores(q[None].cuda(), k[None], 0.1, backend=backend)
+    with pytest.raises(ValueError, match="lse is on"):
+        hiprune_ops.qk_scores(q[None].cuda(), k[None].cuda(), 0.1, lse=torch.zeros(1, 8, 2), backend=backend)
 
 
 @pytest.mark.parametrize("backend,device", GPU_KERNELS)
@@ -293,4 +374,7 @@ def test_opcheck(device):
     cu = torch.tensor([0, 1, 9, 17], dtype=torch.int32, device=device)
     torch.library.opcheck(torch.ops.hiprune.qk_scores, (q.to(device), k.to(device), 0.125, 1, None))
     torch.library.opcheck(torch.ops.hiprune.qk_scores, (qp.to(device), kp.to(device), 0.125, 0, cu))
+    lse, lse_packed = row_lse(q, k, 0.125).to(device), row_lse(qp, kp, 0.125, cu.cpu()).to(device)
+    torch.library.opcheck(torch.ops.hiprune.qk_scores, (q.to(device), k.to(device), 0.125, 1, None, lse))
+    torch.library.opcheck(torch.ops.hiprune.qk_scores, (qp.to(device), kp.to(device), 0.125, 0, cu, lse_packed))
 

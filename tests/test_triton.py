@@ -252,6 +252,36 @@ def test_qk_scores_varlen():
     assert got[0].item() == pytest.approx(1.0)  # a 1-token segment attends only to itself
 
 
+def _row_lse(q, k, scale):
+    """Natural-log LSE of each query row, float32, from a dense float64 map: (B, H, L) for (B, H, L, D)."""
+    return torch.logsumexp(q.cpu().double() @ k.cpu().double().mT * scale, dim=-1).float().to(q.device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [64, 80])
+def test_qk_scores_with_lse(dtype, dim):
+    q, k = _qk((2, 2, 37, dim), dtype, seed=26 + dim)
+    scale = dim ** -0.5
+    want = reference.qk_scores(q.cpu(), k.cpu(), scale, 1)
+    got = ops.qk_scores(q, k, scale, 1, None, _row_lse(q, k, scale))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4 if dtype == torch.float32 else 1e-3, atol=1e-6)
+    # The lse is read, not recomputed: lse + log(2) halves every score.
+    halved = ops.qk_scores(q, k, scale, 1, None, _row_lse(q, k, scale) + math.log(2.0))
+    torch.testing.assert_close(halved.cpu(), want / 2, rtol=1e-4 if dtype == torch.float32 else 1e-3, atol=1e-6)
+
+
+def test_qk_scores_varlen_with_lse():
+    q, k = _qk((45, 3, 80), seed=27)
+    bounds = [0, 1, 18, 18, 45]
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
+    # flash-attn's varlen layout: (H, T).
+    lse = torch.cat([_row_lse(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), 80 ** -0.5)
+                     for s, e in zip(bounds[:-1], bounds[1:])], dim=1)
+    got = ops.qk_scores(q, k, 80 ** -0.5, 0, cu_seqlens, lse)
+    want = reference.qk_scores(q.cpu(), k.cpu(), 80 ** -0.5, 0, cu_seqlens.cpu())
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-6)
+
+
 def test_qk_scores_matches_attention_scores_of_softmax():
     q, k = _qk((1, 2, 21, 64), seed=25)
     probs = torch.softmax(q.double() @ k.double().mT * 0.125, dim=-1).float()
@@ -268,6 +298,9 @@ def test_qk_scores_matches_attention_scores_of_softmax():
     (lambda q, k: ops.qk_scores(q[0], k[0], 1.0, 0, torch.tensor([0, 3], dtype=torch.int32)), ValueError,
      "cu_seqlens"),
     (lambda q, k: ops.qk_scores(q.int(), k.int(), 1.0), TypeError, "q"),
+    (lambda q, k: ops.qk_scores(q, k, 1.0, 0, None, torch.zeros(1, 2, 4, device=q.device)), ValueError, "lse"),
+    (lambda q, k: ops.qk_scores(q, k, 1.0, 0, None, torch.zeros(1, 2, 5, device=q.device).double()), TypeError,
+     "lse"),
 ])
 def test_qk_scores_bad_input(call, error, match):
     q, k = _qk((1, 2, 5, 16))

@@ -4,7 +4,8 @@ Rows are flattened to t in [0, T) (dense: T = B * L, t = b * L + l; packed: the 
 the keys of its own segment [start(t), end(t)) (dense: its image; packed: found on the device from cu_seqlens,
 so the host never reads it). Pass 1: per query tile, the log2-sum-exp2 of each row over its segment's keys.
 Pass 2: per key tile, the column sums of exp2(s - lse) over the queries of its segment, divided by the segment
-length. The host then sums the heads (float32 throughout; extra memory O(T * H)).
+length. Given the rows' natural-log lse, pass 1 is skipped and pass 2 reads it (times log2(e)) with its own
+strides. The host then sums the heads (float32 throughout; extra memory O(T * H)).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def _row_lse_kernel(q_ptr, k_ptr, lse_ptr, cu_ptr, n_bounds, total, length, head
 
 @triton.jit
 def _column_sums_kernel(q_ptr, k_ptr, lse_ptr, colsum_ptr, cu_ptr, n_bounds, total, length, heads, n_dims,
-                        scale_log2, q_sb, q_sh, q_sl, q_sd, k_sb, k_sh, k_sl, k_sd, VARLEN: tl.constexpr,
+                        scale_log2, lse_to_log2, q_sb, q_sh, q_sl, q_sd, k_sb, k_sh, k_sl, k_sd, lse_sb, lse_sh, lse_sl,
+                        VARLEN: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     h = tl.program_id(1).to(tl.int64)
@@ -101,7 +103,8 @@ def _column_sums_kernel(q_ptr, k_ptr, lse_ptr, colsum_ptr, cu_ptr, n_bounds, tot
         rows = q0 + tl.arange(0, BLOCK_M)
         row_mask = rows < last
         q = _load_rows(q_ptr + h * q_sh, rows, row_mask, dims, n_dims, length, q_sb, q_sl, q_sd, VARLEN, UPCAST)
-        lse = tl.load(lse_ptr + rows.to(tl.int64) * heads + h, mask=row_mask, other=0.0)
+        lse_offs = _row_offsets(rows, length, lse_sb, lse_sl, VARLEN) + h * lse_sh
+        lse = tl.load(lse_ptr + lse_offs, mask=row_mask, other=0.0) * lse_to_log2
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         # A query sees a key exactly when it lies in the key's segment.
         inside = row_mask[:, None] & (rows[:, None] >= start[None, :]) & (rows[:, None] < end[None, :])
@@ -111,8 +114,8 @@ def _column_sums_kernel(q_ptr, k_ptr, lse_ptr, colsum_ptr, cu_ptr, n_bounds, tot
 
 
 def launch_qk_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int = 0,
-                     cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    v.check_qk_args(q, k, scale, num_prefix, cu_seqlens)
+                     cu_seqlens: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    v.check_qk_args(q, k, scale, num_prefix, cu_seqlens, lse)
     check_device(q, "q")
     varlen = cu_seqlens is not None
     if varlen:
@@ -129,7 +132,12 @@ def launch_qk_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix:
         k_sb, k_sh, k_sl, k_sd = k.stride()
         n_bounds = 0
         cu = q  # any pointer: never read
-    lse = torch.empty((max(total, 1), heads), dtype=torch.float32, device=q.device)
+    if lse is not None:  # natural log, (B, H, L) or packed (H, T)
+        row_lse, lse_to_log2 = lse, math.log2(math.e)
+        lse_sb, lse_sh, lse_sl = (0, *lse.stride()) if varlen else lse.stride()
+    else:  # computed below in base 2, (T, H)
+        row_lse, lse_to_log2 = torch.empty((max(total, 1), heads), dtype=torch.float32, device=q.device), 1.0
+        lse_sb, lse_sh, lse_sl = length * heads, 1, heads
     colsum = torch.empty((total, heads), dtype=torch.float32, device=q.device)
     if total > 0:
         block = 16 if interpreting() else 64
@@ -142,10 +150,12 @@ def launch_qk_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix:
         strides = (q_sb, q_sh, q_sl, q_sd, k_sb, k_sh, k_sl, k_sd)
         scale_log2 = scale * math.log2(math.e)
         grid = (triton.cdiv(total, block), heads)
-        torch.library.wrap_triton(_row_lse_kernel)[grid](
-            q, k, lse, cu, n_bounds, total, length, heads, n_dims, scale_log2, *strides, **common)
+        if lse is None:
+            torch.library.wrap_triton(_row_lse_kernel)[grid](
+                q, k, row_lse, cu, n_bounds, total, length, heads, n_dims, scale_log2, *strides, **common)
         torch.library.wrap_triton(_column_sums_kernel)[grid](
-            q, k, lse, colsum, cu, n_bounds, total, length, heads, n_dims, scale_log2, *strides, **common)
+            q, k, row_lse, colsum, cu, n_bounds, total, length, heads, n_dims, scale_log2, lse_to_log2, *strides,
+            lse_sb, lse_sh, lse_sl, **common)
     scores = colsum.sum(dim=1) / heads
     if varlen:
         return scores
@@ -154,9 +164,10 @@ def launch_qk_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix:
 
 @torch.library.triton_op("hiprune_triton::qk_scores", mutates_args=())
 def qk_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int = 0,
-              cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """attention_scores(softmax(q @ k^T * scale), num_prefix) without the (L, L) map; packed with cu_seqlens."""
-    return launch_qk_scores(q, k, scale, num_prefix, cu_seqlens)
+              cu_seqlens: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """attention_scores(softmax(q @ k^T * scale), num_prefix) without the (L, L) map; packed with cu_seqlens;
+    one pass instead of two with the rows' lse."""
+    return launch_qk_scores(q, k, scale, num_prefix, cu_seqlens, lse)
 
 
 # Shapes only, the same fake as torch.ops.hiprune.qk_scores (the interpreter cannot trace the op itself).

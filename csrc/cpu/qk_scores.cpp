@@ -2,7 +2,9 @@
 //
 // A task is one chunk of query rows of one (softmax domain, head). It walks its rows in blocks: logits of the
 // block against every key of the domain (one BLAS gemm, float32), an exact row softmax in place, then the
-// column sums of the block added to the chunk's float32 accumulator (one gemv). The working set per thread is
+// column sums of the block added to the chunk's float32 accumulator (one gemv). Given the rows' log-sum-exp (lse),
+// one pass is enough: the gemm takes q with a last column -lse against k with a last column of ones, so it yields
+// logit - lse directly, and exp() of that is the softmax. The working set per thread is
 // one block (rows x keys, a few MiB: enough rows to keep the gemm efficient). The accumulators take
 // heads x chunks x tokens floats, with the chunk count fixed by the shapes alone, so the result does not depend
 // on the thread count.
@@ -32,6 +34,7 @@ constexpr int64_t kMinChunkRows = 64;
 // One softmax domain: `length` consecutive tokens of one image (or one packed segment), all heads.
 struct Domain {
   at::Tensor q, k;      // (H, length, D) views
+  at::Tensor lse;       // (H, length) view of the given lse, or undefined
   int64_t length;
   int64_t out_offset;   // where its scores start in the flat output
   int64_t first_chunk;  // index of its first (head, chunk) task
@@ -52,13 +55,16 @@ bool blas_ready(const at::Tensor& m) {
 }  // namespace
 
 at::Tensor qk_scores(const at::Tensor& q, const at::Tensor& k, double scale, int64_t num_prefix,
-                     const c10::optional<at::Tensor>& cu_seqlens) {
-  check_qk_args(q, k, scale, num_prefix, cu_seqlens);
+                     const c10::optional<at::Tensor>& cu_seqlens, const c10::optional<at::Tensor>& lse) {
+  check_qk_args(q, k, scale, num_prefix, cu_seqlens, lse);
   TORCH_CHECK(q.device().is_cpu(), "q must be a CPU tensor here, got ", q.device());
   const bool packed = cu_seqlens.has_value();
   // Plain tensors from here on: worker threads do not inherit the caller's autograd state.
   const at::Tensor q_in = q.detach(), k_in = k.detach();
   const int64_t heads = q.size(1), dim = q.size(-1);
+  const bool with_lse = lse.has_value();
+  const at::Tensor lse_in = with_lse ? lse->detach() : at::Tensor();
+  const int64_t width = dim + (with_lse ? 1 : 0);  // columns of the gemm operands
 
   std::vector<Domain> domains;
   at::Tensor out;
@@ -70,12 +76,14 @@ at::Tensor qk_scores(const at::Tensor& q, const at::Tensor& k, double scale, int
       const int64_t begin = b[s], length = b[s + 1] - b[s];
       if (length == 0) continue;
       domains.push_back({q_in.narrow(0, begin, length).transpose(0, 1), k_in.narrow(0, begin, length).transpose(0, 1),
-                         length, begin, 0, 0, 0});
+                         with_lse ? lse_in.narrow(1, begin, length) : at::Tensor(), length, begin, 0, 0, 0});
     }
   } else {
     out = at::empty({q.size(0), q.size(2) - num_prefix}, q.options().dtype(at::kFloat));
     const int64_t n = q.size(2) - num_prefix;
-    for (int64_t b = 0; b < q.size(0); ++b) domains.push_back({q_in[b], k_in[b], q.size(2), b * n, 0, 0, 0});
+    for (int64_t b = 0; b < q.size(0); ++b) {
+      domains.push_back({q_in[b], k_in[b], with_lse ? lse_in[b] : at::Tensor(), q.size(2), b * n, 0, 0, 0});
+    }
   }
   if (domains.empty()) return out;
 
@@ -106,7 +114,7 @@ at::Tensor qk_scores(const at::Tensor& q, const at::Tensor& k, double scale, int
     const at::ThreadLocalStateGuard state_guard(caller_state);
     at::NoGradGuard no_grad;
     const auto f32 = q.options().dtype(at::kFloat);
-    at::Tensor q_block = at::empty({max_rows, dim}, f32);
+    at::Tensor q_block = at::empty({max_rows, width}, f32);
     at::Tensor logits_buffer = at::empty({max_block}, f32);
     at::Tensor ones = at::ones({max_rows}, f32);
     at::Tensor k_buffer;                 // float32 copy of one head's keys, when needed
@@ -120,10 +128,11 @@ at::Tensor qk_scores(const at::Tensor& q, const at::Tensor& k, double scale, int
       const int64_t n = dom.length;
       if (d != k_domain || head != k_head) {
         keys = dom.k[head];  // (n, D)
-        if (keys.scalar_type() != at::kFloat || !blas_ready(keys)) {
-          if (!k_buffer.defined()) k_buffer = at::empty({max_length * dim}, f32);
-          at::Tensor copy = k_buffer.narrow(0, 0, n * dim).view({n, dim});
-          copy.copy_(keys);
+        if (with_lse || keys.scalar_type() != at::kFloat || !blas_ready(keys)) {
+          if (!k_buffer.defined()) k_buffer = at::empty({max_length * width}, f32);
+          at::Tensor copy = k_buffer.narrow(0, 0, n * width).view({n, width});
+          copy.narrow(1, 0, dim).copy_(keys);
+          if (with_lse) copy.select(1, dim).fill_(1.0f);
           keys = copy;
         }
         k_domain = d;
@@ -138,12 +147,18 @@ at::Tensor qk_scores(const at::Tensor& q, const at::Tensor& k, double scale, int
 
       for (int64_t r0 = row_begin; r0 < row_end; r0 += block_rows) {
         const int64_t rows = std::min(block_rows, row_end - r0);
-        at::Tensor scaled = q_block.narrow(0, 0, rows);
+        at::Tensor operand = q_block.narrow(0, 0, rows);
+        at::Tensor scaled = operand.narrow(1, 0, dim);
         scaled.copy_(queries.narrow(0, r0, rows));  // to float32 first, then scale: no rounding in half precision
         scaled.mul_(scale);
+        if (with_lse) operand.select(1, dim).copy_(dom.lse[head].narrow(0, r0, rows)).neg_();
         at::Tensor logits = logits_buffer.narrow(0, 0, rows * n).view({rows, n});
-        at::mm_out(logits, scaled, keys_t);
-        at::_softmax_out(logits, logits, 1, false);
+        at::mm_out(logits, operand, keys_t);
+        if (with_lse) {
+          logits.exp_();  // logits hold logit - lse already
+        } else {
+          at::_softmax_out(logits, logits, 1, false);
+        }
         column_sums.addmv_(logits.t(), ones.narrow(0, 0, rows));
       }
     }

@@ -1,7 +1,8 @@
 // CUDA kernel of hiprune::qk_scores: received attention from q and k, flash-style, never holding the (L, L) map.
 //
 //   token_segment_kernel (packed input only): the segment of each token, from cu_seqlens read on the device.
-//   row_lse_kernel:    per (query row, head), the base-2 log-sum-exp of its logits over the keys of its segment.
+//   row_lse_kernel:    per (query row, head), the base-2 log-sum-exp of its logits over the keys of its segment;
+//                      skipped when the caller passes lse (natural log, converted to base 2 here).
 //   column_sum_kernel: per (key, head), the sum over the queries of its segment of exp2(logit - lse): the logits
 //                      are recomputed tile by tile; each block owns its key columns, so no atomics are needed and
 //                      the result is deterministic.
@@ -295,8 +296,8 @@ int64_t blocks_for(int64_t n, int64_t per_block) { return (n + per_block - 1) / 
 }  // namespace
 
 at::Tensor qk_scores(const at::Tensor& q, const at::Tensor& k, double scale, int64_t num_prefix,
-                     const c10::optional<at::Tensor>& cu_seqlens) {
-  check_qk_args(q, k, scale, num_prefix, cu_seqlens);
+                     const c10::optional<at::Tensor>& cu_seqlens, const c10::optional<at::Tensor>& lse) {
+  check_qk_args(q, k, scale, num_prefix, cu_seqlens, lse);
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor here, got ", q.device());
   const c10::cuda::CUDAGuard device_guard(q.device());
   const bool packed = cu_seqlens.has_value();
@@ -334,7 +335,11 @@ at::Tensor qk_scores(const at::Tensor& q, const at::Tensor& k, double scale, int
   }
   const int32_t* token_segment_data = packed ? token_segment.const_data_ptr<int32_t>() : nullptr;
 
-  at::Tensor lse = at::empty({batch, heads, tokens}, f32);
+  // Base-2 row LSE in (batch, heads, tokens) order: the given lse (dense (B, H, L), packed (H, T)) times log2(e),
+  // or computed by row_lse_kernel.
+  const bool with_lse = lse.has_value();
+  const at::Tensor row_lse = with_lse ? at::mul(packed ? lse->unsqueeze(0) : *lse, double(kLog2e)).contiguous()
+                                      : at::empty({batch, heads, tokens}, f32);
   at::Tensor col_sum = at::empty({batch, heads, tokens}, f32);
   const float factor = float(scale * double(kLog2e));
   const dim3 grid(unsigned(blocks_for(tokens, kTile)), unsigned(heads), unsigned(batch));
@@ -342,11 +347,13 @@ at::Tensor qk_scores(const at::Tensor& q, const at::Tensor& k, double scale, int
     using scalar_t = decltype(zero);
     const scalar_t* q_data = static_cast<const scalar_t*>(q.const_data_ptr());
     const scalar_t* k_data = static_cast<const scalar_t*>(k.const_data_ptr());
-    row_lse_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(q_data, lq, k_data, lk, int(dim), factor, seg,
-                                                            token_segment_data, lse.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (!with_lse) {
+      row_lse_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(q_data, lq, k_data, lk, int(dim), factor, seg,
+                                                              token_segment_data, row_lse.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     column_sum_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(q_data, lq, k_data, lk, int(dim), factor, seg,
-                                                               token_segment_data, lse.const_data_ptr<float>(),
+                                                               token_segment_data, row_lse.const_data_ptr<float>(),
                                                                col_sum.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };

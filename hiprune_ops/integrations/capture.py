@@ -7,11 +7,16 @@ that carry a `ScoreSlot`, also runs hiprune_ops.qk_scores on the q and k it was 
 - every layer keeps its implementation (SDPA, flash, eager): the wrapper calls exactly what was there before;
 - no output_attentions, no (L, L) map: qk_scores needs O(B * H * L) extra memory;
 - unmarked modules (the other layers, the language model, other models) pay one attribute lookup.
+In a marked SDPA layer whose call SDPA would run on its flash kernel (no mask, no dropout, not causal), the wrapper
+calls that same flash kernel directly, which also returns each row's log-sum-exp, and hands it to qk_scores: one
+pass over q and k instead of two, and the layer's output is the one SDPA computes. Everywhere else (a mask,
+another kernel choice, eager or flash-attn layers, torch.compile) it keeps the two-pass qk_scores.
 The wrappers are reference counted and removed when the last marked module is released.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 from typing import Callable, Optional
@@ -37,39 +42,105 @@ class ScoreSlot:
     def __init__(self, num_prefix: int = 0):
         self.num_prefix = num_prefix
         self.scores: list[torch.Tensor] = []
+        # cu_seqlens of images a tower packs into one sequence behind a block-diagonal mask (Pixtral), set by the
+        # family around each tower call: the mask is then scored as these packed segments.
+        self.segments: Optional[torch.Tensor] = None
 
     def reset(self) -> None:
         self.scores = []
 
-    def record(self, query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs: dict) -> None:
+    def record(self, query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs: dict,
+               lse: Optional[torch.Tensor] = None) -> None:
+        cu_seqlens = kwargs.get("cu_seq_lens_q")
         if attention_mask is not None and not isinstance(attention_mask, dict):
-            raise NotImplementedError("hiprune: a captured vision layer received an attention mask; masked vision "
-                                      "attention is not supported")
+            if self.segments is None:
+                raise NotImplementedError("hiprune: a captured vision layer received an attention mask; masked "
+                                          "vision attention is not supported")
+            cu_seqlens = self.segments
         scale = kwargs.get("scaling")
         if scale is None:
             scale = query.shape[-1] ** -0.5
         if query.shape[1] != key.shape[1]:  # grouped kv heads: expand like the kernels do
             key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         with torch.no_grad():  # scores only pick indices; no graph through them
-            self._record(query, key, float(scale), kwargs.get("cu_seq_lens_q"))
+            self._record(query, key, float(scale), cu_seqlens, lse)
 
-    def _record(self, query, key, scale, cu_seqlens) -> None:
+    def _record(self, query, key, scale, cu_seqlens, lse) -> None:
         if cu_seqlens is not None:
             # Packed (flash) layout: (1, H, T, D) with segment bounds -> (T,) scores, each within its segment.
             q = query[0].transpose(0, 1)
             k = key[0].transpose(0, 1)
-            self.scores.append(ops.qk_scores(q, k, scale, 0, cu_seqlens.to(torch.int32)))
+            self.scores.append(ops.qk_scores(q, k, scale, 0, cu_seqlens.to(torch.int32), lse))
         else:
-            self.scores.append(ops.qk_scores(query, key, scale, self.num_prefix))
+            self.scores.append(ops.qk_scores(query, key, scale, self.num_prefix, None, lse))
+
+
+def _sdpa_forward():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward
+
+
+# What sdpa_attention_forward reads from its keyword arguments besides these is ignored by it; any of these set
+# changes what it computes, so the flash shortcut is not taken.
+_SDPA_SHORTCUT_BLOCKERS = ("position_bias", "cache", "softcap")
+# SDPA's kernel choices (torch._fused_sdp_choice) whose lse we can take.
+SDP_FLASH = int(torch.nn.attention.SDPBackend.FLASH_ATTENTION.value)
+SDP_EFFICIENT = int(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION.value)
+
+
+def _sdpa_flash_with_lse(module, query, key, value, attention_mask, args, kwargs):
+    """(output, lse) exactly as transformers' SDPA forward would compute the output, when SDPA would pick its flash
+    kernel for this call; None otherwise. lse: (B, H, L) float32, natural log."""
+    if args or attention_mask is not None or kwargs.get("output_attentions"):
+        return None
+    if any(kwargs.get(name) is not None for name in _SDPA_SHORTCUT_BLOCKERS):
+        return None
+    if kwargs.get("dropout", 0.0) != 0.0 or getattr(module, "num_key_value_groups", 1) > 1:
+        return None
+    if not (query.dtype == key.dtype == value.dtype) or query.shape[1] != key.shape[1]:
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    if query.shape[2] > 1 and is_causal:
+        return None
+    scaling = kwargs.get("scaling")
+    choice = torch._fused_sdp_choice(query, key, value, None, 0.0, False, scale=scaling)
+    if query.device.type == "cpu" and choice == SDP_FLASH:
+        output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, False, attn_mask=None, scale=scaling)
+    elif query.device.type == "cuda" and choice == SDP_FLASH and query.shape[-1] % 8 == 0:
+        # SDPA passes flash this scale (1 / sqrt(D) when none is given); D % 8 == 0: it pads nothing.
+        scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+        output, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, False, False,
+                                                                         scale=scale)[:2]
+    elif query.device.type == "cuda" and choice == SDP_EFFICIENT:
+        output, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, True, 0.0,
+                                                                             False, scale=scaling)[:2]
+        lse = lse[..., :query.shape[2]]  # padded to a multiple of 32 rows
+    else:
+        return None
+    # The tail of sdpa_attention_forward: (B, H, L, D) -> (B, L, H, D), contiguous.
+    output = output.reshape(output.shape[0], -1, query.shape[2], value.shape[-1]).transpose(1, 2).contiguous()
+    return output, lse
 
 
 def _wrap(original: Callable) -> Callable:
     def hiprune_capturing_attention(module, query, key, value, attention_mask, *args, **kwargs):
-        result = original(module, query, key, value, attention_mask, *args, **kwargs)
         slot = getattr(module, _SLOT_ATTR, None)
-        if slot is not None:
+        if slot is None:
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
+        fused = None
+        if original is _sdpa_forward():
+            fused = _sdpa_flash_with_lse(module, query, key, value, attention_mask, args, kwargs)
+        if fused is None:
+            result = original(module, query, key, value, attention_mask, *args, **kwargs)
             slot.record(query, key, attention_mask, kwargs)
-        return result
+            return result
+        output, lse = fused
+        slot.record(query, key, attention_mask, kwargs, lse)
+        return output, None
 
     hiprune_capturing_attention.__wrapped__ = original
     return hiprune_capturing_attention

@@ -1,9 +1,9 @@
-"""Shrinking the prompt: each image's run of placeholder tokens becomes a run of its kept tokens.
+"""Shrinking the prompt: each image's (or video slice's) run of placeholder tokens becomes a run of its kept tokens.
 
-Images fill the placeholder tokens in row-major order over the batch (as masked_scatter does in transformers), so
-image i owns the next full_counts[i] placeholders. Within its run, the placeholders at kept_slots[i] stay. Rows that
-shrink by different amounts are re-padded (old padding dropped first) on the side the batch was padded on (left
-when unknown).
+Items of one kind (images, video slices) fill their placeholder tokens in row-major order over the batch (as
+masked_scatter does in transformers), so item i owns the next full_counts[i] placeholders of its kind. Within its
+run, the placeholders at kept_slots[i] stay. Rows that shrink by different amounts are re-padded (old padding dropped
+first) on the side the batch was padded on (left when unknown).
 """
 
 from __future__ import annotations
@@ -28,23 +28,35 @@ class ShrinkPlan:
         return torch.where(self.valid, taken, torch.as_tensor(fill, dtype=tensor.dtype, device=tensor.device))
 
 
-def plan_shrink(input_ids: torch.Tensor, image_token_id: int, full_counts: Sequence[int],
-                kept_slots: Sequence[torch.Tensor], attention_mask: Optional[torch.Tensor]) -> ShrinkPlan:
-    placeholders = input_ids == image_token_id
-    total = int(placeholders.sum())
-    expected = int(sum(full_counts))
-    if total != expected:
-        raise ValueError(f"hiprune: input_ids hold {total} image tokens but the images need {expected}; pass the "
-                         "processor's output unchanged (one run of placeholders per image)")
+@dataclass
+class Placeholders:
+    """The placeholders of one kind: where they are, how many each item needs, which of them each item keeps."""
+    mask: torch.Tensor                 # (B, S) bool
+    full_counts: Sequence[int]
+    kept_slots: Sequence[torch.Tensor]
+    kind: str = "image"
+
+
+def plan_shrink(input_ids: torch.Tensor, kinds: Sequence[Placeholders],
+                attention_mask: Optional[torch.Tensor]) -> ShrinkPlan:
     device = input_ids.device
-    keep_runs = []
-    for count, slots in zip(full_counts, kept_slots):
-        run = torch.zeros(count, dtype=torch.bool, device=device)
-        run[slots.to(device)] = True
-        keep_runs.append(run)
-    keep = torch.ones_like(placeholders)
-    if keep_runs:
-        keep[placeholders] = torch.cat(keep_runs)
+    keep = torch.ones_like(input_ids, dtype=torch.bool)
+    placeholders = torch.zeros_like(keep)
+    for kind in kinds:
+        total = int(kind.mask.sum())
+        expected = int(sum(kind.full_counts))
+        if total != expected:
+            raise ValueError(f"hiprune: input_ids hold {total} {kind.kind} tokens but the {kind.kind}s need "
+                             f"{expected}; pass the processor's output unchanged (one run of placeholders per "
+                             f"{kind.kind})")
+        keep_runs = []
+        for count, slots in zip(kind.full_counts, kind.kept_slots):
+            run = torch.zeros(count, dtype=torch.bool, device=device)
+            run[slots.to(device)] = True
+            keep_runs.append(run)
+        if keep_runs:
+            keep[kind.mask] = torch.cat(keep_runs)
+        placeholders |= kind.mask
     if attention_mask is not None:
         keep &= attention_mask.bool()  # old padding goes too; rows are re-padded below
     lengths = keep.sum(dim=1)
@@ -63,7 +75,7 @@ def plan_shrink(input_ids: torch.Tensor, image_token_id: int, full_counts: Seque
         valid = rank < lengths[:, None]
     source = order.gather(1, src_rank.clamp(0, length - 1))
     source = torch.where(valid, source, 0)
-    # `removed` counts image tokens only (what the language model no longer sees), not dropped padding.
+    # `removed` counts placeholder tokens only (what the language model no longer sees), not dropped padding.
     removed = (placeholders & ~keep).sum(dim=1)
     if attention_mask is not None:
         removed = (placeholders & ~keep & attention_mask.bool()).sum(dim=1)

@@ -46,21 +46,24 @@ def default_object_layer(depth: int) -> int:
 
 
 def resolve_budget(budget: Optional[int], ratio: Optional[float], n: int, default_ratio: float,
-                   clamp: bool = False) -> int:
-    """Tokens to keep out of n: budget, or round_half_even(ratio * n), or the model's default ratio."""
+                   clamp: bool = False, names: tuple[str, str] = ("budget", "ratio")) -> int:
+    """Tokens to keep out of n: budget, or round_half_even(ratio * n), or the model's default ratio.
+
+    names: what the caller calls budget and ratio, for the error messages (e.g. video_budget, video_ratio)."""
+    budget_name, ratio_name = names
     if budget is not None and ratio is not None:
-        raise ValueError("give budget or ratio, not both")
+        raise ValueError(f"give {budget_name} or {ratio_name}, not both")
     if budget is not None:
         if isinstance(budget, bool) or not isinstance(budget, int):
-            raise TypeError(f"budget must be an int, got {type(budget).__name__}")
+            raise TypeError(f"{budget_name} must be an int, got {type(budget).__name__}")
         if clamp:
             budget = min(budget, n)
         if not 1 <= budget <= n:
-            raise ValueError(f"budget must be in [1, {n}] (the patch tokens per image), got {budget}")
+            raise ValueError(f"{budget_name} must be in [1, {n}] (the patch tokens per image), got {budget}")
         return budget
     ratio = default_ratio if ratio is None else ratio
     if not 0.0 < float(ratio) <= 1.0:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        raise ValueError(f"{ratio_name} must be in (0, 1], got {ratio}")
     return min(n, max(1, round_half_even(float(ratio) * n)))
 
 

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "hiprune/selection.h"
 
@@ -98,10 +99,22 @@ inline std::string shape_str(at::IntArrayRef sizes) {
   return text + (sizes.size() == 1 ? ",)" : ")");
 }
 
-// Validates qk_scores arguments. q, k: (B, H, L, D), or (T, H, D) with int32 cu_seqlens (S + 1,). The values of
-// cu_seqlens are checked only on the CPU: reading them from a GPU would synchronise, so GPU kernels clamp instead.
+// Validates the optional lse of qk_scores: float32 on q's device, (B, H, L) dense or (H, T) packed, any strides.
+inline void check_qk_lse(const at::Tensor& q, bool packed, const c10::optional<at::Tensor>& lse) {
+  if (!lse.has_value()) return;
+  const std::vector<int64_t> expected =
+      packed ? std::vector<int64_t>{q.size(1), q.size(0)} : std::vector<int64_t>{q.size(0), q.size(1), q.size(2)};
+  TORCH_CHECK_VALUE(lse->sizes() == at::IntArrayRef(expected), "lse must be ", packed ? "(H, T) = " : "(B, H, L) = ",
+                    shape_str(expected), " for q of shape ", shape_str(q.sizes()), ", got ", shape_str(lse->sizes()));
+  TORCH_CHECK_TYPE(lse->scalar_type() == at::kFloat, "lse must be float32, got ", lse->scalar_type());
+  TORCH_CHECK_VALUE(lse->device() == q.device(), "lse is on ", lse->device(), " but q is on ", q.device());
+}
+
+// Validates qk_scores arguments. q, k: (B, H, L, D), or (T, H, D) with int32 cu_seqlens (S + 1,); lse as above.
+// The values of cu_seqlens are checked only on the CPU: reading them from a GPU would synchronise, so GPU kernels
+// clamp instead.
 inline void check_qk_args(const at::Tensor& q, const at::Tensor& k, double scale, int64_t num_prefix,
-                          const c10::optional<at::Tensor>& cu_seqlens) {
+                          const c10::optional<at::Tensor>& cu_seqlens, const c10::optional<at::Tensor>& lse) {
   const bool packed = cu_seqlens.has_value();
   const int64_t rank = packed ? 3 : 4;
   const char* layout = packed ? "(T, H, D) with cu_seqlens" : "(B, H, L, D)";
@@ -122,6 +135,7 @@ inline void check_qk_args(const at::Tensor& q, const at::Tensor& k, double scale
   if (!packed) {
     TORCH_CHECK_VALUE(num_prefix >= 0 && num_prefix < q.size(2), "num_prefix must be in [0, L - 1] = [0, ",
                       q.size(2) - 1, "], got ", num_prefix);
+    check_qk_lse(q, false, lse);
     return;
   }
   TORCH_CHECK_VALUE(num_prefix == 0, "num_prefix must be 0 with cu_seqlens (packed sequences), got ", num_prefix);
@@ -130,6 +144,7 @@ inline void check_qk_args(const at::Tensor& q, const at::Tensor& k, double scale
                     shape_str(cu.sizes()));
   TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "cu_seqlens must be int32, got ", cu.scalar_type());
   TORCH_CHECK_VALUE(cu.device() == q.device(), "cu_seqlens is on ", cu.device(), " but q is on ", q.device());
+  check_qk_lse(q, true, lse);
   if (!cu.device().is_cpu()) return;
   const at::Tensor bounds = cu.contiguous();
   const int32_t* b = bounds.const_data_ptr<int32_t>();

@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
+from ... import ops
 from .base import Adapter, EncodedImages
-from .towers import ViTTower, default_object_layer, resolve_budget, resolve_layer
+from ..towers import ViTTower, default_object_layer, resolve_budget, resolve_layer
 
 
 class LlavaAdapter(Adapter):
-    model_class = "LlavaForConditionalGeneration"
+    model_classes = ("LlavaForConditionalGeneration",)
     default_ratio = 1 / 3  # 192 of 576
 
-    def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official):
-        super().__init__(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official)
-        self.tower = ViTTower(model.model.vision_tower)
+    def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **video):
+        super().__init__(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **video)
+        self.tower = ViTTower(self.vision_tower())
         depth = self.tower.depth
         self.object_layer = resolve_layer(object_layer, depth, default_object_layer(depth), "object_layer")
         self.deep_layer = resolve_layer(deep_layer, depth, self._projector_layer(model.config.vision_feature_layer),
@@ -35,6 +35,13 @@ class LlavaAdapter(Adapter):
         self.n = self.tower.grid * self.tower.grid
         self.check_budget()
         self._marked = []
+
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.model.vision_tower
+
+    def project(self, kept: torch.Tensor) -> torch.Tensor:
+        """(images, tokens, C) kept tower features -> the language model's embedding space."""
+        return self.model.model.multi_modal_projector(kept)
 
     def check_budget(self):
         self.per_image = resolve_budget(self.budget, self.ratio, self.n, self.default_ratio)
@@ -89,16 +96,15 @@ class LlavaAdapter(Adapter):
             kept = torch.cat([hidden[:, :prefix], kept], dim=1)
             slots = torch.cat([torch.arange(prefix, device=indices.device).expand(indices.shape[0], -1),
                                indices + prefix], dim=1)
-        features = self.model.model.multi_modal_projector(kept)
+        features = self.project(kept)
         full = self.n + (prefix if keep_prefix else 0)
         return EncodedImages(list(features.unbind(0)), [full] * features.shape[0], list(slots.unbind(0)),
                              list(indices.unbind(0)), list(roles.unbind(0)))
 
 
 class LlavaNextAdapter(LlavaAdapter):
-    model_class = "LlavaNextForConditionalGeneration"
+    model_classes = ("LlavaNextForConditionalGeneration",)
     default_ratio = 2 / 9  # 640 of 2880 (base + 2x2 tiles of 576)
-    image_only_keys = ("pixel_values",)
 
     def check_budget(self):
         if self.budget is not None:
@@ -141,7 +147,7 @@ class LlavaNextAdapter(LlavaAdapter):
         for image, tiles in enumerate(tiles_per_image):
             tile_slice = slice(start, start + tiles)
             start += tiles
-            projected = model.multi_modal_projector(patches[tile_slice])
+            projected = self.project(patches[tile_slice])
             if tiles > 1:
                 rows, cols = get_anyres_image_grid_shape(image_sizes[image], config.image_grid_pinpoints,
                                                          config.vision_config.image_size)

@@ -1,9 +1,10 @@
 """The part every integration shares: encode the images first, shrink the prompt, then call the model.
 
 apply_hiprune sets two instance attributes, `forward` and `generate`, that wrap the class's own methods:
-1. if pixel_values come with input_ids, the adapter encodes the images now, keeping `budget` tokens per image
-   (scores from q and k of two tower layers, see capture.py), and projects them to the language model;
-2. every image's placeholder run in input_ids is shrunk to its kept tokens (attention_mask, token types and labels
+1. if pixel values (images, videos) come with input_ids, the adapter encodes them now, keeping `budget` tokens per
+   image or video slice (scores from q and k of two tower layers, see capture.py), and projects them to the
+   language model;
+2. every item's placeholder run in input_ids is shrunk to its kept tokens (attention_mask, token types and labels
    alike), and the features go in as transformers' own `mm_encoder_outputs`, so the language model's prefill sees
    exactly the kept tokens;
 3. the class's forward / generate runs unchanged. generate returns the ORIGINAL prompt followed by the new tokens,
@@ -20,38 +21,59 @@ from typing import Optional
 
 import torch
 
-from .._validation import check_selection_options
-from .sequence import ShrinkPlan, plan_shrink
+from ..._validation import check_selection_options
+from ..sequence import Placeholders, ShrinkPlan, plan_shrink
 
 _SEQUENCE_KEYS = ("token_type_ids", "mm_token_type_ids")
 
 
 @dataclass
 class EncodedImages:
-    features: list[torch.Tensor]                 # per image (n_kept_i, D), in the language model's embedding space
-    full_counts: list[int]                       # placeholders the unpruned model needs per image
-    kept_slots: list[torch.Tensor]               # per image: which of its placeholders stay (increasing)
-    indices: list[torch.Tensor] = field(default_factory=list)   # per image/tile selection, for inspection
+    """The encoding of one kind of visual input: images, or video slices (each temporal slice is one item)."""
+    features: list[torch.Tensor]                 # per item (n_kept_i, D), in the language model's embedding space
+    full_counts: list[int]                       # placeholders the unpruned model needs per item
+    kept_slots: list[torch.Tensor]               # per item: which of its placeholders stay (increasing)
+    indices: list[torch.Tensor] = field(default_factory=list)   # per item/tile selection, for inspection
     roles: list[torch.Tensor] = field(default_factory=list)
+    deepstack: list[list[torch.Tensor]] = field(default_factory=list)  # per extra feature level, per item
+
+
+FAMILIES: dict[str, type["Adapter"]] = {}   # transformers class name -> the family that handles it
 
 
 class Adapter:
-    """One supported model class. Subclasses implement encode_images and may add position ids."""
+    """A model family, declared by what differs from the shared pipeline below.
 
-    model_class = ""
-    image_token_attr = "image_token_id"
-    image_only_keys: tuple[str, ...] = ("pixel_values",)
+    A family lists the transformers classes it handles in `model_classes` (a subclass that lists any is registered
+    in FAMILIES, where apply_hiprune looks models up), names the input that carries each kind of visual input
+    (`media_keys`) and the config attribute of its placeholder id (`<kind>_token_id` by default), and implements
+    attach / detach (the q/k capture of its tower), encode (tower, selection, merger or projector) and, when the
+    language model needs them, positions.
+    """
 
-    def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official):
+    model_classes: tuple[str, ...] = ()
+    media_keys: dict[str, str] = {"image": "pixel_values"}   # kind -> the input that carries it (encoder only)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in cls.__dict__.get("model_classes", ()):
+            FAMILIES[name] = cls
+
+    def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official,
+                 video_budget=None, video_ratio=None):
         self.model = model
         self.budget, self.ratio, self.alpha = budget, ratio, float(alpha)
+        self.video_budget, self.video_ratio = video_budget, video_ratio
+        if "video" not in self.media_keys and (video_budget is not None or video_ratio is not None):
+            raise ValueError(f"video_budget / video_ratio: {type(model).__name__} takes no video input")
         self.neighborhood, self.official = neighborhood, bool(official)
         check_selection_options(self.alpha, neighborhood, self.official)  # fail at apply time, not mid-generate
-        self.last: Optional[EncodedImages] = None
+        self.last: Optional[EncodedImages] = None        # the latest images
+        self.last_video: Optional[EncodedImages] = None  # the latest video slices
 
     @property
     def image_token_id(self) -> int:
-        return getattr(self.model.config, self.image_token_attr)
+        return self.model.config.image_token_id
 
     def attach(self) -> None:
         raise NotImplementedError
@@ -62,27 +84,40 @@ class Adapter:
     def encode_images(self, kwargs: dict) -> EncodedImages:
         raise NotImplementedError
 
-    def positions(self, kwargs: dict, plan: ShrinkPlan, images: EncodedImages, new: dict, for_generate: bool):
+    def encode(self, kwargs: dict) -> dict[str, EncodedImages]:
+        """kind -> its encoding, for every kind present in kwargs."""
+        return {"image": self.encode_images(kwargs)}
+
+    def placeholder_mask(self, kind: str, kwargs: dict) -> torch.Tensor:
+        return kwargs["input_ids"] == getattr(self.model.config, f"{kind}_token_id")
+
+    def encoder_outputs(self, encoded: dict[str, EncodedImages], new: dict) -> dict:
+        """What the class's forward takes as mm_encoder_outputs."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+        return {kind: BaseModelOutputWithPooling(pooler_output=tuple(e.features)) for kind, e in encoded.items()}
+
+    def positions(self, kwargs: dict, plan: ShrinkPlan, new: dict, for_generate: bool):
         """Position ids for the shrunk prompt, or None to let the model recompute them (LLaVA: recompacted)."""
         return None
 
     # -- the shared pipeline -------------------------------------------------------------------------------------
     def prepare(self, kwargs: dict, for_generate: bool):
         """(new kwargs, plan) with the images encoded and the prompt shrunk; None if there is nothing to prune."""
-        if kwargs.get("pixel_values") is None or kwargs.get("mm_encoder_outputs"):
+        if all(kwargs.get(key) is None for key in self.media_keys.values()) or kwargs.get("mm_encoder_outputs"):
             return None
         input_ids = kwargs.get("input_ids")
         if input_ids is None:
             raise ValueError("hiprune: pruning needs input_ids (to find the image placeholders), not only "
                              "inputs_embeds")
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
+        if kwargs.get("position_ids") is not None:
+            raise ValueError("hiprune: explicit position_ids cannot follow the pruned prompt; leave them out")
         with torch.no_grad() if for_generate else contextlib.nullcontext():
-            images = self.encode_images(kwargs)
-        self.last = images
+            encoded = self.encode(kwargs)
+        self.last, self.last_video = encoded.get("image"), encoded.get("video")
         mask = kwargs.get("attention_mask")
-        plan = plan_shrink(input_ids, self.image_token_id, images.full_counts, images.kept_slots, mask)
-        new = {k: v for k, v in kwargs.items() if k not in self.image_only_keys}
+        plan = plan_shrink(input_ids, [Placeholders(self.placeholder_mask(kind, kwargs), e.full_counts,
+                                                    e.kept_slots, kind) for kind, e in encoded.items()], mask)
+        new = {k: v for k, v in kwargs.items() if k not in self.media_keys.values()}
         new["input_ids"] = plan.take(input_ids, _pad_id(self.model))
         if mask is not None or bool((plan.removed != plan.removed[0]).any()):
             base_mask = mask if mask is not None else torch.ones_like(input_ids)
@@ -92,13 +127,23 @@ class Adapter:
                 new[key] = plan.take(kwargs[key], 0)
         if kwargs.get("labels") is not None:
             new["labels"] = plan.take(kwargs["labels"], -100)
-        if kwargs.get("position_ids") is not None:
-            raise ValueError("hiprune: explicit position_ids cannot follow the pruned prompt; leave them out")
-        positions = self.positions(kwargs, plan, images, new, for_generate)
+        positions = self.positions(kwargs, plan, new, for_generate)
         if positions is not None:
             new["position_ids"] = positions
-        new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(images.features))}
+        new["mm_encoder_outputs"] = self.encoder_outputs(encoded, new)
         return new, plan
+
+
+def family_for(model: torch.nn.Module) -> Optional[type[Adapter]]:
+    """The family registered for the model's vision tower class (a Pixtral tower under LLaVA), else for the model's
+    class or its nearest registered base class, or None."""
+    tower = getattr(getattr(model, "model", None), "vision_tower", None)
+    for candidate in (tower, model):
+        for klass in type(candidate).__mro__ if candidate is not None else ():
+            family = FAMILIES.get(klass.__name__)
+            if family is not None:
+                return family
+    return None
 
 
 def _pad_id(model) -> int:

@@ -1,0 +1,1 @@
+"""hiprune-ops benchmark suite: `python -m benchmarks`, `pytest benchmarks/`, `python -m benchmarks.publish`."""

@@ -1,0 +1,256 @@
+"""Results files of one run: markdown tables, a CSV, a JSON (what benchmarks.publish reads) and two PNG plots.
+
+Every file starts with (or, for the plots, carries in its footer and PNG text chunks) the run's environment:
+device, CPU/GPU model, torch, triton, thread count, git revision, date.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from collections import defaultdict
+from typing import Optional
+
+from .cases import flops_table
+from .models import PAPER_PREFILL_MS
+
+MIB = 2 ** 20
+GROUP_TITLES = {
+    "select_maps": "Selection from attention maps (ratio: time over streaming both maps once)",
+    "select_scores": "Selection from scores (ratio: time over the published per-image loop)",
+    "scoring": "Scoring (ratio: time over one SDPA forward of the same q, k, v)",
+    "encoder": "Encoder end to end (ratio: time over the plain SDPA encoder)",
+    "prefill": "LLaVA prefill through apply_hiprune, encoder included (ratio: time over the unpruned prefill)",
+}
+CSV_COLUMNS = ["group", "case", "candidate", "shape", "median_s", "iqr_s", "ratio_to_baseline", "extra_peak_mib",
+               "samples", "skipped"]
+
+
+def env_lines(env: dict) -> list:
+    return [f"{key}: {value}" for key, value in env.items()]
+
+
+def _fmt_time(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale or unit == "us":
+            return f"{seconds / scale:.3g} {unit}"
+    return "-"
+
+
+def _fmt_mib(value: Optional[int]) -> str:
+    return "-" if value is None else f"{value / MIB:.1f}"
+
+
+def _by_case(rows) -> dict:
+    cases = defaultdict(list)
+    for row in rows:
+        cases[row.case].append(row)
+    return cases
+
+
+def _shape(row) -> str:
+    return " ".join(f"{k}={v}" for k, v in row.params.items() if k not in ("sweep", "headline"))
+
+
+def markdown_table(rows, group: str) -> str:
+    lines = ["| case | candidate | median | IQR | ratio | extra peak MiB |", "|---|---|---|---|---|---|"]
+    for case_rows in _by_case([r for r in rows if r.group == group]).values():
+        for i, row in enumerate(case_rows):
+            label = _shape(row) if i == 0 else ""
+            if row.skipped:
+                lines.append(f"| {label} | {row.candidate} | skipped: {row.skipped} | | | |")
+                continue
+            ratio = "-" if row.ratio is None else f"{row.ratio:.3g}x"
+            lines.append(f"| {label} | {row.candidate} | {_fmt_time(row.median_s)} | {_fmt_time(row.iqr_s)} | "
+                         f"{ratio} | {_fmt_mib(row.extra_peak_bytes)} |")
+    return "\n".join(lines)
+
+
+def _find(rows, group: str, candidate_prefix: str, **params) -> list:
+    return [r for r in rows if r.group == group and r.candidate.startswith(candidate_prefix) and r.median_s
+            and all(r.params.get(k) == v for k, v in params.items())]
+
+
+def goals(rows, env: dict) -> list:
+    """The issue's goals, each read from this run's rows: (goal, measured, met or None when not measured)."""
+    gpu = env["device"].startswith("cuda")
+    op = "CUDA op" if gpu else "C++ op"
+    out = []
+    for floor in _find(rows, "select_maps", "streaming floor", headline=True):
+        for ours in [r for r in rows if r.case == floor.case and r.candidate == op and r.median_s]:
+            fraction = floor.median_s / ours.median_s
+            if gpu:
+                out.append((f"fused select from maps <= 1.25x the streaming floor ({floor.shape})",
+                            f"{ours.median_s / floor.median_s:.2f}x", ours.median_s / floor.median_s <= 1.25))
+            else:
+                out.append((f"fused select from maps >= 0.8 of the streaming limit ({floor.shape})",
+                            f"{fraction:.2f} (select {_fmt_time(ours.median_s)}, floor {_fmt_time(floor.median_s)})",
+                            fraction >= 0.8))
+    for loop in _find(rows, "select_scores", "published loop", headline=True):
+        ours = [r for r in rows if r.case == loop.case and r.candidate == op and r.median_s]
+        for row in ours:
+            speedup = loop.median_s / row.median_s
+            out.append((f"select from scores >= 20x faster than the published loop ({loop.shape})",
+                        f"{speedup:.0f}x", speedup >= 20))
+    for case_rows in _by_case([r for r in rows if r.group == "encoder"]).values():
+        times = {r.candidate.split(" ")[0]: r for r in case_rows if r.median_s}
+        if not {"plain", "ours", "published"} <= set(times):
+            continue
+        plain, ours, recipe = times["plain"], times["ours"], times["published"]
+        limit = 1.02 if "Qwen" in plain.params["model"] else 1.01
+        overhead = ours.median_s / plain.median_s
+        out.append((f"ours <= {limit:.2f}x plain SDPA ({plain.shape})", f"{overhead:.3f}x", overhead <= limit))
+        speedup = recipe.median_s / ours.median_s
+        out.append((f"ours >= 1.2x faster than the published recipe ({plain.shape})", f"{speedup:.2f}x",
+                    speedup >= 1.2))
+        if None not in (plain.extra_peak_bytes, ours.extra_peak_bytes, recipe.extra_peak_bytes):
+            ours_extra = ours.extra_peak_bytes - plain.extra_peak_bytes
+            recipe_extra = recipe.extra_peak_bytes - plain.extra_peak_bytes
+            measured = f"published +{recipe_extra / MIB:.0f} MiB, ours +{ours_extra / MIB:.1f} MiB over plain SDPA"
+            if ours_extra > 0:
+                out.append((f"ours >= 100x less extra peak memory ({plain.shape})",
+                            f"{recipe_extra / ours_extra:.0f}x ({measured})", recipe_extra >= 100 * ours_extra))
+            else:
+                out.append((f"ours >= 100x less extra peak memory ({plain.shape})",
+                            f"ours adds nothing measurable ({measured})", recipe_extra > 0))
+    for case_rows in _by_case([r for r in rows if r.group == "prefill"]).values():
+        dense = next((r for r in case_rows if "unpruned" in r.candidate and r.median_s), None)
+        pruned = next((r for r in case_rows if r.candidate.startswith("64 ") and r.median_s), None)
+        if dense and pruned:
+            paper = PAPER_PREFILL_MS[576] / PAPER_PREFILL_MS[64]
+            out.append((f"prefill speed-up at 64 visual tokens ({dense.shape}); paper: {paper:.2f}x on an A100 "
+                        "(LLaVA-1.5-7B, 32 layers)", f"{dense.median_s / pruned.median_s:.2f}x", None))
+    return out
+
+
+def goals_markdown(rows, env) -> str:
+    lines = ["| goal | measured | met |", "|---|---|---|"]
+    for goal, measured, met in goals(rows, env):
+        lines.append(f"| {goal} | {measured} | {'-' if met is None else 'yes' if met else 'NO'} |")
+    return "\n".join(lines)
+
+
+def flops_markdown() -> str:
+    lines = ["| visual tokens | LM prefill TFLOPs (64 text tokens) | analytic speed-up vs 576 |", "|---|---|---|"]
+    lines += [f"| {v} | {tflops:.2f} | {speedup:.2f}x |" for v, tflops, speedup in flops_table()]
+    return "\n".join(lines)
+
+
+def prefill_markdown(rows) -> str:
+    """Measured prefill speed-ups beside the analytic FLOPs ratio and the paper's A100 figure."""
+    analytic = {v: s for v, _, s in flops_table()}
+    lines = ["| visual tokens | measured prefill | measured speed-up | analytic LM FLOPs speed-up (7B) | paper (A100) |",
+             "|---|---|---|---|---|"]
+    for case_rows in _by_case([r for r in rows if r.group == "prefill"]).values():
+        dense = case_rows[0]
+        for row in case_rows:
+            if not row.median_s:
+                continue
+            tokens = int(row.candidate.split(" ")[0])
+            paper = (f"{PAPER_PREFILL_MS[576] / PAPER_PREFILL_MS[tokens]:.2f}x ({PAPER_PREFILL_MS[tokens]} ms)"
+                     if tokens in PAPER_PREFILL_MS else "-")
+            speedup = dense.median_s / row.median_s if dense.median_s else None
+            lines.append(f"| {tokens} | {_fmt_time(row.median_s)} | {speedup:.2f}x | "
+                         f"{analytic.get(tokens, float('nan')):.2f}x | {paper} |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: str, env: dict, rows) -> None:
+    parts = ["# hiprune-ops benchmark results", "", "Environment:", ""] + [f"- {line}" for line in env_lines(env)]
+    parts += ["", "Times are medians over interleaved rounds in one process; IQR is the interquartile range of the "
+              "samples; ratio is the median over the case baseline's median in the same run (lower is faster); "
+              "extra peak is the memory one call adds to what was resident before it (output included).", "",
+              "## Goals", "", goals_markdown(rows, env), ""]
+    for group, title in GROUP_TITLES.items():
+        if any(r.group == group for r in rows):
+            parts += [f"## {title}", "", markdown_table(rows, group), ""]
+            if group == "prefill":
+                parts += [prefill_markdown(rows), ""]
+    parts += ["## Analytic prefill FLOPs, LLaVA-1.5-7B language model", "", flops_markdown(), ""]
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+
+
+def write_csv(path: str, env: dict, rows) -> None:
+    with open(path, "w", newline="") as f:
+        for line in env_lines(env):
+            f.write(f"# {line}\n")
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for r in rows:
+            writer.writerow([r.group, r.case, r.candidate, _shape(r), r.median_s, r.iqr_s, r.ratio,
+                             None if r.extra_peak_bytes is None else round(r.extra_peak_bytes / MIB, 2), r.samples,
+                             r.skipped or ""])
+
+
+def _plot(path: str, env: dict, title: str, xlabel: str, ylabel: str, series: dict, logy: bool) -> bool:
+    if not series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in series.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    footer = (f"{env['cpu'] if env['gpu'] == 'none' else env['gpu']}, {env['threads']} threads; torch {env['torch']},"
+              f" triton {env['triton']}; git {env['git']}; {env['date']}")
+    fig.text(0.01, 0.01, footer, fontsize=6, color="gray")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110, metadata={"Description": "; ".join(env_lines(env))})
+    plt.close(fig)
+    return True
+
+
+def write_plots(folder: str, stem: str, env: dict, rows) -> list:
+    paths = []
+    scoring = defaultdict(list)
+    for r in rows:
+        if r.group == "scoring" and r.ratio is not None:
+            scoring[r.candidate].append((r.params["L"], r.ratio))
+    path = os.path.join(folder, f"{stem}-scoring-ratio-vs-L.png")
+    if _plot(path, env, "Scoring: time over one SDPA forward (B=1, H=16, D=80, float32)", "sequence length L",
+             "time / SDPA forward", scoring, logy=True):
+        paths.append(path)
+    select = defaultdict(list)
+    for r in rows:
+        if r.group in ("select_maps", "select_scores") and r.params.get("sweep") == "batch" and r.median_s:
+            source = "maps" if r.group == "select_maps" else "scores"
+            select[f"{r.candidate} ({source})"].append((r.params["B"], r.median_s * 1e3))
+    path = os.path.join(folder, f"{stem}-select-time-vs-batch.png")
+    if _plot(path, env, "Selection, LLaVA-1.5 24x24 grid, budget 192: time against batch", "batch",
+             "milliseconds", select, logy=True):
+        paths.append(path)
+    return paths
+
+
+def write(folder: str, stem: str, env: dict, rows) -> list:
+    os.makedirs(folder, exist_ok=True)
+    md, csv_path, js = (os.path.join(folder, f"{stem}.{ext}") for ext in ("md", "csv", "json"))
+    write_markdown(md, env, rows)
+    write_csv(csv_path, env, rows)
+    with open(js, "w") as f:
+        json.dump({"environment": env, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+    return [md, csv_path, js] + write_plots(folder, stem, env, rows)
+
+
+def summary(rows, env) -> str:
+    lines = [f"{env['profile']} run on {env['device']} ({env['cpu'] if env['gpu'] == 'none' else env['gpu']}, "
+             f"{env['threads']} threads), {env['wall_time']}:"]
+    for goal, measured, met in goals(rows, env):
+        lines.append(f"  [{'-' if met is None else 'ok' if met else 'MISSED'}] {goal}: {measured}")
+    return "\n".join(lines)

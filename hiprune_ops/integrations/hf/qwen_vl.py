@@ -1,0 +1,182 @@
+"""The Qwen-VL pipeline, shared by Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and GLM-4.1V / 4.5V.
+
+Their towers take packed patches with grid_thw (t, h, w) per image or video, attend within each temporal slice
+(an image, or temporal_patch_size video frames: one cu_seqlens segment), and merge each 2x2 unit of patches into
+one language-model token. So:
+- scores: q and k of the object and deep blocks give each patch's received attention within its slice (packed
+  segments, see capture.py), averaged over each merge unit in the tower's order, then put in raster order (the
+  identity unless a family reorders, like Qwen2.5-VL's windows);
+- selection: per temporal slice, on its own merged grid (h/2 x w/2), so no buffer crosses a slice boundary. An image
+  keeps `budget` tokens (or `ratio` of them), each video slice `video_budget` or `video_ratio` (default: the image
+  setting), clamped to the slice;
+- the merged features (and extra feature levels: Qwen3-VL's deepstack) are gathered at the same kept indices and
+  go in as the model's image / video encoder outputs;
+- positions: the full prompt's M-RoPE positions (the model's own get_rope_index), gathered at the kept tokens, so
+  kept visual tokens keep their (t, h, w) positions and the text after keeps its own; generated tokens continue
+  from the original prompt's last position.
+Defaults: object block round(depth / 2) (families may choose otherwise), deep block the last; ratio 0.334.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ... import ops
+from ..._validation import round_half_even
+from .. import capture
+from ..towers import resolve_budget, resolve_layer
+from .base import Adapter, EncodedImages
+
+KIND_TYPE = {"image": 1, "video": 2}  # mm_token_type_ids values
+
+
+class QwenVLAdapter(Adapter):
+    media_keys = {"image": "pixel_values", "video": "pixel_values_videos"}
+    grid_keys = {"image": "image_grid_thw", "video": "video_grid_thw"}
+    default_ratio = 0.334
+
+    def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official,
+                 video_budget=None, video_ratio=None):
+        super().__init__(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official,
+                         video_budget, video_ratio)
+        self.visual = model.model.visual
+        depth = len(self.visual.blocks)
+        self.object_layer = resolve_layer(object_layer, depth, self.default_object_layer(), "object_layer")
+        self.deep_layer = resolve_layer(deep_layer, depth, depth, "deep_layer")
+        # Validate now; applied per image / slice later.
+        resolve_budget(budget, ratio, 10 ** 9, self.default_ratio)
+        resolve_budget(video_budget, video_ratio, 10 ** 9, self.default_ratio, names=("video_budget", "video_ratio"))
+        self._marked = []
+
+    # -- what a family may change --------------------------------------------------------------------------------
+    def default_object_layer(self) -> int:
+        return max(1, round_half_even(len(self.visual.blocks) / 2))
+
+    def run_tower(self, kind: str, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+        """The tower's output for one kind; its pooler_output holds the merged tokens in raster order."""
+        return self.visual(pixel_values.type(self.visual.dtype), grid_thw=grid_thw)
+
+    def raster_order(self, grid_thw: torch.Tensor) -> Optional[torch.Tensor]:
+        """Index that puts merge units from the tower's order into raster order; None: already raster."""
+        return None
+
+    def extra_features(self, output) -> list[torch.Tensor]:
+        """Further per-token feature levels (T_merged, D) to gather at the kept indices (Qwen3-VL: deepstack)."""
+        return []
+
+    def token_types(self, kwargs: dict) -> torch.Tensor:
+        """mm_token_type_ids (0 text, 1 image, 2 video): the processor's, or inferred from the placeholder ids."""
+        types = kwargs.get("mm_token_type_ids")
+        if types is not None:
+            return types
+        input_ids = kwargs["input_ids"]
+        types = torch.zeros_like(input_ids, dtype=torch.int)
+        for kind, value in KIND_TYPE.items():
+            types[input_ids == getattr(self.model.config, f"{kind}_token_id")] = value
+        return types
+
+    # -- the shared part -----------------------------------------------------------------------------------------
+    def _attention(self, layer: int) -> torch.nn.Module:
+        return self.visual.blocks[layer - 1].attn
+
+    def attach(self):
+        for layer in sorted({self.object_layer, self.deep_layer}):
+            if capture.slot_of(self._attention(layer)) is None:
+                capture.attach(self._attention(layer), 0)
+                self._marked.append(layer)
+
+    def detach(self):
+        for layer in self._marked:
+            capture.detach(self._attention(layer))
+        self._marked = []
+
+    def _budget(self, kind: str):
+        if kind == "video" and (self.video_budget is not None or self.video_ratio is not None):
+            return self.video_budget, self.video_ratio
+        return self.budget, self.ratio
+
+    def encode(self, kwargs: dict) -> dict[str, EncodedImages]:
+        encoded = {}
+        for kind, key in self.media_keys.items():
+            if kwargs.get(key) is None:
+                continue
+            grid_thw = kwargs.get(self.grid_keys[kind])
+            if grid_thw is None:
+                raise ValueError(f"hiprune: {key} needs {self.grid_keys[kind]}")
+            encoded[kind] = self._encode_kind(kind, kwargs[key], grid_thw)
+        return encoded
+
+    def _tower_scores(self, kind, pixel_values, grid_thw):
+        slots = [capture.slot_of(self._attention(layer)) for layer in (self.object_layer, self.deep_layer)]
+        for slot in slots:
+            slot.reset()
+        try:
+            output = self.run_tower(kind, pixel_values, grid_thw)
+            order = self.raster_order(grid_thw)
+            scores = []
+            for layer, slot in zip((self.object_layer, self.deep_layer), slots):
+                if not slot.scores:
+                    raise RuntimeError(f"hiprune: block {layer} of the vision tower recorded no attention call")
+                per_patch = torch.cat([s.reshape(-1) for s in slot.scores])
+                merged = per_patch.reshape(-1, self.visual.spatial_merge_size ** 2).mean(dim=1)
+                scores.append(merged if order is None else merged[order])
+        finally:
+            for slot in slots:
+                slot.reset()
+        return output, scores
+
+    def _encode_kind(self, kind, pixel_values, grid_thw) -> EncodedImages:
+        patches = int(grid_thw.prod(-1).sum())
+        if pixel_values.shape[0] != patches:
+            raise ValueError(f"hiprune: {self.grid_keys[kind]} describes {patches} patches but "
+                             f"{self.media_keys[kind]} holds {pixel_values.shape[0]}")
+        output, (obj, deep) = self._tower_scores(kind, pixel_values, grid_thw)
+        merged = output.pooler_output
+        extras = self.extra_features(output)
+        budget, ratio = self._budget(kind)
+        m = self.visual.spatial_merge_size
+        result = EncodedImages([], [], [], deepstack=[[] for _ in extras])
+        start = 0
+        for t, h, w in grid_thw.tolist():
+            gh, gw = h // m, w // m
+            n = gh * gw
+            keep = resolve_budget(budget, ratio, n, self.default_ratio, clamp=True)  # validated in __init__
+            span = slice(start, start + t * n)
+            start += t * n
+            # One selection per temporal slice, batched over the slices: each slice is its own grid.
+            indices, roles = ops.select_with_roles(obj[span].view(t, n), deep[span].view(t, n), keep, gh, gw,
+                                                   self.alpha, 0, self.neighborhood, self.official)
+            flat = indices + (span.start + n * torch.arange(t, device=indices.device))[:, None]
+            for s in range(t):
+                result.features.append(merged[flat[s]])
+                result.full_counts.append(n)
+                result.kept_slots.append(indices[s])
+                result.indices.append(indices[s])
+                result.roles.append(roles[s])
+                for level, extra in zip(result.deepstack, extras):
+                    level.append(extra[flat[s]])
+        return result
+
+    def positions(self, kwargs, plan, new, for_generate):
+        model = self.model.model
+        extra = {}
+        if kwargs.get("second_per_grid_ts") is not None:
+            extra["second_per_grid_ts"] = kwargs["second_per_grid_ts"]
+        full, deltas = model.get_rope_index(kwargs["input_ids"], mm_token_type_ids=self.token_types(kwargs),
+                                            image_grid_thw=kwargs.get("image_grid_thw"),
+                                            video_grid_thw=kwargs.get("video_grid_thw"),
+                                            attention_mask=kwargs.get("attention_mask"), **extra)
+        positions = plan.take(full, 0)
+        model.rope_deltas = deltas + plan.removed.to(deltas.device)[:, None]
+        if not for_generate:
+            return positions
+        # generate() wants the text positions as a 4th leading row, as the class's own position preparation makes.
+        mask = new.get("attention_mask")
+        if mask is not None:
+            text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        else:
+            text = torch.arange(positions.shape[-1], device=positions.device).expand(positions.shape[1], -1)
+        return torch.cat([text[None].to(positions.dtype), positions], dim=0)
+

@@ -1,0 +1,150 @@
+"""Tier 2 of the vLLM plugin: real vLLM (CPU build), tiny random models built offline (`make test-vllm`).
+
+Every engine runs in a fresh process (scenario.py): with the plugin (found through its entry point) or without it
+(VLLM_PLUGINS=none), in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) or in vLLM's default multiprocess mode.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import scenario  # noqa: E402
+import tiny_models  # noqa: E402
+
+LLAVA_TOKENS = tiny_models.LLAVA_GRID ** 2                                    # 64 per image
+QWEN_GRID = (tiny_models.QWEN_IMAGE_SIZE[0] // 28, tiny_models.QWEN_IMAGE_SIZE[1] // 28)  # 6 x 4 merged
+QWEN_TOKENS = QWEN_GRID[0] * QWEN_GRID[1]
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"llava": tiny_models.build_llava(str(root / "llava")), "qwen": tiny_models.build_qwen(str(root / "qwen"))}
+
+
+def run(models, arch, spec, plugin=True, in_process=True, env=None):
+    environ = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    environ.pop("HIPRUNE_BUDGET", None)
+    if in_process:
+        environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if not plugin:
+        environ["VLLM_PLUGINS"] = "none"  # only plugins named "none": ours is not loaded
+    environ.update(env or {})
+    done = subprocess.run([sys.executable, os.path.join(HERE, "scenario.py"), models[arch], arch, json.dumps(spec)],
+                          capture_output=True, text=True, env=environ, timeout=300)
+    if done.returncode != 0:
+        raise AssertionError(f"scenario failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    marked = [line for line in done.stdout.splitlines() if line.startswith(scenario.RESULT_MARK)]
+    assert marked, f"no result line:\n{done.stdout[-3000:]}"
+    return json.loads(marked[-1][len(scenario.RESULT_MARK):])["results"]
+
+
+def image_tokens(result, token_id):
+    return sum(1 for t in result["prompt_ids"] if t == token_id)
+
+
+REQUESTS = [
+    {},                                                    # the server default
+    {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},       # off for this request
+    {"mm_processor_kwargs": {"hiprune_budget": 5}},        # another budget for this request
+    {"mm_processor_kwargs": {"hiprune_budget": -1}},       # refused, the server goes on
+    {},                                                    # the default again: the override did not stick
+]
+
+
+@pytest.fixture(scope="module")
+def llava_runs(models):
+    vanilla = run(models, "llava", {"requests": [{}]}, plugin=False)
+    pruned = run(models, "llava", {"hf_overrides": {"hiprune": {"budget": 16}},
+                                   "requests": REQUESTS + [{"mm_processor_kwargs": {"hiprune_budget": 64}}]})
+    return vanilla, pruned
+
+
+@pytest.fixture(scope="module")
+def qwen_runs(models):
+    vanilla = run(models, "qwen", {"requests": [{}]}, plugin=False)
+    pruned = run(models, "qwen", {"hf_overrides": {"hiprune": {"ratio": 0.25}}, "requests": REQUESTS})
+    return vanilla, pruned
+
+
+def test_llava_prompt_holds_the_budget_and_overrides_apply_per_request(llava_runs):
+    _, pruned = llava_runs
+    counts = [image_tokens(r, tiny_models.LLAVA_IMAGE) if "error" not in r else None for r in pruned]
+    assert counts == [16, LLAVA_TOKENS, 5, None, 16, LLAVA_TOKENS]
+    assert "hiprune_budget" in pruned[3]["error"]
+    assert pruned[4]["tokens"] == pruned[0]["tokens"]  # same image, same default: same answer
+    assert all(len(r["tokens"]) == 6 for r in pruned if "error" not in r)
+
+
+def test_llava_full_budget_equals_vllm_without_plugin(llava_runs):
+    vanilla, pruned = llava_runs
+    for full in (pruned[1], pruned[5]):  # ratio 1.0, and a budget of all 64 tokens
+        assert full["prompt_ids"] == vanilla[0]["prompt_ids"]
+        assert full["tokens"] == vanilla[0]["tokens"]
+
+
+def test_qwen_prompt_holds_the_budget_and_overrides_apply_per_request(qwen_runs):
+    _, pruned = qwen_runs
+    counts = [image_tokens(r, tiny_models.QWEN_IMAGE) if "error" not in r else None for r in pruned]
+    assert counts == [round(0.25 * QWEN_TOKENS), QWEN_TOKENS, 5, None, round(0.25 * QWEN_TOKENS)]
+    assert "hiprune_budget" in pruned[3]["error"]
+    assert pruned[4]["tokens"] == pruned[0]["tokens"]
+
+
+def test_qwen_full_budget_equals_vllm_without_plugin(qwen_runs):
+    vanilla, pruned = qwen_runs
+    assert pruned[1]["prompt_ids"] == vanilla[0]["prompt_ids"]
+    assert pruned[1]["tokens"] == vanilla[0]["tokens"]
+
+
+def expected_qwen_positions(prompt_ids, kept):
+    """The unpruned prompt's M-RoPE positions (text: i; image token (r, c) of the grid: (o, o + r, o + c); text
+    after the image continues after the full grid) taken at the kept tokens, and at every text token."""
+    start = prompt_ids.index(tiny_models.QWEN_IMAGE)
+    grid_w = QWEN_GRID[1]
+    rows = [[], [], []]
+    for i in range(start):
+        for row in rows:
+            row.append(i)
+    for index in kept:
+        rows[0].append(start)
+        rows[1].append(start + index // grid_w)
+        rows[2].append(start + index % grid_w)
+    after = start + max(QWEN_GRID)
+    for j in range(len(prompt_ids) - start - len(kept)):
+        for row in rows:
+            row.append(after + j)
+    return rows
+
+
+def test_qwen_kept_tokens_keep_their_unpruned_positions(qwen_runs):
+    _, pruned = qwen_runs
+    for result in (pruned[0], pruned[2]):
+        kept = result["kept"][0]
+        assert kept is not None and len(kept) == image_tokens(result, tiny_models.QWEN_IMAGE)
+        prefill = result["positions"][0]
+        length = len(result["prompt_ids"])
+        assert [row[:length] for row in prefill] == expected_qwen_positions(result["prompt_ids"], kept)
+        # Decoding continues after the unpruned prompt's last position.
+        first_decode = result["positions"][1]
+        assert [row[0] for row in first_decode] == [prefill[0][length - 1] + 1] * 3
+
+
+def test_qwen_unpruned_positions_are_vllms(qwen_runs):
+    vanilla, pruned = qwen_runs
+    assert pruned[1]["positions"][0] == vanilla[0]["positions"][0]
+
+
+@pytest.mark.parametrize("arch,token,budget", [("llava", tiny_models.LLAVA_IMAGE, 16),
+                                               ("qwen", tiny_models.QWEN_IMAGE, 7)])
+def test_multiprocess_mode_gets_the_plugin_through_its_entry_point(models, arch, token, budget):
+    # Default mode: the engine core is another process, which loads the plugin itself; the default comes from
+    # the environment variable this time.
+    results = run(models, arch, {"requests": [{}]}, in_process=False, env={"HIPRUNE_BUDGET": str(budget)})
+    assert image_tokens(results[0], token) == budget
+    assert len(results[0]["tokens"]) == 6
