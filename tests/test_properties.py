@@ -110,6 +110,19 @@ def test_attention_scores_properties(backend, device):
     check()
 
 
+def row_lse(q, k, scale, cu_seqlens):
+    """float32 log-sum-exp of each query row's scaled logits: (B, H, L), or (H, T) within segments when packed."""
+    if cu_seqlens is None:
+        return torch.logsumexp(q.double() @ k.double().transpose(-1, -2) * scale, dim=-1).float()
+    lse = torch.empty(q.shape[1], q.shape[0])
+    bounds = cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e > s:
+            logits = q[s:e].double().transpose(0, 1) @ k[s:e].double().permute(1, 2, 0) * scale
+            lse[:, s:e] = torch.logsumexp(logits, dim=-1).float()
+    return lse
+
+
 @pytest.mark.parametrize("backend,device", backend_params("qk_scores"))
 def test_qk_scores_properties(backend, device):
     @property_settings(backend, device, 60)
@@ -127,11 +140,14 @@ def test_qk_scores_properties(backend, device):
             shape, num_prefix = (batch, heads, length, dim), data.draw(st.integers(0, length - 1))
         q = (torch.randn(shape, generator=g) * spread).to(dtype)
         k = (torch.randn(shape, generator=g) * spread).to(dtype)
-        out = hiprune_ops.qk_scores(q.to(device), k.to(device), scale, num_prefix,
-                                    None if cu_seqlens is None else cu_seqlens.to(device), backend=backend)
+        cu = None if cu_seqlens is None else cu_seqlens.to(device)
         expected = qk_truth(q, k, scale, num_prefix, cu_seqlens)
-        assert out.dtype == torch.float32 and out.shape == expected.shape
-        # float32 accumulation against the float64 dense softmax of the same (rounded) inputs.
-        torch.testing.assert_close(out.cpu().double(), expected, rtol=2e-5, atol=1e-9)
+        # Without lse (two passes), and with the lse an attention forward would hand over (one pass).
+        for lse in (None, row_lse(q, k, scale, cu_seqlens) if data.draw(st.booleans()) else None):
+            out = hiprune_ops.qk_scores(q.to(device), k.to(device), scale, num_prefix, cu,
+                                        None if lse is None else lse.to(device), backend=backend)
+            assert out.dtype == torch.float32 and out.shape == expected.shape
+            # float32 accumulation against the float64 dense softmax of the same (rounded) inputs.
+            torch.testing.assert_close(out.cpu().double(), expected, rtol=2e-5, atol=1e-9)
 
     check()
