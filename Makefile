@@ -18,8 +18,10 @@ OP_TESTS := tests/test_ops.py tests/test_errors.py tests/test_validation.py test
 	tests/test_qk_scores.py tests/test_reference.py tests/test_concurrency.py tests/test_packaging.py
 
 # make sanitize: the CPU extension built with ASan + UBSan, the op tests run under it. The ASan runtime must be
-# the first library loaded (python is not instrumented); CPython's and torch's allocations live until exit.
-ASAN_ENV := LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
+# the first library loaded (python is not instrumented), and libstdc++ loaded with it, or ASan cannot intercept
+# C++ throws (a CHECK failure when triton's module throws at import); CPython's and torch's allocations live
+# until exit, so leaks are not reported.
+ASAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:detect_odr_violation=0 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
