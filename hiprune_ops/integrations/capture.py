@@ -206,6 +206,17 @@ def attach(module: torch.nn.Module, num_prefix: int = 0) -> ScoreSlot:
     return slot
 
 
+def attach_all(modules, num_prefix: int = 0) -> list[torch.nn.Module]:
+    """Attaches every module that has no slot yet (a module listed twice once); returns those it attached, the ones
+    its caller detaches later (modules another caller attached stay with that caller)."""
+    attached = []
+    for module in modules:
+        if slot_of(module) is None:
+            attach(module, num_prefix)
+            attached.append(module)
+    return attached
+
+
 def detach(module: torch.nn.Module) -> None:
     """Undoes attach(): the module loses its slot, and the kernel wrapper goes when no module needs it."""
     module.__dict__.pop(_SLOT_ATTR, None)
