@@ -140,11 +140,19 @@ def test_qwen_unpruned_positions_are_vllms(qwen_runs):
     assert pruned[1]["positions"][0] == vanilla[0]["positions"][0]
 
 
-@pytest.mark.parametrize("arch,token,budget", [("llava", tiny_models.LLAVA_IMAGE, 16),
-                                               ("qwen", tiny_models.QWEN_IMAGE, 7)])
-def test_multiprocess_mode_gets_the_plugin_through_its_entry_point(models, arch, token, budget):
+def test_multiprocess_mode_gets_the_plugin_through_its_entry_point(models, llava_runs):
     # Default mode: the engine core is another process, which loads the plugin itself; the default comes from
-    # the environment variable this time.
-    results = run(models, arch, {"requests": [{}]}, in_process=False, env={"HIPRUNE_BUDGET": str(budget)})
-    assert image_tokens(results[0], token) == budget
-    assert len(results[0]["tokens"]) == 6
+    # the environment variable this time. Same image and budget as the in-process run: same answer.
+    results = run(models, "llava", {"requests": [{}]}, in_process=False, env={"HIPRUNE_BUDGET": "16"})
+    assert image_tokens(results[0], tiny_models.LLAVA_IMAGE) == 16
+    assert results[0]["tokens"] == llava_runs[1][0]["tokens"]
+
+
+def test_qwen_data_parallel_encoder_selects_after_the_gather(models, qwen_runs):
+    # mm_encoder_tp_mode="data": the scores travel with the embeddings through vLLM's gather and the selection runs
+    # after it (one rank here; the gather and the packing are real). Multiprocess mode too.
+    budget = round(0.25 * QWEN_TOKENS)  # the in-process run's default
+    results = run(models, "qwen", {"requests": [{}], "engine": {"mm_encoder_tp_mode": "data"}}, in_process=False,
+                  env={"HIPRUNE_BUDGET": str(budget)})
+    assert image_tokens(results[0], tiny_models.QWEN_IMAGE) == budget
+    assert results[0]["tokens"] == qwen_runs[1][0]["tokens"]
