@@ -156,3 +156,13 @@ def test_qwen_data_parallel_encoder_selects_after_the_gather(models, qwen_runs):
                   env={"HIPRUNE_BUDGET": str(budget)})
     assert image_tokens(results[0], tiny_models.QWEN_IMAGE) == budget
     assert results[0]["tokens"] == qwen_runs[1][0]["tokens"]
+
+
+def test_tensor_parallel_ranks_select_the_same_tokens(models, llava_runs):
+    # Two ranks, the ViT's heads split between them (mm_encoder_tp_mode="weights", vLLM's default): each rank sums
+    # its heads, one all-reduce gives both the same scores, hence the same tokens as one rank alone.
+    results = run(models, "llava", {"requests": [{}], "engine": {"tensor_parallel_size": 2}}, in_process=False,
+                  env={"HIPRUNE_BUDGET": "16", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"})
+    assert image_tokens(results[0], tiny_models.LLAVA_IMAGE) == 16
+    first, second = results[0]["kept_per_rank"]
+    assert first == second == llava_runs[1][0]["kept"]
