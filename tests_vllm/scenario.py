@@ -68,7 +68,11 @@ def main() -> None:
     spy = (os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
            or os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") == "1")
     if spy:
-        llm.apply_model(_install_position_spy)
+        # By module name, not __main__, so vLLM's processes can unpickle them (this folder is on PYTHONPATH).
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import scenario as importable
+
+        llm.apply_model(importable._install_position_spy)
     prompt, size = PROMPTS[arch]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     results = []
@@ -83,7 +87,7 @@ def main() -> None:
             continue
         result = {"prompt_ids": list(out.prompt_token_ids), "tokens": list(out.outputs[0].token_ids)}
         if spy:
-            per_rank = llm.apply_model(_take_spy)
+            per_rank = llm.apply_model(importable._take_spy)
             result["positions"], result["kept"] = per_rank[0]
             result["kept_per_rank"] = [kept for _, kept in per_rank]
         results.append(result)
