@@ -18,8 +18,10 @@ OP_TESTS := tests/test_ops.py tests/test_errors.py tests/test_validation.py test
 	tests/test_qk_scores.py tests/test_reference.py tests/test_concurrency.py tests/test_packaging.py
 
 # make sanitize: the CPU extension built with ASan + UBSan, the op tests run under it. The ASan runtime must be
-# the first library loaded (python is not instrumented); CPython's and torch's allocations live until exit.
-ASAN_ENV := LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
+# the first library loaded (python is not instrumented), and libstdc++ loaded with it, or ASan cannot intercept
+# C++ throws (a CHECK failure when triton's module throws at import); CPython's and torch's allocations live
+# until exit, so leaks are not reported.
+ASAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:detect_odr_violation=0 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
@@ -89,7 +91,7 @@ sdist: $(DEPS_STAMP)
 	rm -rf build/dist
 	$(PY) -m build --sdist --no-isolation --skip-dependency-check --outdir build/dist .
 
-# $(call unpack_sdist,DIR): the sdist's tree in DIR (kept between runs, so its build is incremental).
+# $(call unpack_sdist,DIR): the sdist's tree in DIR.
 unpack_sdist = mkdir -p $(1) && tar -xzf build/dist/*.tar.gz -C $(1) --strip-components=1
 
 $(COMPAT_VENV)/.deps-installed:
@@ -97,11 +99,12 @@ $(COMPAT_VENV)/.deps-installed:
 	$(COMPAT_VENV)/bin/python -m pip install -q $(COMPAT_DEPS)
 	touch $@
 
+# The sdist installed into the compat venv (Triton kernels included), then its own tests run against the install.
 test-compat: sdist $(COMPAT_VENV)/.deps-installed
-	$(call unpack_sdist,build/compat)
-	cd build/compat && HIPRUNE_CUDA=0 $(COMPAT_PY) setup.py -q build_ext --inplace
-	cd build/compat && HIPRUNE_OTHER_TORCH_PYTHON=$(CURDIR)/$(PY) $(COMPAT_PY) -m pytest -q -p no:cacheprovider \
-		$(OP_TESTS)
+	HIPRUNE_CUDA=0 $(COMPAT_PY) -m pip install -q --no-deps --no-build-isolation --force-reinstall build/dist/*.tar.gz
+	rm -rf build/compat && $(call unpack_sdist,build/compat)
+	cd build/compat/tests && HIPRUNE_OTHER_TORCH_PYTHON=$(CURDIR)/$(PY) $(COMPAT_PY) -m pytest -q -p no:cacheprovider \
+		$(OP_TESTS:tests/%=%)
 
 test-sdist: sdist
 	rm -rf build/sdist-venv

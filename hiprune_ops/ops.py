@@ -1,6 +1,6 @@
 """The public ops, with their fake (meta) kernels beside them.
 
-Each wrapper takes the spec's arguments (shared/hiprune-spec.md) and a `backend` keyword: "auto" (default, or
+Each wrapper takes the arguments of docs/ops.md and a `backend` keyword: "auto" (default, or
 HIPRUNE_BACKEND), "cpp", "triton" or "torch". The C++ ops are also reachable as torch.ops.hiprune.<op>.
 """
 

@@ -1,4 +1,4 @@
-"""Pure-torch HiPrune, written straight from the spec (shared/hiprune-spec.md).
+"""Pure-torch HiPrune, written straight from the contract (docs/ops.md).
 
 It is the truth for the tests, the baseline of the benchmarks and the fallback when the extension is missing.
 Everything is vectorised over the batch. It favours plain statements of the rules over speed.

@@ -15,11 +15,11 @@ import hiprune_ops  # noqa: E402
 from hiprune_ops import integrations  # noqa: E402
 from hiprune_ops.integrations import capture  # noqa: E402
 from hiprune_ops.integrations.hf import FAMILIES  # noqa: E402
+from hf_testing import (TEXT, assert_full_budget_is_identity,  # noqa: E402
+                        assert_remove_restores_bit_identical_outputs, left_pad, spied_forward, spying, unpatch)
 
 IMG, VID, START, END = 151, 152, 150, 153
 PATCH_DIM = 3 * 2 * 4 * 4  # channels * temporal_patch_size * patch_size ** 2
-_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=160, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 _ROPE = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4}
 _VISION = dict(depth=4, hidden_size=32, num_heads=4, patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
 _IDS = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=START, vision_end_token_id=END)
@@ -27,7 +27,7 @@ _IDS = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=START,
 
 def _qwen2_vl():
     return transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(
-        vision_config=dict(_VISION, embed_dim=32, mlp_ratio=2), text_config=dict(_TEXT, rope_parameters=_ROPE),
+        vision_config=dict(_VISION, embed_dim=32, mlp_ratio=2), text_config=dict(TEXT, rope_parameters=_ROPE),
         **_IDS))
 
 
@@ -35,11 +35,11 @@ def _qwen2_5_vl():
     return transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
         vision_config=dict(_VISION, intermediate_size=64, out_hidden_size=32, window_size=16,
                            fullatt_block_indexes=[1, 3]),
-        text_config=dict(_TEXT, rope_parameters=_ROPE), **_IDS))
+        text_config=dict(TEXT, rope_parameters=_ROPE), **_IDS))
 
 
 def _qwen3_vl(moe=False):
-    text = dict(_TEXT, head_dim=8, rope_parameters=dict(_ROPE, mrope_interleaved=True))
+    text = dict(TEXT, head_dim=8, rope_parameters=dict(_ROPE, mrope_interleaved=True))
     if moe:
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1)
     prefix = "Qwen3VLMoe" if moe else "Qwen3VL"
@@ -50,7 +50,7 @@ def _qwen3_vl(moe=False):
 
 
 def _qwen3_5(moe=False):
-    text = dict(_TEXT, head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+    text = dict(TEXT, head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
                 linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"],
                 rope_parameters=dict(_ROPE, mrope_interleaved=True, partial_rotary_factor=1.0))
     if moe:
@@ -63,7 +63,7 @@ def _qwen3_5(moe=False):
 
 
 def _glm4v(prefix="Glm4v"):
-    text = dict(_TEXT, rope_parameters=dict(_ROPE, partial_rotary_factor=1.0))
+    text = dict(TEXT, rope_parameters=dict(_ROPE, partial_rotary_factor=1.0))
     vision = dict(_VISION, intermediate_size=64, out_hidden_size=32, image_size=32)
     if prefix == "Glm4vMoe":
         text.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
@@ -99,8 +99,7 @@ def family(request):
     name = request.param
     model = _model(name)
     yield name, model
-    hiprune_ops.remove_hiprune(model)
-    assert not capture._installed, "a capture wrapper outlived remove_hiprune"
+    unpatch(model)
 
 
 # -- prompts: rows of text and visual items ------------------------------------------------------------------------
@@ -136,12 +135,10 @@ def make_inputs(name, content, seed=0, types=True):
         rows.append(ids)
         row_types.append(kinds)
         layout.append(items)
-    width = max(len(r) for r in rows)
-    pad = [width - len(r) for r in rows]
-    inputs = dict(input_ids=torch.tensor([[0] * p + r for p, r in zip(pad, rows)]),
-                  attention_mask=torch.tensor([[0] * p + [1] * len(r) for p, r in zip(pad, rows)]))
+    ids, mask = left_pad(rows)
+    inputs = dict(input_ids=ids, attention_mask=mask)
     if types:
-        inputs["mm_token_type_ids"] = torch.tensor([[0] * p + r for p, r in zip(pad, row_types)], dtype=torch.int)
+        inputs["mm_token_type_ids"] = left_pad(row_types)[0].int()
     for kind, pixels, grid in (("image", "pixel_values", "image_grid_thw"),
                                ("video", "pixel_values_videos", "video_grid_thw")):
         if grids[kind]:
@@ -151,22 +148,10 @@ def make_inputs(name, content, seed=0, types=True):
     return inputs, layout
 
 
-def _spy(module):
-    calls = []
-
-    def hook(_, args, kwargs):
-        calls.append(kwargs)
-
-    return calls, module.register_forward_pre_hook(hook, with_kwargs=True)
-
-
 def _forward_spied(model, inputs):
-    calls, handle = _spy(model.model.language_model)
-    try:
-        with torch.no_grad():
-            return model(**inputs), calls[0]
-    finally:
-        handle.remove()
+    """(output, the keyword arguments the language model got)."""
+    output, (spy,) = spied_forward(model, inputs, model.model.language_model)
+    return output, spy.calls[0]
 
 
 def _contents(name):
@@ -179,16 +164,7 @@ def test_full_budget_is_identity(family):
     name, model = family
     for content in _contents(name):
         inputs, _ = make_inputs(name, content)
-        with torch.no_grad():
-            reference = model(**inputs).logits
-            reference_ids = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        hiprune_ops.apply_hiprune(model, budget=10_000)
-        with torch.no_grad():
-            logits = model(**inputs).logits
-            ids = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        hiprune_ops.remove_hiprune(model)
-        torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
-        assert torch.equal(ids, reference_ids), content
+        assert_full_budget_is_identity(model, inputs, 10_000, content)
 
 
 @pytest.mark.parametrize("content", ["mixed", "video"])
@@ -199,13 +175,9 @@ def test_prefill_gets_exactly_the_kept_tokens(family, content):
     inputs, layout = make_inputs(name, content)
     budget, video_budget = 5, 3
     hiprune_ops.apply_hiprune(model, budget=budget, video_budget=video_budget)
-    outer, handle = _spy(model.model)
-    try:
-        output, call = _forward_spied(model, inputs)
-    finally:
-        handle.remove()
+    output, (spy, outer) = spied_forward(model, inputs, model.model.language_model, model.model)
     state = integrations.hiprune_state(model)
-    embeds, mask = call["inputs_embeds"], call["attention_mask"]
+    embeds, mask = spy.calls[0]["inputs_embeds"], spy.calls[0]["attention_mask"]
     text = inputs["attention_mask"].sum(1) - sum((inputs["input_ids"] == i).sum(1) for i in (IMG, VID))
     expected = [int(t) + sum(min(budget if kind == "image" else video_budget, n) * slices
                              for kind, n, slices in items) for t, items in zip(text, layout)]
@@ -223,7 +195,7 @@ def test_prefill_gets_exactly_the_kept_tokens(family, content):
     else:
         assert state.last is None
     # The visual rows of the prefill are the unpatched tower's merged tokens at the kept indices, in order.
-    shrunk_types = outer[0]["mm_token_type_ids"]
+    shrunk_types = outer.calls[0]["mm_token_type_ids"]
     for value, encoded, kind in ((1, state.last, "image"), (2, state.last_video, "video")):
         if encoded is None:
             continue
@@ -268,35 +240,21 @@ def test_generate_batch_left_padding(family):
     content = "video" if name in GLM else "mixed"
     inputs, _ = make_inputs(name, content, seed=2)
     hiprune_ops.apply_hiprune(model, budget=6, video_budget=4)
-    calls, handle = _spy(model.model.language_model)
-    try:
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    finally:
-        handle.remove()
+    with spying(model.model.language_model) as (spy,), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     prompt = inputs["input_ids"]
     assert out.shape == (prompt.shape[0], prompt.shape[1] + 4)
     assert torch.equal(out[:, :prompt.shape[1]], prompt)
-    with torch.no_grad():
-        output, call = _forward_spied(model, inputs)
+    output, call = _forward_spied(model, inputs)
     # The prefill of generate is the pruned prompt, as long as forward's; the first token follows from it.
-    assert calls[0]["inputs_embeds"].shape[1] == call["inputs_embeds"].shape[1] < prompt.shape[1]
+    assert spy.calls[0]["inputs_embeds"].shape[1] == call["inputs_embeds"].shape[1] < prompt.shape[1]
     assert torch.equal(out[:, prompt.shape[1]], output.logits[:, -1].argmax(-1))
 
 
 def test_remove_restores_bit_identical_outputs(family):
     name, model = family
     inputs, _ = make_inputs(name, "video" if name in GLM else "mixed", seed=3)
-    with torch.no_grad():
-        before = model(**inputs).logits
-    hiprune_ops.apply_hiprune(model, budget=4)
-    with torch.no_grad():
-        model(**inputs)
-    assert hiprune_ops.remove_hiprune(model) is model
-    assert "forward" not in model.__dict__ and "generate" not in model.__dict__
-    with torch.no_grad():
-        after = model(**inputs).logits
-    assert torch.equal(before, after)
+    assert_remove_restores_bit_identical_outputs(model, inputs, budget=4)
 
 
 def test_each_video_slice_is_selected_on_its_own(family):
@@ -359,18 +317,17 @@ def test_glm_mixed_prompt_is_one_stream_in_prompt_order():
     name = "glm4v"
     model = _model(name)
     inputs, _ = make_inputs(name, "mixed", seed=7)
-    outer, handle = _spy(model.model)
     try:
         hiprune_ops.apply_hiprune(model, budget=5, video_budget=3)
-        _, call = _forward_spied(model, inputs)
+        _, (spy, outer) = spied_forward(model, inputs, model.model.language_model, model.model)
         state = integrations.hiprune_state(model)
     finally:
-        handle.remove()
         hiprune_ops.remove_hiprune(model)
+    call = spy.calls[0]
     images, videos = state.last.features, state.last_video.features
     # Row 0: the image, then two video slices; row 1: two video slices, then the image.
     expected = torch.cat([images[0], *videos[:2], *videos[2:], images[1]])
-    shrunk = outer[0]["input_ids"]
+    shrunk = outer.calls[0]["input_ids"]
     torch.testing.assert_close(call["inputs_embeds"][shrunk == IMG], expected, atol=0, rtol=0)
     text = inputs["attention_mask"].sum(1) - (inputs["input_ids"] == IMG).sum(1)
     assert call["attention_mask"].sum(1).tolist() == (text + 5 + 2 * 3).tolist()

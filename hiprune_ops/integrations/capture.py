@@ -89,8 +89,9 @@ SDP_EFFICIENT = int(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION.value)
 
 
 def _sdpa_flash_with_lse(module, query, key, value, attention_mask, args, kwargs):
-    """(output, lse) exactly as transformers' SDPA forward would compute the output, when SDPA would pick its flash
-    kernel for this call; None otherwise. lse: (B, H, L) float32, natural log."""
+    """(output, lse) with the output exactly as transformers' SDPA forward computes it, when SDPA would run its
+    flash kernel (or, on CUDA, its memory-efficient one) for this call; None otherwise. lse: (B, H, L) float32,
+    natural log."""
     if args or attention_mask is not None or kwargs.get("output_attentions"):
         return None
     if any(kwargs.get(name) is not None for name in _SDPA_SHORTCUT_BLOCKERS):
@@ -204,6 +205,17 @@ def attach(module: torch.nn.Module, num_prefix: int = 0) -> ScoreSlot:
     module.__dict__[_SLOT_ATTR] = slot
     module.__dict__["_hiprune_capture_target"] = target
     return slot
+
+
+def attach_all(modules, num_prefix: int = 0) -> list[torch.nn.Module]:
+    """Attaches every module that has no slot yet (a module listed twice once); returns those it attached, the ones
+    its caller detaches later (modules another caller attached stay with that caller)."""
+    attached = []
+    for module in modules:
+        if slot_of(module) is None:
+            attach(module, num_prefix)
+            attached.append(module)
+    return attached
 
 
 def detach(module: torch.nn.Module) -> None:

@@ -76,7 +76,7 @@ def plan_shrink(input_ids: torch.Tensor, kinds: Sequence[Placeholders],
     source = order.gather(1, src_rank.clamp(0, length - 1))
     source = torch.where(valid, source, 0)
     # `removed` counts placeholder tokens only (what the language model no longer sees), not dropped padding.
-    removed = (placeholders & ~keep).sum(dim=1)
+    dropped = placeholders & ~keep
     if attention_mask is not None:
-        removed = (placeholders & ~keep & attention_mask.bool()).sum(dim=1)
-    return ShrinkPlan(source, valid, removed, length)
+        dropped &= attention_mask.bool()
+    return ShrinkPlan(source, valid, dropped.sum(dim=1), length)

@@ -45,6 +45,13 @@ def default_object_layer(depth: int) -> int:
     return max(1, round_half_even(depth * 9 / 24))
 
 
+def projector_layer(feature_layer, depth: int) -> int:
+    """1-based layer whose output is hidden_states[feature_layer] (hidden_states[0] is the embeddings); for a list
+    of feature layers, the deepest."""
+    layers = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
+    return max(1, max(layer if layer >= 0 else depth + 1 + layer for layer in layers))
+
+
 def resolve_budget(budget: Optional[int], ratio: Optional[float], n: int, default_ratio: float,
                    clamp: bool = False, names: tuple[str, str] = ("budget", "ratio")) -> int:
     """Tokens to keep out of n: budget, or round_half_even(ratio * n), or the model's default ratio.
@@ -85,18 +92,13 @@ class ViTTower:
     def attention(self, layer: int) -> torch.nn.Module:
         return self.layers[layer - 1].self_attn
 
-    def attach(self, layers) -> list[int]:
-        """Marks the given 1-based layers for scoring (those not yet marked); returns the ones it marked."""
-        marked = []
-        for layer in sorted(set(layers)):
-            if capture.slot_of(self.attention(layer)) is None:
-                capture.attach(self.attention(layer), self.num_prefix)
-                marked.append(layer)
-        return marked
+    def attach(self, layers) -> list[torch.nn.Module]:
+        """Marks the given 1-based layers for scoring (those not yet marked); returns the modules it marked."""
+        return capture.attach_all([self.attention(layer) for layer in layers], self.num_prefix)
 
-    def detach(self, layers) -> None:
-        for layer in layers:
-            capture.detach(self.attention(layer))
+    def detach(self, modules) -> None:
+        for module in modules:
+            capture.detach(module)
 
     def run(self, pixel_values: torch.Tensor, object_layer: int, deep_layer: int):
         """Runs the tower once; returns (its output with hidden_states, object scores (B, N), deep scores (B, N))."""

@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 
 from ..towers import TOWER_CLASSES
-from . import (gemma3, glm4v, internvl, llava, paligemma, pixtral, qwen2_5_vl, qwen2_vl,  # noqa: F401
-               qwen3_5, qwen3_vl)  # (importing registers the families)
+from . import (gemma3, glm4v, idefics3, internvl, llava, paligemma, pixtral, qwen2_5_vl,  # noqa: F401
+               qwen2_vl, qwen3_5, qwen3_vl)  # (importing registers the families)
 from .base import FAMILIES, Adapter, family_for, make_forward, make_generate
 from .refused import refusal
 
@@ -42,9 +42,9 @@ def apply_hiprune(model: torch.nn.Module, budget: Optional[int] = None, ratio: O
       Glm46VForConditionalGeneration (GLM-4.6V): images and videos.
     - InternVLForConditionalGeneration (InternVL 3 / 3.5; budget per tile, thumbnail and video frame, of 256),
       Gemma3ForConditionalGeneration (per image, of 256 pooled tokens), PaliGemmaForConditionalGeneration,
-      Mistral3ForConditionalGeneration and any model with a PixtralVisionModel tower (per image, clamped to it).
-    Refused with NotImplementedError naming the class and the reason (hf/refused.py): Idefics2/3, SmolVLM, Mllama,
-    Gemma3n.
+      Mistral3ForConditionalGeneration and any model with a PixtralVisionModel tower (per image, clamped to it),
+      Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration (per tile).
+    Refused with NotImplementedError naming the class and the reason (hf/refused.py): Idefics2, Mllama, Gemma3n.
 
     budget: tokens kept per image (LLaVA-NeXT: over the base image and its tiles; Qwen-style and GLM: per image and
     per video slice, clamped to it); or ratio of each image's tokens; neither: the model's default (LLaVA-1.5

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from ..._validation import check_selection_options
+from .. import capture
 from ..sequence import Placeholders, ShrinkPlan, plan_shrink
 
 _SEQUENCE_KEYS = ("token_type_ids", "mm_token_type_ids")
@@ -46,13 +47,14 @@ class Adapter:
 
     A family lists the transformers classes it handles in `model_classes` (a subclass that lists any is registered
     in FAMILIES, where apply_hiprune looks models up), names the input that carries each kind of visual input
-    (`media_keys`) and the config attribute of its placeholder id (`<kind>_token_id` by default), and implements
-    attach / detach (the q/k capture of its tower), encode (tower, selection, merger or projector) and, when the
-    language model needs them, positions.
+    (`media_keys`) and the config attribute of its placeholder id (`<kind>_token_id` by default), sets
+    object_layer / deep_layer and names their attention modules (`attention`, captured by attach), and implements
+    encode (tower, selection, merger or projector) and, when the language model needs them, positions.
     """
 
     model_classes: tuple[str, ...] = ()
     media_keys: dict[str, str] = {"image": "pixel_values"}   # kind -> the input that carries it (encoder only)
+    num_prefix = 0  # tokens before the patches in the tower's sequence (a CLS token), left out of the scores
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -70,16 +72,33 @@ class Adapter:
         check_selection_options(self.alpha, neighborhood, self.official)  # fail at apply time, not mid-generate
         self.last: Optional[EncodedImages] = None        # the latest images
         self.last_video: Optional[EncodedImages] = None  # the latest video slices
+        self._attached: list[torch.nn.Module] = []       # the attention modules this adapter captures
 
     @property
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
 
-    def attach(self) -> None:
+    def attention(self, layer: int) -> torch.nn.Module:
+        """The attention module of the tower's 1-based layer."""
         raise NotImplementedError
 
+    def attach(self) -> None:
+        """Captures q and k of the object and deep layers (those no one captures yet)."""
+        self._attached = capture.attach_all([self.attention(self.object_layer), self.attention(self.deep_layer)],
+                                            self.num_prefix)
+
     def detach(self) -> None:
-        raise NotImplementedError
+        for module in self._attached:
+            capture.detach(module)
+        self._attached = []
+
+    def feature_options(self, kwargs: dict) -> tuple:
+        """(vision_feature_layer, vision_feature_select_strategy) of this call: the caller's, else the config's."""
+        config = self.model.config
+        layer = kwargs.get("vision_feature_layer")
+        strategy = kwargs.get("vision_feature_select_strategy")
+        return (config.vision_feature_layer if layer is None else layer,
+                strategy or getattr(config, "vision_feature_select_strategy", None))
 
     def encode_images(self, kwargs: dict) -> EncodedImages:
         raise NotImplementedError

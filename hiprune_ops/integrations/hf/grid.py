@@ -26,12 +26,6 @@ from ..towers import default_object_layer, resolve_budget, resolve_layer
 from .base import Adapter, EncodedImages
 
 
-def projector_layer(feature_layer, depth: int) -> int:
-    """1-based layer whose output is hidden_states[feature_layer] (hidden_states[0] is the embeddings)."""
-    layers = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
-    return max(1, max(layer if layer >= 0 else depth + 1 + layer for layer in layers))
-
-
 def pool_scores(scores: torch.Tensor, grid_h: int, grid_w: int, k: int) -> torch.Tensor:
     """(B, grid_h * grid_w) patch scores -> (B, grid_h / k * grid_w / k): the mean of each k x k group, raster."""
     if k == 1:
@@ -42,7 +36,6 @@ def pool_scores(scores: torch.Tensor, grid_h: int, grid_w: int, k: int) -> torch
 
 class PooledGridAdapter(Adapter):
     default_ratio = 1 / 3
-    num_prefix = 0
     concat_features = True  # the model takes one (tokens, D) tensor of image features; False: a tuple per image
 
     # -- what a family declares --------------------------------------------------------------------------------
@@ -84,18 +77,9 @@ class PooledGridAdapter(Adapter):
             resolve_budget(budget, ratio, 10 ** 9, self.default_ratio)
         else:
             self.per_tile = resolve_budget(budget, ratio, (grid[0] // k) * (grid[1] // k), self.default_ratio)
-        self._marked: list[int] = []
 
-    def attach(self):
-        for layer in sorted({self.object_layer, self.deep_layer}):
-            if capture.slot_of(self.attentions[layer - 1]) is None:
-                capture.attach(self.attentions[layer - 1], self.num_prefix)
-                self._marked.append(layer)
-
-    def detach(self):
-        for layer in self._marked:
-            capture.detach(self.attentions[layer - 1])
-        self._marked = []
+    def attention(self, layer):
+        return self.attentions[layer - 1]
 
     def _scores(self, slot, layer: int, grids: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
         """The layer's patch scores split per tile (padded batches (B, N) and packed (T,) alike)."""
@@ -112,7 +96,7 @@ class PooledGridAdapter(Adapter):
 
     def encode_images(self, kwargs) -> EncodedImages:
         layers = (self.object_layer, self.deep_layer)
-        slots = [capture.slot_of(self.attentions[layer - 1]) for layer in layers]
+        slots = [capture.slot_of(self.attention(layer)) for layer in layers]
         segments = self.segments(kwargs)
         for slot in slots:
             slot.reset()

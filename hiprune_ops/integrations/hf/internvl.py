@@ -11,7 +11,8 @@ projector (vision_feature_layer -1 -> the last); ratio 1/3 (85 of 256 per tile).
 
 from __future__ import annotations
 
-from .grid import PooledGridAdapter, projector_layer
+from ..towers import projector_layer
+from .grid import PooledGridAdapter
 
 
 class InternVLAdapter(PooledGridAdapter):
@@ -36,15 +37,8 @@ class InternVLAdapter(PooledGridAdapter):
     def default_deep_layer(self, depth):
         return projector_layer(self.model.config.vision_feature_layer, depth)
 
-    def _options(self, kwargs):
-        config = self.model.config
-        layer = kwargs.get("vision_feature_layer")
-        strategy = kwargs.get("vision_feature_select_strategy")
-        return (config.vision_feature_layer if layer is None else layer,
-                strategy or config.vision_feature_select_strategy)
-
     def image_features(self, kwargs):
-        layer, strategy = self._options(kwargs)
+        layer, strategy = self.feature_options(kwargs)
         if strategy != "default":
             raise NotImplementedError("hiprune: InternVL is supported with vision_feature_select_strategy='default' "
                                       "(the CLS token dropped before pixel_shuffle)")

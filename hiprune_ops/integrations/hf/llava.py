@@ -18,7 +18,7 @@ import torch
 
 from ... import ops
 from .base import Adapter, EncodedImages
-from ..towers import ViTTower, default_object_layer, resolve_budget, resolve_layer
+from ..towers import ViTTower, default_object_layer, projector_layer, resolve_budget, resolve_layer
 
 
 class LlavaAdapter(Adapter):
@@ -27,44 +27,24 @@ class LlavaAdapter(Adapter):
 
     def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **video):
         super().__init__(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **video)
-        self.tower = ViTTower(self.vision_tower())
+        self.tower = ViTTower(model.model.vision_tower)
+        self.num_prefix = self.tower.num_prefix
         depth = self.tower.depth
         self.object_layer = resolve_layer(object_layer, depth, default_object_layer(depth), "object_layer")
-        self.deep_layer = resolve_layer(deep_layer, depth, self._projector_layer(model.config.vision_feature_layer),
+        self.deep_layer = resolve_layer(deep_layer, depth, projector_layer(model.config.vision_feature_layer, depth),
                                         "deep_layer")
-        self.n = self.tower.grid * self.tower.grid
+        self.grid_tokens = self.tower.grid * self.tower.grid  # patch tokens of one image or tile
         self.check_budget()
-        self._marked = []
-
-    def vision_tower(self) -> torch.nn.Module:
-        return self.model.model.vision_tower
 
     def project(self, kept: torch.Tensor) -> torch.Tensor:
         """(images, tokens, C) kept tower features -> the language model's embedding space."""
         return self.model.model.multi_modal_projector(kept)
 
     def check_budget(self):
-        self.per_image = resolve_budget(self.budget, self.ratio, self.n, self.default_ratio)
+        self.per_image = resolve_budget(self.budget, self.ratio, self.grid_tokens, self.default_ratio)
 
-    def _projector_layer(self, feature_layer) -> int:
-        """1-based layer whose output is hidden_states[feature_layer] (hidden_states[0] is the embeddings)."""
-        layers = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
-        numbers = [layer if layer >= 0 else self.tower.depth + 1 + layer for layer in layers]
-        return max(1, max(numbers))
-
-    def attach(self):
-        self._marked = self.tower.attach((self.object_layer, self.deep_layer))
-
-    def detach(self):
-        self.tower.detach(self._marked)
-        self._marked = []
-
-    def _options(self, kwargs):
-        config = self.model.config
-        layer = kwargs.get("vision_feature_layer")
-        layer = config.vision_feature_layer if layer is None else layer
-        strategy = kwargs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
-        return layer, strategy
+    def attention(self, layer):
+        return self.tower.attention(layer)
 
     def _tower_features(self, pixel_values, layer):
         output, obj, deep = self.tower.run(pixel_values, self.object_layer, self.deep_layer)
@@ -81,8 +61,8 @@ class LlavaAdapter(Adapter):
     def encode_images(self, kwargs) -> EncodedImages:
         if kwargs.get("image_sizes") is not None:
             raise NotImplementedError("hiprune: LLaVA with image_sizes (variable-resolution towers) is not supported")
-        layer, strategy = self._options(kwargs)
-        prefix = self.tower.num_prefix
+        layer, strategy = self.feature_options(kwargs)
+        prefix = self.num_prefix
         if strategy == "default" and prefix != 1:
             raise NotImplementedError("hiprune: vision_feature_select_strategy='default' drops a CLS token this "
                                       "tower does not have")
@@ -97,7 +77,7 @@ class LlavaAdapter(Adapter):
             slots = torch.cat([torch.arange(prefix, device=indices.device).expand(indices.shape[0], -1),
                                indices + prefix], dim=1)
         features = self.project(kept)
-        full = self.n + (prefix if keep_prefix else 0)
+        full = self.grid_tokens + (prefix if keep_prefix else 0)
         return EncodedImages(list(features.unbind(0)), [full] * features.shape[0], list(slots.unbind(0)),
                              list(indices.unbind(0)), list(roles.unbind(0)))
 
@@ -114,12 +94,12 @@ class LlavaNextAdapter(LlavaAdapter):
             if self.ratio is not None:
                 raise ValueError("give budget or ratio, not both")
         else:
-            resolve_budget(None, self.ratio, self.n, self.default_ratio)  # validates ratio
+            resolve_budget(None, self.ratio, self.grid_tokens, self.default_ratio)  # validates ratio
 
     def per_tile(self, tiles: int) -> int:
         if self.budget is None:
-            return resolve_budget(None, self.ratio, self.n, self.default_ratio)
-        keep = min(self.n, self.budget // tiles)
+            return resolve_budget(None, self.ratio, self.grid_tokens, self.default_ratio)
+        keep = min(self.grid_tokens, self.budget // tiles)
         if keep < 1:
             raise ValueError(f"budget={self.budget} leaves no token per tile for an image with {tiles} tiles")
         return keep
@@ -128,8 +108,8 @@ class LlavaNextAdapter(LlavaAdapter):
         from transformers.models.llava_next.modeling_llava_next import (
             get_anyres_image_grid_shape, image_size_to_num_patches, unpad_image)
 
-        layer, strategy = self._options(kwargs)
-        if strategy != "default" or self.tower.num_prefix != 1:
+        layer, strategy = self.feature_options(kwargs)
+        if strategy != "default" or self.num_prefix != 1:
             raise NotImplementedError("hiprune: LLaVA-NeXT is supported with a CLS tower and "
                                       "vision_feature_select_strategy='default'")
         model, config = self.model.model, self.model.config
@@ -152,16 +132,16 @@ class LlavaNextAdapter(LlavaAdapter):
                 rows, cols = get_anyres_image_grid_shape(image_sizes[image], config.image_grid_pinpoints,
                                                          config.vision_config.image_size)
                 unpadded = unpad_image(torch.empty(1, rows * grid, cols * grid, device="meta"), image_sizes[image])
-                full = self.n + unpadded.shape[1] * (unpadded.shape[2] + 1)
+                full = self.grid_tokens + unpadded.shape[1] * (unpadded.shape[2] + 1)
             else:
                 rows = cols = 0
-                full = self.n + 1
+                full = self.grid_tokens + 1
             keep = self.per_tile(tiles)
-            if keep == self.n:  # nothing pruned: transformers' packing, token for token
+            if keep == self.grid_tokens:  # nothing pruned: transformers' packing, token for token
                 packed, _ = model.pack_image_features([projected], image_sizes[image:image + 1], strategy,
                                                       image_newline=model.image_newline)
                 features = packed[0]
-                indices = torch.arange(self.n, device=hidden.device).expand(tiles, -1)
+                indices = torch.arange(self.grid_tokens, device=hidden.device).expand(tiles, -1)
                 roles = torch.full_like(indices, 2, dtype=torch.int8)
             else:
                 indices, roles = self._select(obj[tile_slice], deep[tile_slice], keep)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .grid import PooledGridAdapter, projector_layer
+from ..towers import projector_layer
+from .grid import PooledGridAdapter
 
 
 class PixtralAdapter(PooledGridAdapter):
@@ -49,13 +50,12 @@ class PixtralAdapter(PooledGridAdapter):
         return counts.cumsum(0).to(torch.int32, copy=False).to(kwargs["pixel_values"].device)
 
     def image_features(self, kwargs):
-        config, model = self.model.config, self.model.model
-        layer = kwargs.get("vision_feature_layer")
-        layer = config.vision_feature_layer if layer is None else layer
-        common = dict(pixel_values=kwargs["pixel_values"], image_sizes=kwargs["image_sizes"], vision_feature_layer=layer)
-        if self._merged():
+        model = self.model.model
+        layer, strategy = self.feature_options(kwargs)
+        common = dict(pixel_values=kwargs["pixel_values"], image_sizes=kwargs["image_sizes"],
+                      vision_feature_layer=layer)
+        if self._merged():  # Mistral 3 has no select strategy
             return model.get_image_features(**common).pooler_output
-        strategy = kwargs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
         if strategy != "full":
             raise NotImplementedError("hiprune: LLaVA with a Pixtral tower is supported with "
                                       "vision_feature_select_strategy='full' (the tower has no CLS token to drop)")

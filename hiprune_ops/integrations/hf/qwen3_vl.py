@@ -21,6 +21,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
         return list(output.deepstack_features)
 
     def encoder_outputs(self, encoded, new):
+        # Qwen3-VL and Qwen3-VL-MoE each define this output class in their own modeling module.
         output_class = sys.modules[type(self.model).__module__].BaseModelOutputWithDeepstackFeatures
         return {kind: output_class(pooler_output=tuple(e.features), deepstack_features=[tuple(level) for level in
                                                                                          e.deepstack])

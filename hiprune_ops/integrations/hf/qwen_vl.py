@@ -4,8 +4,9 @@ Their towers take packed patches with grid_thw (t, h, w) per image or video, att
 (an image, or temporal_patch_size video frames: one cu_seqlens segment), and merge each 2x2 unit of patches into
 one language-model token. So:
 - scores: q and k of the object and deep blocks give each patch's received attention within its slice (packed
-  segments, see capture.py), averaged over each merge unit in the tower's order, then put in raster order (the
-  identity unless a family reorders, like Qwen2.5-VL's windows);
+  segments, see capture.py), averaged over each merge unit in the tower's order, then put in raster order
+  (qwen_positions.merged_raster_scores, with the window index of Qwen2.5-VL's windows; the others run in raster
+  order);
 - selection: per temporal slice, on its own merged grid (h/2 x w/2), so no buffer crosses a slice boundary. An image
   keeps `budget` tokens (or `ratio` of them), each video slice `video_budget` or `video_ratio` (default: the image
   setting), clamped to the slice;
@@ -19,13 +20,12 @@ Defaults: object block round(depth / 2) (families may choose otherwise), deep bl
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ... import ops
 from ..._validation import round_half_even
 from .. import capture
+from ..qwen_positions import merged_raster_scores
 from ..towers import resolve_budget, resolve_layer
 from .base import Adapter, EncodedImages
 
@@ -48,7 +48,6 @@ class QwenVLAdapter(Adapter):
         # Validate now; applied per image / slice later.
         resolve_budget(budget, ratio, 10 ** 9, self.default_ratio)
         resolve_budget(video_budget, video_ratio, 10 ** 9, self.default_ratio, names=("video_budget", "video_ratio"))
-        self._marked = []
 
     # -- what a family may change --------------------------------------------------------------------------------
     def default_object_layer(self) -> int:
@@ -58,9 +57,11 @@ class QwenVLAdapter(Adapter):
         """The tower's output for one kind; its pooler_output holds the merged tokens in raster order."""
         return self.visual(pixel_values.type(self.visual.dtype), grid_thw=grid_thw)
 
-    def raster_order(self, grid_thw: torch.Tensor) -> Optional[torch.Tensor]:
-        """Index that puts merge units from the tower's order into raster order; None: already raster."""
-        return None
+    def window_index(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """The raster index of each merge unit in the order the tower runs them (one after another over the items):
+        raster order itself unless the tower reorders (Qwen2.5-VL's windows)."""
+        units = int(grid_thw.prod(-1).sum()) // self.visual.spatial_merge_size ** 2
+        return torch.arange(units, device=grid_thw.device)
 
     def extra_features(self, output) -> list[torch.Tensor]:
         """Further per-token feature levels (T_merged, D) to gather at the kept indices (Qwen3-VL: deepstack)."""
@@ -78,19 +79,8 @@ class QwenVLAdapter(Adapter):
         return types
 
     # -- the shared part -----------------------------------------------------------------------------------------
-    def _attention(self, layer: int) -> torch.nn.Module:
+    def attention(self, layer):
         return self.visual.blocks[layer - 1].attn
-
-    def attach(self):
-        for layer in sorted({self.object_layer, self.deep_layer}):
-            if capture.slot_of(self._attention(layer)) is None:
-                capture.attach(self._attention(layer), 0)
-                self._marked.append(layer)
-
-    def detach(self):
-        for layer in self._marked:
-            capture.detach(self._attention(layer))
-        self._marked = []
 
     def _budget(self, kind: str):
         if kind == "video" and (self.video_budget is not None or self.video_ratio is not None):
@@ -109,19 +99,18 @@ class QwenVLAdapter(Adapter):
         return encoded
 
     def _tower_scores(self, kind, pixel_values, grid_thw):
-        slots = [capture.slot_of(self._attention(layer)) for layer in (self.object_layer, self.deep_layer)]
+        slots = [capture.slot_of(self.attention(layer)) for layer in (self.object_layer, self.deep_layer)]
         for slot in slots:
             slot.reset()
         try:
             output = self.run_tower(kind, pixel_values, grid_thw)
-            order = self.raster_order(grid_thw)
+            window_index = self.window_index(grid_thw)
             scores = []
             for layer, slot in zip((self.object_layer, self.deep_layer), slots):
                 if not slot.scores:
                     raise RuntimeError(f"hiprune: block {layer} of the vision tower recorded no attention call")
                 per_patch = torch.cat([s.reshape(-1) for s in slot.scores])
-                merged = per_patch.reshape(-1, self.visual.spatial_merge_size ** 2).mean(dim=1)
-                scores.append(merged if order is None else merged[order])
+                scores.append(merged_raster_scores(per_patch, window_index, self.visual.spatial_merge_size ** 2))
         finally:
             for slot in slots:
                 slot.reset()

@@ -10,13 +10,7 @@ from typing import Optional
 
 import torch
 
-_PATCH_MASK = ("its tower is called with a patch padding mask (patch_attention_mask, for images padded to the "
-               "batch's largest), which the q/k capture refuses, and its images are split into sub-images with "
-               "row/column marker tokens. Supportable for unpadded batches (the mask is then all ones)")
-
 REFUSED: dict[str, str] = {
-    "Idefics3ForConditionalGeneration": _PATCH_MASK,
-    "SmolVLMForConditionalGeneration": _PATCH_MASK,
     "Idefics2ForConditionalGeneration": ("its tower takes a patch padding mask, and its perceiver resampler turns "
                                          "all patches into 64 learned latents: no patch grid reaches the language "
                                          "model, so there is nothing to select on"),
