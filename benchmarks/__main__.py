@@ -59,7 +59,7 @@ def main(argv=None) -> int:
                                          harness.device_slug(args.device))
     env = harness.environment(args.device)
     env["profile"] = profile.name + (f" (--only {args.only})" if args.only else "")
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
     rows = []
     with tqdm(total=len(cases), desc="benchmarks", unit="case", file=sys.stderr, dynamic_ncols=True,
               bar_format="{l_bar}{bar}| {n:.1f}/{total} cases [{elapsed}<{remaining}] {postfix}") as progress:
@@ -69,6 +69,7 @@ def main(argv=None) -> int:
             rows += run_case(case, profile, args.device, progress)
             progress.update(done + 1 - progress.n)
     env["wall_time"] = f"{time.perf_counter() - start:.0f} s"
+    env["load_average"] = f"{load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end (1 min; other processes)"
     stem = profile.name if args.only is None else f"{profile.name}-only-{args.only.replace('/', '_')}"
     paths = report.write(folder, stem, env, rows)
     print(report.summary(rows, env))
