@@ -20,6 +20,9 @@ at::Tensor scores_of(const at::Tensor& input, int64_t num_prefix) {
   return input.to(at::kFloat).contiguous();
 }
 
+// Tokens selected serially before the batch is split across threads (about a millisecond of work).
+constexpr int64_t kSerialSelectTokens = 1 << 16;
+
 // Smallest key among the k largest (k >= 1); reorders `keys`.
 uint64_t kth_largest(std::vector<uint64_t>& keys, int64_t k) {
   std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<uint64_t>());
@@ -86,7 +89,10 @@ std::tuple<at::Tensor, at::Tensor> select_with_roles(const at::Tensor& object_at
   const int64_t n = args.n;
   // Errors are raised after the parallel region, never inside a worker, and name the batch's largest count.
   std::vector<int64_t> kept(static_cast<size_t>(args.batch), 0);
-  at::parallel_for(0, args.batch, 1, [&](int64_t begin, int64_t end) {
+  // An image takes microseconds: a small batch runs on this thread, because waking the pool costs more (and, on a
+  // loaded machine, a whole scheduler slice).
+  const int64_t images_per_task = std::max<int64_t>(1, kSerialSelectTokens / std::max<int64_t>(n, 1));
+  at::parallel_for(0, args.batch, images_per_task, [&](int64_t begin, int64_t end) {
     ImageSelector selector{n, budget, grid_h, grid_w, args.n_anchor, args.neighborhood, official, {}, {}, {}};
     for (int64_t b = begin; b < end; ++b)
       kept[b] = selector.run(object_data + b * n, deep_data + b * n, index_data + b * budget, role_data + b * budget);
