@@ -10,6 +10,7 @@ PIP_DEPS := 'setuptools>=64' wheel 'torch==2.14.1' numpy pytest expecttest hypot
 
 # make test-compat: the op tests on the oldest torch of pyproject's range, in a second venv. PyPI's torch 2.6 for
 # Linux x86-64 is a CUDA build that does not import without its nvidia-* wheels, so they come along (~3 GB).
+# Its Triton CPU-interpreter tests skip: torch 2.6's wrap_triton refuses interpreted kernels.
 COMPAT_TORCH := 2.6.0
 COMPAT_VENV := .venv-compat
 COMPAT_PY := $(CURDIR)/$(COMPAT_VENV)/bin/python
