@@ -92,7 +92,8 @@ sdist: $(DEPS_STAMP)
 	rm -rf build/dist
 	$(PY) -m build --sdist --no-isolation --skip-dependency-check --outdir build/dist .
 
-# $(call unpack_sdist,DIR): the sdist's tree in DIR.
+# $(call unpack_sdist,DIR): the sdist's tree in DIR, always a fresh one: its files keep the sdist's mtimes, which
+# can be older than a previous build's objects.
 unpack_sdist = mkdir -p $(1) && tar -xzf build/dist/*.tar.gz -C $(1) --strip-components=1
 
 $(COMPAT_VENV)/.deps-installed:
@@ -116,7 +117,7 @@ test-sdist: sdist
 	cd build && sdist-venv/bin/python ../tests/installed_check.py
 
 sanitize: sdist
-	$(call unpack_sdist,build/sanitize)
+	rm -rf build/sanitize && $(call unpack_sdist,build/sanitize)
 	cd build/sanitize && HIPRUNE_SANITIZE=1 $(CURDIR)/$(PY) setup.py -q build_ext --inplace
 	cd build/sanitize && $(ASAN_ENV) $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider -k "not triton and not cuda" \
 		$(OP_TESTS)
