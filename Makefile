@@ -94,7 +94,7 @@ sdist: $(DEPS_STAMP)
 
 # $(call unpack_sdist,DIR): the sdist's tree in DIR, always a fresh one: its files keep the sdist's mtimes, which
 # can be older than a previous build's objects.
-unpack_sdist = mkdir -p $(1) && tar -xzf build/dist/*.tar.gz -C $(1) --strip-components=1
+unpack_sdist = rm -rf $(1) && mkdir -p $(1) && tar -xzf build/dist/*.tar.gz -C $(1) --strip-components=1
 
 $(COMPAT_VENV)/.deps-installed:
 	$(PYTHON) -m venv $(COMPAT_VENV)
@@ -104,7 +104,7 @@ $(COMPAT_VENV)/.deps-installed:
 # The sdist installed into the compat venv (Triton kernels included), then its own tests run against the install.
 test-compat: sdist $(COMPAT_VENV)/.deps-installed
 	HIPRUNE_CUDA=0 $(COMPAT_PY) -m pip install -q --no-deps --no-build-isolation --force-reinstall build/dist/*.tar.gz
-	rm -rf build/compat && $(call unpack_sdist,build/compat)
+	$(call unpack_sdist,build/compat)
 	cd build/compat/tests && HIPRUNE_OTHER_TORCH_PYTHON=$(CURDIR)/$(PY) $(COMPAT_PY) -m pytest -q -p no:cacheprovider \
 		$(OP_TESTS:tests/%=%)
 
@@ -117,7 +117,7 @@ test-sdist: sdist
 	cd build && sdist-venv/bin/python ../tests/installed_check.py
 
 sanitize: sdist
-	rm -rf build/sanitize && $(call unpack_sdist,build/sanitize)
+	$(call unpack_sdist,build/sanitize)
 	cd build/sanitize && HIPRUNE_SANITIZE=1 $(CURDIR)/$(PY) setup.py -q build_ext --inplace
 	cd build/sanitize && $(ASAN_ENV) $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider -k "not triton and not cuda" \
 		$(OP_TESTS)
