@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests_vllm"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-from harness import compare, format_table  # noqa: E402
+from harness import compare, device_slug, environment, format_table  # noqa: E402
 
 VISION = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, image_size=336, patch_size=14)
 TEXT = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
@@ -78,11 +78,12 @@ def main() -> None:
     parser.add_argument("--budgets", default="192,128,64")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", help="write the results as JSON here too")
+    parser.add_argument("--output", default=None, help="results folder (default benchmarks/results/<device>)")
     args = parser.parse_args()
 
     import numpy as np
     from PIL import Image
+    import vllm
     from vllm import LLM, SamplingParams
 
     from hiprune_ops._report import device_description
@@ -120,14 +121,21 @@ def main() -> None:
                      f"{speedup:.2f}", f"{predicted:.2f}", f"{speedup / predicted:.2f}"])
         results.append(dict(candidate=name, prompt_tokens=prompt_lengths[budget], ttft_s=ttft, speedup=speedup,
                             flops_speedup=predicted))
-    device = device_description("cpu")
+    env = environment("cpu")
+    env["vllm"] = vllm.__version__
     title = (f"vLLM TTFT, LLaVA-1.5-shaped ({args.vision_layers}-layer ViT-L/14-336 width, {args.text_layers}-layer "
-             f"LLaMA-7B width), {args.dtype}, random weights; device: {device}")
-    print(format_table(title, ["candidate", "prompt tokens", "TTFT ms", "prefill tok/s", "speed-up",
-                               "FLOPs speed-up", "speed-up / FLOPs'"], rows))
-    if args.out:
-        with open(args.out, "w") as file:
-            json.dump({"title": title, "results": results}, file, indent=1)
+             f"LLaMA-7B width), {args.dtype}, random weights; device: {device_description('cpu')}")
+    table = format_table(title, ["candidate", "prompt tokens", "TTFT ms", "prefill tok/s", "speed-up",
+                                 "FLOPs speed-up", "speed-up / FLOPs'"], rows)
+    print(table)
+    folder = args.output or os.path.join(HERE, "results", device_slug("cpu"))
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vllm_ttft.md"), "w") as file:
+        file.write(f"# {__doc__.splitlines()[0]}\n\n")
+        file.write("\n".join(f"- {key}: {value}" for key, value in env.items()) + "\n\n" + table + "\n")
+    with open(os.path.join(folder, "vllm_ttft.json"), "w") as file:
+        json.dump({"environment": env, "title": title, "results": results}, file, indent=1)
+    print(f"written: {folder}/vllm_ttft.md, .json")
 
 
 if __name__ == "__main__":

@@ -31,9 +31,10 @@ RATIOS = (0.333, 0.222, 0.111)  # of the merged tokens of a Qwen2.5-VL image
 class Profile:
     name: str
     timing: dict                   # warmup / repeat / rounds of the fast cases
-    heavy_timing: dict             # the same for end-to-end cases
+    heavy_timing: dict             # the same for end-to-end cases (after one call that measures memory)
     map_batches: tuple             # select from maps, LLaVA-1.5 24x24
     map_grid: int
+    map_dtypes: tuple              # lower precisions of the maps, at batch 8
     score_batches: tuple           # select from scores, batch sweep at budget 192
     budgets: tuple
     budget_batch: int
@@ -52,7 +53,7 @@ _TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, nu
 PROFILES = {
     "smoke": Profile(
         "smoke", dict(warmup=0, repeat=1, rounds=1), dict(warmup=0, repeat=1, rounds=1),
-        map_batches=(2,), map_grid=8, score_batches=(1, 4), budgets=(30, 40), budget_batch=2,
+        map_batches=(2,), map_grid=8, map_dtypes=(), score_batches=(1, 4), budgets=(30, 40), budget_batch=2,
         qwen_grids=(16,), next_images=1, score_lengths=(33,), score_heads=2, score_dim=16,
         clip=dict(overrides=dict(_TINY_CLIP, image_size=84), batches=(1,)),
         qwen=dict(overrides=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
@@ -60,17 +61,18 @@ PROFILES = {
         llava=dict(lm=dict(hidden=64, intermediate=128, layers=1, heads=4), vision=dict(_TINY_CLIP, image_size=84),
                    budgets=(None, 12, 6), text_tokens=8)),
     "quick": Profile(
-        "quick", dict(warmup=2, repeat=3, rounds=3), dict(warmup=1, repeat=1, rounds=2),
-        map_batches=(8,), map_grid=24, score_batches=(1, 8, 32, 64), budgets=(64, 128, 192), budget_batch=32,
-        qwen_grids=(32, 64, 128), next_images=8, score_lengths=(577, 1024, 2048, 4096), score_heads=16,
-        score_dim=80,
+        "quick", dict(warmup=2, repeat=3, rounds=3), dict(warmup=0, repeat=1, rounds=2),
+        map_batches=(8,), map_grid=24, map_dtypes=(), score_batches=(1, 8, 32, 64), budgets=(64, 128, 192),
+        budget_batch=32, qwen_grids=(32, 64, 128), next_images=8, score_lengths=(577, 1024, 2048, 4096),
+        score_heads=16, score_dim=80,
         clip=dict(overrides={}, batches=(1,)),
         qwen=dict(overrides=dict(depth=4, fullatt_block_indexes=[1, 3]), grid=64),
         llava=dict(lm=dict(layers=2), vision={}, budgets=(None, 192, 128, 64), text_tokens=64)),
     "full": Profile(
-        "full", dict(warmup=3, repeat=5, rounds=3), dict(warmup=1, repeat=1, rounds=3),
-        map_batches=(1, 8, 32), map_grid=24, score_batches=(1, 2, 4, 8, 16, 32, 64), budgets=(64, 128, 192),
-        budget_batch=32, qwen_grids=(16, 32, 64, 128), next_images=8,
+        "full", dict(warmup=3, repeat=5, rounds=3), dict(warmup=0, repeat=1, rounds=3),
+        map_batches=(1, 8, 32), map_grid=24, map_dtypes=("float16", "bfloat16"),
+        score_batches=(1, 2, 4, 8, 16, 32, 64), budgets=(64, 128, 192), budget_batch=32,
+        qwen_grids=(16, 32, 64, 128), next_images=8,
         score_lengths=(577, 1024, 2048, 4096, 8192, 16384), score_heads=16, score_dim=80,
         clip=dict(overrides={}, batches=(1, 8)),
         qwen=dict(overrides={}, grid=64),
@@ -169,11 +171,14 @@ def select_candidates(device: str, from_maps: bool) -> list:
 
 
 def _check_selection(x: SimpleNamespace, from_maps: bool) -> None:
-    """The published loop equals official=True; every backend equals the reference (both bit for bit)."""
+    """The published loop equals official=True on the same scores (its own reduction, in the maps' dtype, may
+    round differently from ours); every backend equals the reference (both bit for bit)."""
     args = (x.obj, x.deep, x.budget, x.grid_h, x.grid_w, 0.1, x.prefix)
-    mask = (published.select_from_maps(x.obj, x.deep, x.budget, x.grid_w, x.prefix) if from_maps
-            else published.select_mask(x.obj, x.deep, x.budget, x.grid_w))
-    official = hiprune_ops.select(*args, official=True, backend="torch")
+    obj, deep = x.obj, x.deep
+    if from_maps:
+        obj, deep = published.received_attention(obj, x.prefix), published.received_attention(deep, x.prefix)
+    mask = published.select_mask(obj, deep, x.budget, x.grid_w)
+    official = hiprune_ops.select(obj, deep, x.budget, x.grid_h, x.grid_w, official=True, backend="torch")
     if not torch.equal(published.mask_to_indices(mask), official):
         raise AssertionError("the published loop disagrees with select(official=True)")
     expected = reference.select(*args)
@@ -206,17 +211,18 @@ def selection_cases(p: Profile, device: str) -> list:
     cases = []
     grid = p.map_grid
     length = grid * grid + 1
-    for batch in p.map_batches:
-        budget = min(192, grid * grid // 2)
-        params = dict(sweep="batch", model="LLaVA-1.5", B=batch, H=16, L=length, grid=f"{grid}x{grid}",
-                      budget=budget, dtype="float32", headline=batch == 8)
+    budget = min(192, grid * grid // 2)
+    for batch, dtype in [(b, "float32") for b in p.map_batches] + [(8, d) for d in p.map_dtypes]:
+        params = dict(sweep="batch" if dtype == "float32" else "dtype", model="LLaVA-1.5", B=batch, H=16, L=length,
+                      grid=f"{grid}x{grid}", budget=budget, dtype=dtype, headline=batch == 8 and dtype == "float32")
 
-        def setup(batch=batch, budget=budget):
-            return SimpleNamespace(obj=_maps(batch, 16, length, device, seed=1), deep=_maps(batch, 16, length, device,
-                                                                                           seed=2),
+        def setup(batch=batch, dtype=getattr(torch, dtype), budget=budget):
+            return SimpleNamespace(obj=_maps(batch, 16, length, device, dtype, seed=1),
+                                   deep=_maps(batch, 16, length, device, dtype, seed=2),
                                    budget=budget, grid_h=grid, grid_w=grid, prefix=1)
-        cases.append(_select_case(f"select_maps/llava-{grid}x{grid}/B{batch}", params, setup, device, True,
-                                  "streaming floor (read both maps once)"))
+        cases.append(_select_case(f"select_maps/llava-{grid}x{grid}/B{batch}" + ("" if dtype == "float32" else
+                                                                                f"/{dtype}"),
+                                  params, setup, device, True, "streaming floor (read both maps once)"))
 
     def scores_case(sweep, model, rows, grid_h, grid_w, budget, label, headline=False, images=None):
         params = dict(sweep=sweep, model=model, B=images or rows, rows=rows, grid=f"{grid_h}x{grid_w}",
@@ -251,10 +257,18 @@ def selection_cases(p: Profile, device: str) -> list:
 
 # -- scoring -------------------------------------------------------------------------------------------------------
 
-def _row_lse(q, k, scale, block=1024):
-    """log-sum-exp of every row of q @ k^T * scale (B, H, L), by blocks of rows: what an SDPA forward can return."""
-    return torch.cat([torch.logsumexp((q[:, :, i:i + block] @ k.transpose(-1, -2)).float() * scale, dim=-1)
-                      for i in range(0, q.shape[2], block)], dim=2)
+class ScoringInputs:
+    """q, k, v (B, H, L, D), scale, prefix; lse (B, H, L) float32, the log-sum-exp of every row of q @ k^T * scale
+    (what an SDPA forward can return), computed by blocks of rows when a candidate first needs it."""
+
+    def __init__(self, q, k, v, scale, prefix):
+        self.q, self.k, self.v, self.scale, self.prefix = q, k, v, scale, prefix
+
+    @functools.cached_property
+    def lse(self):
+        q, k, block = self.q, self.k, 1024
+        return torch.cat([torch.logsumexp((q[:, :, i:i + block] @ k.transpose(-1, -2)).float() * self.scale, dim=-1)
+                          for i in range(0, q.shape[2], block)], dim=2)
 
 
 def _dense_fits(params, device):
@@ -262,11 +276,20 @@ def _dense_fits(params, device):
     return None if need <= _memory_limit(device) else f"two (H, L, L) float32 maps need {need / GIB:.0f} GiB"
 
 
+def _qk_scores_with_lse(x):
+    lse = x.lse  # what the attention forward returns beside its output: not part of the timed call
+    return lambda: hiprune_ops.qk_scores(x.q, x.k, x.scale, x.prefix, lse=lse)
+
+
 def scoring_candidates(device: str) -> list:
-    """Scoring candidates; x has q, k, v (B, H, L, D), scale, prefix, lse (B, H, L) float32 row log-sum-exp."""
+    """Scoring candidates on ScoringInputs x (q, k, v, scale, prefix, lse)."""
     return [
         Candidate("SDPA forward", lambda x: lambda: F.scaled_dot_product_attention(x.q, x.k, x.v)),
         Candidate("qk_scores (two passes)", lambda x: lambda: hiprune_ops.qk_scores(x.q, x.k, x.scale, x.prefix)),
+        Candidate("qk_scores with lse (one pass)", _qk_scores_with_lse),
+        Candidate("qk_scores (two passes, Triton)",
+                  lambda x: lambda: hiprune_ops.qk_scores(x.q, x.k, x.scale, x.prefix, backend="triton"),
+                  _needs_gpu_triton),
         Candidate("dense softmax map + attention_scores",
                   lambda x: lambda: hiprune_ops.attention_scores(
                       torch.softmax(x.q @ x.k.transpose(-1, -2) * x.scale, dim=-1), x.prefix), _dense_fits),
@@ -282,13 +305,14 @@ def scoring_cases(p: Profile, device: str) -> list:
             g = torch.Generator().manual_seed(length)
             q, k, v = (torch.randn(1, p.score_heads, length, p.score_dim, generator=g).to(device) for _ in range(3))
             scale = p.score_dim ** -0.5
-            return SimpleNamespace(q=q, k=k, v=v, scale=scale, prefix=1, lse=_row_lse(q, k, scale))
+            return ScoringInputs(q, k, v, scale, prefix=1)
 
         def check(x):
             got = hiprune_ops.qk_scores(x.q, x.k, x.scale, x.prefix)
             expected = hiprune_ops.attention_scores(torch.softmax(x.q @ x.k.transpose(-1, -2) * x.scale, -1),
                                                     x.prefix) if x.q.shape[2] <= 4096 else got
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(_qk_scores_with_lse(x)(), got, rtol=1e-4, atol=1e-7)
 
         cases.append(Case("scoring", f"scoring/L{length}", params, setup, scoring_candidates(device),
                           "SDPA forward", check=check))

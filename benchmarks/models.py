@@ -131,7 +131,7 @@ def _recipe_attention(module, hidden_states, cu_seqlens, position_embeddings=Non
 
 def qwen_versions(tower, pixels: torch.Tensor, grid_thw: torch.Tensor, ratio: float = 0.334) -> dict:
     """name -> callable returning the kept merged tokens of one image (kept, out_hidden_size)."""
-    from hiprune_ops.integrations.qwen2_5_vl import Qwen2_5_VLAdapter
+    from hiprune_ops.integrations.hf.qwen2_5_vl import Qwen2_5_VLAdapter
     from transformers.vision_utils import get_vision_window_index
 
     adapter = Qwen2_5_VLAdapter(SimpleNamespace(model=SimpleNamespace(visual=tower)), None, ratio, 0.1, None, None,
@@ -151,7 +151,7 @@ def qwen_versions(tower, pixels: torch.Tensor, grid_thw: torch.Tensor, ratio: fl
         adapter.attach()
         try:
             with torch.inference_mode():
-                return adapter.encode_images({"pixel_values": pixels, "image_grid_thw": grid_thw}).features[0]
+                return adapter.encode({"pixel_values": pixels, "image_grid_thw": grid_thw})["image"].features[0]
         finally:
             adapter.detach()
 

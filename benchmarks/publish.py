@@ -69,7 +69,8 @@ def readme_section(env: dict, rows, path: str) -> str:
     parts = ["## Benchmarks", "", USAGE, "", _provenance(env, path), "", report.goals_markdown(rows, env), ""]
     for group in ("select_maps", "encoder"):
         if any(r.group == group for r in rows):
-            parts += [f"{report.GROUP_TITLES[group]}:", "", report.markdown_table(rows, group), ""]
+            parts += [f"{report.GROUP_TITLES[group]}:", "", report.markdown_table(rows, group, with_skipped=False),
+                      ""]
     if os.path.exists(plot):
         rel = os.path.relpath(plot, ROOT)
         parts += [f"![selection time against batch]({rel})", ""]
@@ -80,9 +81,11 @@ def hf_section(env: dict, rows, path: str) -> str:
     parts = ["## Measured", "", _provenance(env, path, link_prefix="../"), ""]
     parts += ["Encoders with random weights: plain SDPA with no pruning; ours (every layer keeps SDPA, two layers "
               "scored from q and k, then `select_with_roles`); the published recipe (eager attention with every "
-              "layer's map, then its per-image loop).", "", report.markdown_table(rows, "encoder"), "",
+              "layer's map, then its per-image loop).", "",
+              report.markdown_table(rows, "encoder", with_skipped=False), "",
               "Prefill through `apply_hiprune` of a LLaVA-1.5-shaped model at reduced depth (random weights, encoder "
-              "included, logits of the last position only):", "", report.markdown_table(rows, "prefill"), "",
+              "included, logits of the last position only):", "",
+              report.markdown_table(rows, "prefill", with_skipped=False), "",
               report.prefill_markdown(rows), ""]
     return "\n".join(parts)
 

@@ -56,7 +56,9 @@ def _shape(row) -> str:
     return " ".join(f"{k}={v}" for k, v in row.params.items() if k not in ("sweep", "headline"))
 
 
-def markdown_table(rows, group: str) -> str:
+def markdown_table(rows, group: str, with_skipped: bool = True) -> str:
+    if not with_skipped:
+        rows = [r for r in rows if not r.skipped]
     lines = ["| case | candidate | median | IQR | ratio | extra peak MiB |", "|---|---|---|---|---|---|"]
     for case_rows in _by_case([r for r in rows if r.group == group]).values():
         for i, row in enumerate(case_rows):
@@ -143,7 +145,8 @@ def flops_markdown() -> str:
 def prefill_markdown(rows) -> str:
     """Measured prefill speed-ups beside the analytic FLOPs ratio and the paper's A100 figure."""
     analytic = {v: s for v, _, s in flops_table()}
-    lines = ["| visual tokens | measured prefill | measured speed-up | analytic LM FLOPs speed-up (7B) | paper (A100) |",
+    lines = ["| visual tokens | measured prefill | measured speed-up | analytic LM FLOPs speed-up (7B) | paper "
+             "(A100) |",
              "|---|---|---|---|---|"]
     for case_rows in _by_case([r for r in rows if r.group == "prefill"]).values():
         dense = case_rows[0]

@@ -66,3 +66,13 @@ def test_cli_writes_results(tmp_path):
     csv_lines = [line for line in (tmp_path / f"{stem}.csv").read_text().splitlines() if not line.startswith("#")]
     assert csv_lines[0].startswith("group,case,candidate,shape,median_s,iqr_s,ratio_to_baseline,extra_peak_mib")
     assert any(",C++ op," in line or ",torch reference," in line for line in csv_lines[1:])
+
+
+def test_selection_inputs_match_their_shapes(request):
+    """Each case builds the inputs its shape column reports (cases are closures made in loops)."""
+    for case in all_cases(bench_profile(request.config), bench_device(request.config)):
+        if case.group.startswith("select") and (case.group == "select_scores" or case.params["B"] <= 2):
+            x = case.setup()
+            assert x.budget == case.params["budget"], case.name
+            assert x.obj.shape[0] == case.params.get("rows", case.params["B"]), case.name
+            assert f"{x.grid_h}x{x.grid_w}" == case.params["grid"], case.name

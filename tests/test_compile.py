@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 import hiprune_ops
 from conftest import random_maps, random_scores
@@ -87,3 +88,36 @@ def test_compile_fullgraph_through_the_python_wrappers():
     compiled = torch.compile(pipeline, fullgraph=True, dynamic=True)
     for got, expected in zip(compiled(obj, deep, features), pipeline(obj, deep, features)):
         assert torch.equal(got, expected)
+
+
+def _every_op(obj, deep, features, q, k, lse, packed_q, packed_k, cu_seqlens, packed_lse):
+    scores = torch.ops.hiprune.attention_scores(obj, 1)
+    idx = torch.ops.hiprune.select(scores, deep, 6, 4, 4, 0.5, 1)
+    idx2, roles = torch.ops.hiprune.select_with_roles(obj, deep, 6, 4, 4, 0.5, 1)
+    kept, idx3 = torch.ops.hiprune.prune(features, obj, deep, 6, 4, 4, 0.5, 1)
+    two_pass = torch.ops.hiprune.qk_scores(q, k, 0.25, 1)
+    one_pass = torch.ops.hiprune.qk_scores(q, k, 0.25, 1, None, lse)
+    packed = torch.ops.hiprune.qk_scores(packed_q, packed_k, 0.25, 0, cu_seqlens, packed_lse)
+    return scores * 2, idx, idx2, roles, kept + 1, idx3, two_pass, one_pass + 1, packed
+
+
+@pytest.mark.skipif(not all(has_cpp_kernel(op, "cpu") for op in ("attention_scores", "qk_scores", "select",
+                                                                  "select_with_roles", "prune")),
+                    reason="C++ CPU kernels not built")
+def test_inductor_fullgraph_dynamic_over_every_op():
+    """The default backend (inductor), fullgraph, dynamic shapes: a second batch size and sequence length (the
+    grid, an int argument, stays 4 x 4) reuse the one compiled graph."""
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(_every_op, backend=counter, fullgraph=True, dynamic=True)
+    for batch, length, seed in ((4, 20, 1), (5, 29, 2)):  # sizes distinct from the fixed ones (duck sizing)
+        obj, deep = random_maps(batch, 3, 17, seed=seed), random_maps(batch, 3, 17, seed=seed + 10)
+        features = torch.randn(batch, 16, 6)
+        g = torch.Generator().manual_seed(seed)
+        q, k = torch.randn(batch, 3, length, 8, generator=g), torch.randn(batch, 3, length, 8, generator=g)
+        lse = torch.logsumexp(q @ k.mT * 0.25, dim=-1)
+        packed_q, packed_k = q[0].transpose(0, 1), k[0].transpose(0, 1)  # one segment: (T, H, D), lse (H, T)
+        cu_seqlens = torch.tensor([0, length], dtype=torch.int32)
+        args = (obj, deep, features, q, k, lse, packed_q, packed_k, cu_seqlens, lse[0])
+        for got, expected in zip(compiled(*args), _every_op(*args)):
+            assert torch.equal(got, expected)
+    assert counter.frame_count == 1

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 import hiprune_ops
 from hiprune_ops import reference
@@ -270,6 +271,16 @@ def test_qk_scores_with_lse(dtype, dim):
     torch.testing.assert_close(halved.cpu(), want / 2, rtol=1e-4 if dtype == torch.float32 else 1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("dim, chunks", [(64, (64, 0)), (72, (64, 16)), (80, (64, 16)), (96, (64, 32)),
+                                         (128, (128, 0)), (8, (16, 0))])
+def test_qk_scores_head_dims_split_into_two_dots(dim, chunks):
+    # 80 runs as 64 + 16 channels, not padded to 128; every split gives the reference's scores.
+    assert triton_kernels.qk_scores.channel_chunks(dim) == chunks
+    q, k = _qk((1, 2, 20, dim), seed=dim)
+    torch.testing.assert_close(ops.qk_scores(q, k, dim ** -0.5, 1).cpu(),
+                               reference.qk_scores(q.cpu(), k.cpu(), dim ** -0.5, 1), rtol=1e-4, atol=1e-6)
+
+
 def test_qk_scores_varlen_with_lse():
     q, k = _qk((45, 3, 80), seed=27)
     bounds = [0, 1, 18, 18, 45]
@@ -329,6 +340,33 @@ def test_kernels_compile_for_sm90():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def _triton_pipeline(features, object_attn, deep_attn, q, k, lse):
+    kept, indices = ops.prune(features, object_attn, deep_attn, 20, 7, 7, 0.5, 1)
+    roles = ops.select_with_roles(object_attn, deep_attn, 20, 7, 7, 0.5, 1)[1]
+    return (kept, indices, roles, ops.qk_scores(q, k, 0.125, 1), ops.qk_scores(q, k, 0.125, 1, None, lse),
+            ops.attention_scores(object_attn, 1))
+
+
+def _triton_pipeline_inputs(device):
+    object_attn = random_maps(2, 4, 50, seed=35, device=device)
+    deep_attn = random_maps(2, 4, 50, seed=36, device=device)
+    features = torch.randn(2, 49, 8, device=device)
+    q, k = _qk((2, 4, 50, 64), seed=37)
+    return features, object_attn, deep_attn, q.to(device), k.to(device), _row_lse(q, k, 0.125).to(device)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the CUDA run compiles with inductor (TestTritonCuda)")
+def test_dynamo_captures_every_triton_op_in_one_graph():
+    # Under the interpreter the kernels cannot be traced by AOT autograd (they run eagerly on fake tensors), so
+    # this checks Dynamo's part: fullgraph=True fails on any graph break in the Triton path.
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    inputs = _triton_pipeline_inputs(DEVICE)
+    compiled = torch.compile(_triton_pipeline, backend=counter, fullgraph=True, dynamic=True)
+    for got, want in zip(compiled(*inputs), _triton_pipeline(*inputs)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert counter.frame_count == 1
+
+
 # ------------------------------------------------------------------------------------------------- CUDA only
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -361,18 +399,9 @@ class TestTritonCuda:
         torch.library.opcheck(ops.select_with_roles, (scores, maps, 6, 4, 4, 0.5, 1, "square"))
         torch.library.opcheck(ops.prune, (torch.randn(2, 16, 8, device="cuda"), maps, maps, 6, 4, 4, 0.5, 1))
 
-    def test_torch_compile_fullgraph(self):
-        object_attn = random_maps(2, 4, 50, seed=35, device="cuda")
-        deep_attn = random_maps(2, 4, 50, seed=36, device="cuda")
-        features = torch.randn(2, 49, 8, device="cuda")
-        q, k = _qk((2, 4, 50, 64), seed=37)
-
-        def pipeline(features, object_attn, deep_attn, q, k):
-            kept, indices = ops.prune(features, object_attn, deep_attn, 20, 7, 7, 0.5, 1)
-            roles = ops.select_with_roles(object_attn, deep_attn, 20, 7, 7, 0.5, 1)[1]
-            return kept, indices, roles, ops.qk_scores(q, k, 0.125, 1), ops.attention_scores(object_attn, 1)
-
-        compiled = torch.compile(pipeline, fullgraph=True)
-        for got, want in zip(compiled(features, object_attn, deep_attn, q, k),
-                             pipeline(features, object_attn, deep_attn, q, k)):
+    @pytest.mark.parametrize("dynamic", [False, True])
+    def test_torch_compile_fullgraph(self, dynamic):
+        inputs = _triton_pipeline_inputs("cuda")
+        compiled = torch.compile(_triton_pipeline, fullgraph=True, dynamic=dynamic)
+        for got, want in zip(compiled(*inputs), _triton_pipeline(*inputs)):
             torch.testing.assert_close(got, want, rtol=0, atol=0)

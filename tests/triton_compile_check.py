@@ -17,7 +17,8 @@ from hiprune_ops.triton_kernels import _selection, attention_scores, prune, qk_s
 
 SELECT_POINTERS = {"obj_ptr": "*fp32", "deep_ptr": "*bf16", "role_scratch_ptr": "*i8", "indices_ptr": "*i64",
                    "roles_ptr": "*i8", "kept_ptr": "*i32"}
-QK_POINTERS = {"lse_ptr": "*fp32", "colsum_ptr": "*fp32", "cu_ptr": "*i32", "scale_log2": "fp32"}
+QK_POINTERS = {"lse_ptr": "*fp32", "colsum_ptr": "*fp32", "cu_ptr": "*i32", "scale_log2": "fp32",
+               "lse_to_log2": "fp32"}
 # Ints equal to 1 are specialised to constants by Triton: compile one variant that way too.
 ONES = {"n": 1, "budget": 1, "grid_h": 1, "grid_w": 1, "n_anchor": 1, "obj_sn": 1, "deep_sn": 1}
 
@@ -33,10 +34,16 @@ CASES = [
     (attention_scores._column_sums_kernel, {"attn_ptr": "*bf16", "out_ptr": "*fp32", "partial_ptr": "*fp64"},
      dict(BLOCK_R=32, BLOCK_N=128, FINAL=False)),
     (attention_scores._finish_kernel, {"partial_ptr": "*fp64", "out_ptr": "*fp32"}, dict(BLOCK_N=128)),
-    (qk_scores._row_lse_kernel, {"q_ptr": "*bf16", "k_ptr": "*bf16", **QK_POINTERS},
-     dict(VARLEN=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32", UPCAST=False)),
-    (qk_scores._column_sums_kernel, {"q_ptr": "*fp32", "k_ptr": "*fp32", **QK_POINTERS},
-     dict(VARLEN=True, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, PRECISION="ieee", UPCAST=False)),
+    # The qk kernels are autotuned: compile their JIT functions with block sizes of the tuning space, for head
+    # dims 80 (two dots, 64 + 16) and 128 (one), bf16 / fp16 on tensor cores and fp32, dense and packed.
+    (qk_scores._row_lse_kernel.fn, {"q_ptr": "*bf16", "k_ptr": "*bf16", **QK_POINTERS},
+     dict(VARLEN=False, BLOCK_D0=64, BLOCK_D1=16, PRECISION="tf32", UPCAST=False, BLOCK_M=128, BLOCK_N=64)),
+    (qk_scores._row_lse_kernel.fn, {"q_ptr": "*fp16", "k_ptr": "*fp16", **QK_POINTERS},
+     dict(VARLEN=True, BLOCK_D0=128, BLOCK_D1=0, PRECISION="tf32", UPCAST=False, BLOCK_M=64, BLOCK_N=64)),
+    (qk_scores._column_sums_kernel.fn, {"q_ptr": "*bf16", "k_ptr": "*bf16", **QK_POINTERS},
+     dict(VARLEN=False, BLOCK_D0=64, BLOCK_D1=16, PRECISION="tf32", UPCAST=False, BLOCK_M=64, BLOCK_N=128)),
+    (qk_scores._column_sums_kernel.fn, {"q_ptr": "*fp32", "k_ptr": "*fp32", **QK_POINTERS},
+     dict(VARLEN=True, BLOCK_D0=64, BLOCK_D1=32, PRECISION="ieee", UPCAST=False, BLOCK_M=32, BLOCK_N=64)),
     (prune._gather_rows_kernel, {"features_ptr": "*fp16", "indices_ptr": "*i64", "out_ptr": "*fp16"},
      dict(BLOCK_K=16, BLOCK_C=128)),
 ]

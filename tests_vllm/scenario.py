@@ -5,8 +5,8 @@ and without the plugin never share a ModelRegistry.
     python scenario.py MODEL_DIR ARCH '{"hf_overrides": {...}, "requests": [{"mm_processor_kwargs": {...}}, ...]}'
 
 Each request is generated on its own (greedy). Per request: prompt token ids, generated ids, or the error text.
-In-process runs (VLLM_ENABLE_V1_MULTIPROCESSING=0) also report, for Qwen2.5-VL, the M-RoPE positions the language
-model received in the request's prefill and the kept indices of its image.
+Runs that can spy on the workers (in-process, or VLLM_ALLOW_INSECURE_SERIALIZATION=1) also report the positions
+the language model received in each step and the kept indices of the image, per tensor-parallel rank.
 """
 
 from __future__ import annotations
@@ -64,10 +64,15 @@ def main() -> None:
         kwargs["hf_overrides"] = spec["hf_overrides"]
     kwargs.update(spec.get("engine", {}))
     llm = LLM(**kwargs)
-    in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
-    spy = in_process and arch == "qwen"
+    # Spying runs a function on the workers: in-process, or across processes where vLLM may pickle it.
+    spy = (os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+           or os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") == "1")
     if spy:
-        llm.apply_model(_install_position_spy)
+        # By module name, not __main__, so vLLM's processes can unpickle them (this folder is on PYTHONPATH).
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import scenario as importable
+
+        llm.apply_model(importable._install_position_spy)
     prompt, size = PROMPTS[arch]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     results = []
@@ -82,7 +87,9 @@ def main() -> None:
             continue
         result = {"prompt_ids": list(out.prompt_token_ids), "tokens": list(out.outputs[0].token_ids)}
         if spy:
-            result["positions"], result["kept"] = llm.apply_model(_take_spy)[0]
+            per_rank = llm.apply_model(importable._take_spy)
+            result["positions"], result["kept"] = per_rank[0]
+            result["kept_per_rank"] = [kept for _, kept in per_rank]
         results.append(result)
     print(RESULT_MARK + json.dumps({"results": results}), flush=True)
 

@@ -28,7 +28,8 @@ def models(tmp_path_factory):
 
 
 def run(models, arch, spec, plugin=True, in_process=True, env=None):
-    environ = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    environ = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   PYTHONPATH=os.pathsep.join([HERE] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     environ.pop("HIPRUNE_BUDGET", None)
     if in_process:
         environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -140,11 +141,34 @@ def test_qwen_unpruned_positions_are_vllms(qwen_runs):
     assert pruned[1]["positions"][0] == vanilla[0]["positions"][0]
 
 
-@pytest.mark.parametrize("arch,token,budget", [("llava", tiny_models.LLAVA_IMAGE, 16),
-                                               ("qwen", tiny_models.QWEN_IMAGE, 7)])
-def test_multiprocess_mode_gets_the_plugin_through_its_entry_point(models, arch, token, budget):
+def test_multiprocess_mode_gets_the_plugin_through_its_entry_point(models, llava_runs):
     # Default mode: the engine core is another process, which loads the plugin itself; the default comes from
-    # the environment variable this time.
-    results = run(models, arch, {"requests": [{}]}, in_process=False, env={"HIPRUNE_BUDGET": str(budget)})
-    assert image_tokens(results[0], token) == budget
-    assert len(results[0]["tokens"]) == 6
+    # the environment variable this time. Same image and budget as the in-process run: same answer.
+    results = run(models, "llava", {"requests": [{}]}, in_process=False, env={"HIPRUNE_BUDGET": "16"})
+    assert image_tokens(results[0], tiny_models.LLAVA_IMAGE) == 16
+    assert results[0]["tokens"] == llava_runs[1][0]["tokens"]
+
+
+def test_qwen_data_parallel_encoder_selects_after_the_gather(models, qwen_runs):
+    # mm_encoder_tp_mode="data": the scores travel with the embeddings through vLLM's gather and the selection runs
+    # after it (one rank here; the gather and the packing are real). Multiprocess mode too.
+    budget = round(0.25 * QWEN_TOKENS)  # the in-process run's default
+    results = run(models, "qwen", {"requests": [{}], "engine": {"mm_encoder_tp_mode": "data"}}, in_process=False,
+                  env={"HIPRUNE_BUDGET": str(budget)})
+    assert image_tokens(results[0], tiny_models.QWEN_IMAGE) == budget
+    assert results[0]["tokens"] == qwen_runs[1][0]["tokens"]
+
+
+def test_tensor_parallel_ranks_select_the_same_tokens(models, llava_runs):
+    # Two ranks, the ViT's heads split between them (mm_encoder_tp_mode="weights", vLLM's default): each rank sums
+    # its heads, one all-reduce gives both the same scores, hence the same tokens as one rank alone.
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("tensor parallelism on vLLM's CPU build needs a core per rank")
+    results = run(models, "llava", {"requests": [{}], "engine": {"tensor_parallel_size": 2}}, in_process=False,
+                  env={"HIPRUNE_BUDGET": "16", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+                       # one core per rank: vLLM's automatic binding wants a NUMA node per rank
+                       "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"})
+    assert image_tokens(results[0], tiny_models.LLAVA_IMAGE) == 16
+    first, second = results[0]["kept_per_rank"]
+    assert first == second == llava_runs[1][0]["kept"]

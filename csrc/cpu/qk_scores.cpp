@@ -3,9 +3,8 @@
 // A task is one chunk of query rows of one (softmax domain, head). It walks its rows in blocks: logits of the
 // block against every key of the domain (one BLAS gemm, float32), an exact row softmax in place, then the
 // column sums of the block added to the chunk's float32 accumulator (one gemv). Given the rows' log-sum-exp (lse),
-// one pass is enough: the gemm takes q with a last column -lse against k with a last column of ones, so it yields
-// logit - lse directly, and exp() of that is the softmax. The working set per thread is
-// one block (rows x keys, a few MiB: enough rows to keep the gemm efficient). The accumulators take
+// the softmax needs no row pass: one loop adds exp(logit - lse) straight into the accumulator. The working set
+// per thread is one block (rows x keys, a few MiB: enough rows to keep the gemm efficient). The accumulators take
 // heads x chunks x tokens floats, with the chunk count fixed by the shapes alone, so the result does not depend
 // on the thread count.
 #include <ATen/ATen.h>
@@ -14,6 +13,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "hiprune/checks.h"
@@ -52,6 +53,36 @@ bool blas_ready(const at::Tensor& m) {
   return (m.stride(1) == 1 && m.stride(0) >= m.size(1)) || (m.stride(0) == 1 && m.stride(1) >= m.size(0));
 }
 
+// exp(x) in float32 within a few ulp, branch free so that the compiler vectorises the loop below (ATen's exp is
+// the accurate, slower variant, and a separate pass). Cody-Waite: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its
+// Taylor series to r^7 (error < 1e-8 relative), times 2^n built in the exponent bits. x is clamped to
+// [-87, 0.5]: no denormals (exp(-87) = 1.6e-38 stands in for anything smaller, an absolute error far below the
+// scores' scale of 1 / L), and x = logit - lse is never much above 0.
+__attribute__((always_inline)) inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : (x > 0.5f ? 0.5f : x);  // (std::min / max would not inline into the clones)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest integer
+  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t exponent = (static_cast<int32_t>(n) + 127) << 23;
+  float two_to_n;
+  std::memcpy(&two_to_n, &exponent, sizeof(float));  // (std::bit_cast stops gcc 12 from vectorising)
+  return p * two_to_n;
+}
+
+// column_sums[j] += exp(row[j] - lse): one row's softmax, given its log-sum-exp, added to the column sums.
+// Compiled for AVX-512, AVX2 and plain x86-64; the loader picks by the features of the CPU.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void add_row_softmax(const float* __restrict row, float lse, int64_t n, float* __restrict column_sums) {
+  for (int64_t j = 0; j < n; ++j) column_sums[j] += exp_nonpositive(row[j] - lse);
+}
+
 }  // namespace
 
 at::Tensor qk_scores(const at::Tensor& q, const at::Tensor& k, double scale, int64_t num_prefix,
@@ -64,7 +95,6 @@ at::Tensor qk_scores(const at::Tensor& q, const at::Tensor& k, double scale, int
   const int64_t heads = q.size(1), dim = q.size(-1);
   const bool with_lse = lse.has_value();
   const at::Tensor lse_in = with_lse ? lse->detach() : at::Tensor();
-  const int64_t width = dim + (with_lse ? 1 : 0);  // columns of the gemm operands
 
   std::vector<Domain> domains;
   at::Tensor out;
@@ -114,7 +144,7 @@ at::Tensor qk_scores(const at::Tensor& q, const at::Tensor& k, double scale, int
     const at::ThreadLocalStateGuard state_guard(caller_state);
     at::NoGradGuard no_grad;
     const auto f32 = q.options().dtype(at::kFloat);
-    at::Tensor q_block = at::empty({max_rows, width}, f32);
+    at::Tensor q_block = at::empty({max_rows, dim}, f32);
     at::Tensor logits_buffer = at::empty({max_block}, f32);
     at::Tensor ones = at::ones({max_rows}, f32);
     at::Tensor k_buffer;                 // float32 copy of one head's keys, when needed
@@ -128,11 +158,10 @@ at::Tensor qk_scores(const at::Tensor& q, const at::Tensor& k, double scale, int
       const int64_t n = dom.length;
       if (d != k_domain || head != k_head) {
         keys = dom.k[head];  // (n, D)
-        if (with_lse || keys.scalar_type() != at::kFloat || !blas_ready(keys)) {
-          if (!k_buffer.defined()) k_buffer = at::empty({max_length * width}, f32);
-          at::Tensor copy = k_buffer.narrow(0, 0, n * width).view({n, width});
-          copy.narrow(1, 0, dim).copy_(keys);
-          if (with_lse) copy.select(1, dim).fill_(1.0f);
+        if (keys.scalar_type() != at::kFloat || !blas_ready(keys)) {
+          if (!k_buffer.defined()) k_buffer = at::empty({max_length * dim}, f32);
+          at::Tensor copy = k_buffer.narrow(0, 0, n * dim).view({n, dim});
+          copy.copy_(keys);
           keys = copy;
         }
         k_domain = d;
@@ -147,19 +176,21 @@ at::Tensor qk_scores(const at::Tensor& q, const at::Tensor& k, double scale, int
 
       for (int64_t r0 = row_begin; r0 < row_end; r0 += block_rows) {
         const int64_t rows = std::min(block_rows, row_end - r0);
-        at::Tensor operand = q_block.narrow(0, 0, rows);
-        at::Tensor scaled = operand.narrow(1, 0, dim);
+        at::Tensor scaled = q_block.narrow(0, 0, rows);
         scaled.copy_(queries.narrow(0, r0, rows));  // to float32 first, then scale: no rounding in half precision
         scaled.mul_(scale);
-        if (with_lse) operand.select(1, dim).copy_(dom.lse[head].narrow(0, r0, rows)).neg_();
         at::Tensor logits = logits_buffer.narrow(0, 0, rows * n).view({rows, n});
-        at::mm_out(logits, operand, keys_t);
+        at::mm_out(logits, scaled, keys_t);
         if (with_lse) {
-          logits.exp_();  // logits hold logit - lse already
+          const at::Tensor head_lse = dom.lse[head];
+          const auto row_lse = head_lse.accessor<const float, 1>();
+          const float* logit_rows = logits.const_data_ptr<float>();
+          float* sums = column_sums.data_ptr<float>();
+          for (int64_t i = 0; i < rows; ++i) add_row_softmax(logit_rows + i * n, row_lse[r0 + i], n, sums);
         } else {
           at::_softmax_out(logits, logits, 1, false);
+          column_sums.addmv_(logits.t(), ones.narrow(0, 0, rows));
         }
-        column_sums.addmv_(logits.t(), ones.narrow(0, 0, rows));
       }
     }
   });

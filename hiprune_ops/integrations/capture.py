@@ -89,8 +89,9 @@ SDP_EFFICIENT = int(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION.value)
 
 
 def _sdpa_flash_with_lse(module, query, key, value, attention_mask, args, kwargs):
-    """(output, lse) exactly as transformers' SDPA forward would compute the output, when SDPA would pick its flash
-    kernel for this call; None otherwise. lse: (B, H, L) float32, natural log."""
+    """(output, lse) with the output exactly as transformers' SDPA forward computes it, when SDPA would run its
+    flash kernel (or, on CUDA, its memory-efficient one) for this call; None otherwise. lse: (B, H, L) float32,
+    natural log."""
     if args or attention_mask is not None or kwargs.get("output_attentions"):
         return None
     if any(kwargs.get(name) is not None for name in _SDPA_SHORTCUT_BLOCKERS):

@@ -26,7 +26,7 @@ from ... import ops
 from ..qwen_positions import MediaItem, kept_grid_offsets, merged_raster_scores, mrope_positions
 from ..towers import resolve_layer
 from ._common import ProcessorMixin, TowerTaps, keep_counts, kept_count_of, prepare_vllm_config, tp_all_reduce
-from .scores import pack_scores, unpack_scores
+from .scores import pack_scores, score_channels, unpack_scores
 from .settings import HIPRUNE_KEEP_FIELD
 from vllm.model_executor.models.qwen2_5_vl import (Qwen2_5_VLDummyInputsBuilder, Qwen2_5_VLForConditionalGeneration,
                                                    Qwen2_5_VLMultiModalProcessor, Qwen2_5_VLProcessingInfo)
@@ -69,7 +69,6 @@ class _ScoredVisual:
         self.model = model
         visual = model.visual
         self.spatial_merge_size = visual.spatial_merge_size
-        from .scores import score_channels
         self.out_hidden_size = visual.out_hidden_size + score_channels(visual.dtype)
 
     def parameters(self):
