@@ -10,6 +10,7 @@ PIP_DEPS := 'setuptools>=64' wheel 'torch==2.14.1' numpy pytest expecttest hypot
 
 # make test-compat: the op tests on the oldest torch of pyproject's range, in a second venv. PyPI's torch 2.6 for
 # Linux x86-64 is a CUDA build that does not import without its nvidia-* wheels, so they come along (~3 GB).
+# Its Triton CPU-interpreter tests skip: torch 2.6's wrap_triton refuses interpreted kernels.
 COMPAT_TORCH := 2.6.0
 COMPAT_VENV := .venv-compat
 COMPAT_PY := $(CURDIR)/$(COMPAT_VENV)/bin/python
@@ -91,8 +92,9 @@ sdist: $(DEPS_STAMP)
 	rm -rf build/dist
 	$(PY) -m build --sdist --no-isolation --skip-dependency-check --outdir build/dist .
 
-# $(call unpack_sdist,DIR): the sdist's tree in DIR.
-unpack_sdist = mkdir -p $(1) && tar -xzf build/dist/*.tar.gz -C $(1) --strip-components=1
+# $(call unpack_sdist,DIR): the sdist's tree in DIR, always a fresh one: its files keep the sdist's mtimes, which
+# can be older than a previous build's objects.
+unpack_sdist = rm -rf $(1) && mkdir -p $(1) && tar -xzf build/dist/*.tar.gz -C $(1) --strip-components=1
 
 $(COMPAT_VENV)/.deps-installed:
 	$(PYTHON) -m venv $(COMPAT_VENV)
@@ -102,7 +104,7 @@ $(COMPAT_VENV)/.deps-installed:
 # The sdist installed into the compat venv (Triton kernels included), then its own tests run against the install.
 test-compat: sdist $(COMPAT_VENV)/.deps-installed
 	HIPRUNE_CUDA=0 $(COMPAT_PY) -m pip install -q --no-deps --no-build-isolation --force-reinstall build/dist/*.tar.gz
-	rm -rf build/compat && $(call unpack_sdist,build/compat)
+	$(call unpack_sdist,build/compat)
 	cd build/compat/tests && HIPRUNE_OTHER_TORCH_PYTHON=$(CURDIR)/$(PY) $(COMPAT_PY) -m pytest -q -p no:cacheprovider \
 		$(OP_TESTS:tests/%=%)
 

@@ -57,12 +57,23 @@ def has_cpp_kernel(op: str, device_type: str) -> bool:
 
 
 def triton_usable(device_type: str) -> bool:
-    """Triton runs on CUDA, and on CPU tensors only under TRITON_INTERPRET=1 (set before triton is imported)."""
+    """Triton runs on CUDA, and on CPU tensors only under TRITON_INTERPRET=1 (set before triton is imported) with
+    a torch whose wrap_triton takes the interpreter's kernels (torch 2.6 with triton 3.2 refuses them)."""
     if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
     try:
         import triton  # noqa: F401
     except ImportError:
+        return False
+    return device_type == "cuda" or _wrap_triton_takes_interpreted_kernels()
+
+
+@functools.lru_cache(maxsize=None)
+def _wrap_triton_takes_interpreted_kernels() -> bool:
+    from ._triton_probe import probe_kernel
+    try:
+        torch.library.wrap_triton(probe_kernel)
+    except RuntimeError:
         return False
     return True
 
@@ -89,6 +100,7 @@ def resolve(backend: str | None, op: str, device: torch.device) -> str:
     if backend == "triton":
         if not triton_usable(device.type):
             raise RuntimeError(f"backend='triton' cannot run on {device.type}: it needs CUDA, or TRITON_INTERPRET=1 "
-                               "set before triton is imported for CPU tensors")
+                               "set before triton is imported for CPU tensors, and a torch whose wrap_triton "
+                               "takes the interpreter's kernels (torch 2.6 does not)")
         importlib.import_module("hiprune_ops.triton_kernels")
     return backend
