@@ -39,23 +39,6 @@ def _configs():
 
 
 @triton.jit
-def _segments(t, cu_ptr, n_bounds, length, VARLEN: tl.constexpr):
-    """[start, end) of the keys row t sees: its segment (packed), or the whole domain (dense)."""
-    if VARLEN:
-        start = tl.zeros_like(t)
-        end = tl.zeros_like(t) + length
-        for i in range(0, n_bounds):
-            bound = tl.load(cu_ptr + i)
-            bound = tl.minimum(tl.maximum(bound, 0), length)  # bad values stay in bounds
-            start = tl.where(bound <= t, tl.maximum(start, bound), start)
-            end = tl.where(bound > t, tl.minimum(end, bound), end)
-    else:
-        start = tl.zeros_like(t)
-        end = tl.zeros_like(t) + length
-    return start, end
-
-
-@triton.jit
 def _load_tile(base, rows, row_mask, s_row, s_d, d0, n_dims, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     """Rows x channels [d0, d0 + BLOCK_D) of q or k (zeros outside)."""
     dims = d0 + tl.arange(0, BLOCK_D)
@@ -64,6 +47,42 @@ def _load_tile(base, rows, row_mask, s_row, s_d, d0, n_dims, BLOCK_D: tl.constex
     if UPCAST:
         x = x.to(tl.float32)
     return x
+
+
+@triton.jit
+def _load_chunks(base, rows, row_mask, s_row, s_d, n_dims, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """Both channel chunks of a q or k tile; the second repeats the first (unused) when BLOCK_D1 == 0."""
+    x0 = _load_tile(base, rows, row_mask, s_row, s_d, 0, n_dims, BLOCK_D0, UPCAST)
+    x1 = x0
+    if BLOCK_D1 > 0:
+        x1 = _load_tile(base, rows, row_mask, s_row, s_d, BLOCK_D0, n_dims, BLOCK_D1, UPCAST)
+    return x0, x1
+
+
+@triton.jit
+def _head_base(ptr, domain, heads, s_z, s_h):
+    """Start of domain's (image, head) slice of q, k or lse."""
+    return ptr + (domain // heads) * s_z + (domain % heads) * s_h
+
+
+@triton.jit
+def _program_tokens(cu_ptr, n_bounds, length, VARLEN: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's block of tokens t and their mask; each one's segment [start, end) (packed), or the whole
+    domain (dense); and [first, last), the tokens that any of them sees."""
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    t_mask = t < length
+    start = tl.zeros_like(t)
+    end = tl.zeros_like(t) + length
+    if VARLEN:
+        for i in range(0, n_bounds):
+            bound = tl.load(cu_ptr + i)
+            bound = tl.minimum(tl.maximum(bound, 0), length)  # bad values stay in bounds
+            start = tl.where(bound <= t, tl.maximum(start, bound), start)
+            end = tl.where(bound > t, tl.minimum(end, bound), end)
+    first = tl.min(tl.where(t_mask, start, length), axis=0)
+    last = tl.max(tl.where(t_mask, end, 0), axis=0)
+    return t, t_mask, start, end, first, last
 
 
 @triton.jit
@@ -82,27 +101,16 @@ def _row_lse_kernel(q_ptr, k_ptr, lse_ptr, cu_ptr, n_bounds, length, heads, n_di
                     BLOCK_D1: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     domain = tl.program_id(1).to(tl.int64)
-    z, h = domain // heads, domain % heads
-    q_base = q_ptr + z * q_sz + h * q_sh
-    k_base = k_ptr + z * k_sz + h * k_sh
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < length
-    start, end = _segments(rows, cu_ptr, n_bounds, length, VARLEN)
-    first = tl.min(tl.where(row_mask, start, length), axis=0)
-    last = tl.max(tl.where(row_mask, end, 0), axis=0)
-    q0 = _load_tile(q_base, rows, row_mask, q_sl, q_sd, 0, n_dims, BLOCK_D0, UPCAST)
-    q1 = q0
-    if BLOCK_D1 > 0:
-        q1 = _load_tile(q_base, rows, row_mask, q_sl, q_sd, BLOCK_D0, n_dims, BLOCK_D1, UPCAST)
+    q_base = _head_base(q_ptr, domain, heads, q_sz, q_sh)
+    k_base = _head_base(k_ptr, domain, heads, k_sz, k_sh)
+    rows, row_mask, start, end, first, last = _program_tokens(cu_ptr, n_bounds, length, VARLEN, BLOCK_M)
+    q0, q1 = _load_chunks(q_base, rows, row_mask, q_sl, q_sd, n_dims, BLOCK_D0, BLOCK_D1, UPCAST)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     for k_start in range(first, last, BLOCK_N):
         cols = k_start + tl.arange(0, BLOCK_N)
         col_mask = cols < last
-        k0 = _load_tile(k_base, cols, col_mask, k_sl, k_sd, 0, n_dims, BLOCK_D0, UPCAST)
-        k1 = k0
-        if BLOCK_D1 > 0:
-            k1 = _load_tile(k_base, cols, col_mask, k_sl, k_sd, BLOCK_D0, n_dims, BLOCK_D1, UPCAST)
+        k0, k1 = _load_chunks(k_base, cols, col_mask, k_sl, k_sd, n_dims, BLOCK_D0, BLOCK_D1, UPCAST)
         s = _logits(q0, q1, k0, k1, BLOCK_D1, PRECISION) * scale_log2
         if VARLEN:
             s = tl.where((cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None]), s, float("-inf"))
@@ -124,27 +132,16 @@ def _column_sums_kernel(q_ptr, k_ptr, lse_ptr, colsum_ptr, cu_ptr, n_bounds, len
                         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr):
     domain = tl.program_id(1).to(tl.int64)
-    z, h = domain // heads, domain % heads
-    q_base = q_ptr + z * q_sz + h * q_sh
-    k_base = k_ptr + z * k_sz + h * k_sh
-    lse_base = lse_ptr + z * lse_sz + h * lse_sh
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < length
-    start, end = _segments(cols, cu_ptr, n_bounds, length, VARLEN)
-    first = tl.min(tl.where(col_mask, start, length), axis=0)
-    last = tl.max(tl.where(col_mask, end, 0), axis=0)
-    k0 = _load_tile(k_base, cols, col_mask, k_sl, k_sd, 0, n_dims, BLOCK_D0, UPCAST)
-    k1 = k0
-    if BLOCK_D1 > 0:
-        k1 = _load_tile(k_base, cols, col_mask, k_sl, k_sd, BLOCK_D0, n_dims, BLOCK_D1, UPCAST)
+    q_base = _head_base(q_ptr, domain, heads, q_sz, q_sh)
+    k_base = _head_base(k_ptr, domain, heads, k_sz, k_sh)
+    lse_base = _head_base(lse_ptr, domain, heads, lse_sz, lse_sh)
+    cols, col_mask, start, end, first, last = _program_tokens(cu_ptr, n_bounds, length, VARLEN, BLOCK_N)
+    k0, k1 = _load_chunks(k_base, cols, col_mask, k_sl, k_sd, n_dims, BLOCK_D0, BLOCK_D1, UPCAST)
     acc = tl.zeros([BLOCK_N], tl.float32)
     for q_start in range(first, last, BLOCK_M):
         rows = q_start + tl.arange(0, BLOCK_M)
         row_mask = rows < last
-        q0 = _load_tile(q_base, rows, row_mask, q_sl, q_sd, 0, n_dims, BLOCK_D0, UPCAST)
-        q1 = q0
-        if BLOCK_D1 > 0:
-            q1 = _load_tile(q_base, rows, row_mask, q_sl, q_sd, BLOCK_D0, n_dims, BLOCK_D1, UPCAST)
+        q0, q1 = _load_chunks(q_base, rows, row_mask, q_sl, q_sd, n_dims, BLOCK_D0, BLOCK_D1, UPCAST)
         # Rows past the end: lse = +inf, so exp2(-inf) = 0.
         lse = tl.load(lse_base + rows.to(tl.int64) * lse_sl, mask=row_mask, other=float("inf")) * lse_to_log2
         s = _logits(q0, q1, k0, k1, BLOCK_D1, PRECISION) * scale_log2 - lse[:, None]
