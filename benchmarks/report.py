@@ -194,7 +194,11 @@ def write_csv(path: str, env: dict, rows) -> None:
 def _plot(path: str, env: dict, title: str, xlabel: str, ylabel: str, series: dict, logy: bool) -> bool:
     if not series:
         return False
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU image: the tables are written, the plots are not
+        print(f"matplotlib is not installed: {os.path.basename(path)} not drawn")
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -17,6 +17,22 @@ from hiprune_ops.backend import has_cpp_kernel, triton_usable  # noqa: E402
 ANCHOR, BUFFER, REGISTER = 0, 1, 2
 
 
+def pytest_report_header(config):
+    """Names what the run's numbers and skips come from: the device, torch, triton, and the kernels built."""
+    from hiprune_ops._report import device_description, format_table
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    built = [key for key in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key("hiprune::select", key)]
+    rows = [("device", device_description(device)), ("torch", f"{torch.__version__} (CUDA {torch.version.cuda})"),
+            ("triton", triton_version), ("hiprune C++ kernels", ", ".join(built) or "none built")]
+    return format_table("hiprune-ops test environment", ("what", "value"), rows).splitlines()
+
+
 def _triton_ops_registered() -> bool:
     try:
         import hiprune_ops.triton_kernels  # noqa: F401
