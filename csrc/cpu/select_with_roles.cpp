@@ -19,6 +19,7 @@ namespace {
 // Float32 scores (B, N), contiguous: reduced from maps, or the given scores converted exactly.
 at::Tensor scores_of(const at::Tensor& input, int64_t num_prefix) {
   if (input.dim() == 4) return attention_scores(input, num_prefix);
+  if (input.scalar_type() == at::kFloat && input.is_contiguous()) return input;  // no dispatcher round trips
   return input.to(at::kFloat).contiguous();
 }
 
@@ -92,12 +93,13 @@ struct ImageSelector {
     const uint32_t* source = ranks.data();
     uint32_t* kept = candidates.data();
     uint8_t* flag = flags.data();
-    uint32_t any = 0, all = ~0u;  // OR and AND of the candidates: they differ in the bits of any ^ all
-    int64_t excluded = 0;
+    // OR and AND of the candidates, which differ in the bits of any ^ all. Excluded ranks (0) are left out of
+    // the AND so that digits span the candidates only; they fall in digit 0, which holds the k-th only when
+    // that is the last digit with candidates, and are dropped there.
+    uint32_t any = 0, all = ~0u;
     for (int64_t i = 0, end = n; i < end; ++i) {
       any |= source[i];
       all &= source[i] == kExcludedRank ? ~0u : source[i];
-      excluded += source[i] == kExcludedRank;
     }
     int64_t m = n;
     while (any != all) {
@@ -108,7 +110,6 @@ struct ImageSelector {
       for (; i + 4 <= m; i += 4)
         for (int h = 0; h < 4; ++h) ++histograms[h][(source[i + h] >> shift) % kDigits];
       for (; i < m; ++i) ++histograms[0][(source[i] >> shift) % kDigits];
-      histograms[0][0] -= excluded;  // kExcludedRank's digit
       uint32_t digit = kDigits - 1;
       for (;; --digit) {
         const int64_t count = histograms[0][digit] + histograms[1][digit] + histograms[2][digit] + histograms[3][digit];
@@ -129,7 +130,6 @@ struct ImageSelector {
       std::memset(flag, 0, m);
       source = kept;
       m = m_kept;
-      excluded = 0;
     }
     return RankThreshold{any, k};
   }
