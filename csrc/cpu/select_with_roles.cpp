@@ -56,6 +56,15 @@ inline void for_each_flagged(const uint8_t* flags, int64_t n, F&& f) {
     for (uint64_t bits = flag_bits(flags + base); bits != 0; bits &= bits - 1) f(base + std::countr_zero(bits));
 }
 
+constexpr int kBlock = 16;
+
+// Whether any of kBlock ranks is above floor; a separate loop so that it vectorizes.
+inline bool any_above(const uint32_t* ranks, uint32_t floor) {
+  uint32_t any = 0;
+  for (int h = 0; h < kBlock; ++h) any |= ranks[h] > floor;
+  return any != 0;
+}
+
 // The k-th largest of m ranks (1 <= k <= m, m small) by counting, for each rank, those above it.
 RankThreshold kth_largest_by_counting(const uint32_t* ranks, int64_t m, int64_t k) {
   for (int64_t i = 0;; ++i) {
@@ -158,13 +167,11 @@ struct ImageSelector {
     };
     for (int64_t i = 0; i < n_anchor; ++i) insert(i, i);
     uint32_t floor = top[n_anchor - 1];
-    // Blocks of 8 compared at once (vectorized), tokens one by one only in the rare blocks with an entrant.
+    // Blocks compared at once (vectorized), tokens one by one only in the rare blocks with an entrant.
     int64_t i = n_anchor;
-    for (const int64_t end = n; i + 8 <= end; i += 8) {
-      bool entrant = false;
-      for (int h = 0; h < 8; ++h) entrant |= rank[i + h] > floor;
-      if (!entrant) continue;
-      for (int h = 0; h < 8; ++h)
+    for (const int64_t end = n; i + kBlock <= end; i += kBlock) {
+      if (!any_above(rank + i, floor)) continue;
+      for (int h = 0; h < kBlock; ++h)
         if (rank[i + h] > floor) {
           insert(i + h, n_anchor - 1);
           floor = top[n_anchor - 1];
