@@ -3,9 +3,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cstring>
-#include <iterator>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -23,7 +21,7 @@ at::Tensor scores_of(const at::Tensor& input, int64_t num_prefix) {
   return input.to(at::kFloat).contiguous();
 }
 
-// Tokens selected serially before the batch is split across threads (about a millisecond of work).
+// Tokens selected serially before the batch is split across threads (a few hundred microseconds of work).
 constexpr int64_t kSerialSelectTokens = 1 << 16;
 
 // -- selection of one image ----------------------------------------------------------------------------------
@@ -53,7 +51,7 @@ inline uint64_t flag_bits(const uint8_t* flags) {
 template <class F>
 inline void for_each_flagged(const uint8_t* flags, int64_t n, F&& f) {
   for (int64_t base = 0; base < n; base += kFlagWord)
-    for (uint64_t bits = flag_bits(flags + base); bits != 0; bits &= bits - 1) f(base + std::countr_zero(bits));
+    for (uint64_t bits = flag_bits(flags + base); bits != 0; bits &= bits - 1) f(base + __builtin_ctzll(bits));
 }
 
 constexpr int kBlock = 16;
@@ -100,7 +98,7 @@ struct ImageSelector {
   // the candidates' digits, then keeps those of the digit holding the k-th, until they are all equal or few.
   RankThreshold kth_largest(int64_t k) {
     const uint32_t* source = ranks.data();
-    uint32_t* kept = candidates.data();
+    uint32_t* next = candidates.data();
     uint8_t* flag = flags.data();
     // OR and AND of the candidates, which differ in the bits of any ^ all. Excluded ranks (0) are left out of
     // the AND so that digits span the candidates only; they fall in digit 0, which holds the k-th only when
@@ -113,7 +111,8 @@ struct ImageSelector {
     int64_t m = n;
     while (any != all) {
       if (m <= kDirectSelectMax) return kth_largest_by_counting(source, m, k);  // excluded ranks are below all
-      const int shift = std::max(static_cast<int>(std::bit_width(any ^ all)) - kDigitBits, 0);
+      const int top_bit = 31 - __builtin_clz(any ^ all);  // highest bit in which candidates differ
+      const int shift = std::max(top_bit + 1 - kDigitBits, 0);
       std::memset(histograms, 0, sizeof(histograms));
       int64_t i = 0;
       for (; i + 4 <= m; i += 4)
@@ -127,18 +126,18 @@ struct ImageSelector {
       }
       for (i = 0; i < m; ++i)
         flag[i] = (((source[i] >> shift) % kDigits) == digit) & (source[i] != kExcludedRank);
-      int64_t m_kept = 0;
+      int64_t m_next = 0;
       any = 0;
       all = ~0u;
       for_each_flagged(flag, m, [&](int64_t j) {
-        const uint32_t r = source[j];  // in place once source is candidates: m_kept <= j
-        kept[m_kept++] = r;
+        const uint32_t r = source[j];  // in place once source is candidates: m_next <= j
+        next[m_next++] = r;
         any |= r;
         all &= r;
       });
       std::memset(flag, 0, m);
-      source = kept;
-      m = m_kept;
+      source = next;
+      m = m_next;
     }
     return RankThreshold{any, k};
   }
@@ -209,7 +208,7 @@ struct ImageSelector {
     for_each_flagged(flag, n, [&](int64_t i) {
       if (rank[i] == threshold.rank && threshold.ties-- <= 0) return;
       indices[out] = i;
-      roles[out] = rank[i] == kExcludedRank ? token_role[i] : kRegister;
+      roles[out] = rank[i] == kExcludedRank ? token_role[i] : static_cast<int8_t>(kRegister);
       ++out;
     });
     std::memset(flag, 0, n);
