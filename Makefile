@@ -16,7 +16,8 @@ COMPAT_VENV := .venv-compat
 COMPAT_PY := $(CURDIR)/$(COMPAT_VENV)/bin/python
 COMPAT_DEPS := 'torch==$(COMPAT_TORCH)' numpy pytest expecttest hypothesis ninja 'setuptools>=64' wheel
 OP_TESTS := tests/test_ops.py tests/test_errors.py tests/test_validation.py tests/test_properties.py \
-	tests/test_qk_scores.py tests/test_reference.py tests/test_concurrency.py tests/test_packaging.py
+	tests/test_qk_scores.py tests/test_reference.py tests/test_concurrency.py tests/test_packaging.py \
+	tests/test_select_cpu.py
 
 # make sanitize: the CPU extension built with ASan + UBSan, the op tests run under it. The ASan runtime must be
 # the first library loaded (python is not instrumented), and libstdc++ loaded with it, or ASan cannot intercept

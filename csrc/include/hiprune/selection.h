@@ -38,19 +38,23 @@ HIPRUNE_HD int64_t anchor_count(int64_t budget, double alpha, int neighborhood, 
   return n < cap ? n : cap;
 }
 
+// Maps a score to 32 bits whose unsigned order is the score order: NaN (1) below every number (-inf is
+// 0x007FFFFF), -0.0 equal to +0.0. Rank 0 is free for "excluded".
+HIPRUNE_HD uint32_t score_rank(float score) {
+  uint32_t bits;
+  memcpy(&bits, &score, sizeof(bits));
+  bits = score == 0.0f ? 0u : bits;                                      // fold -0.0 into +0.0
+  const uint32_t ordered = bits ^ ((0u - (bits >> 31)) | 0x80000000u);  // negative: all bits flipped; else sign
+  return score != score ? 1u : ordered;  // branch-free, so that loops over scores vectorize
+}
+
+constexpr uint32_t kExcludedRank = 0;
+
 // Maps a score and its token index to a key whose unsigned order is the ranking order: higher score first,
 // equal scores lower index first, NaN below every number. -0.0 equals +0.0. Key 0 is free for "excluded".
 HIPRUNE_HD uint64_t rank_key(float score, int64_t index) {
-  uint32_t ordered;
-  if (score != score) {
-    ordered = 1u;  // NaN: above the excluded key 0, below -inf (0x007FFFFF)
-  } else {
-    if (score == 0.0f) score = 0.0f;  // fold -0.0 into +0.0
-    uint32_t bits;
-    memcpy(&bits, &score, sizeof(bits));
-    ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-  }
-  return (static_cast<uint64_t>(ordered) << 32) | static_cast<uint64_t>(0xFFFFFFFFu - static_cast<uint32_t>(index));
+  return (static_cast<uint64_t>(score_rank(score)) << 32) |
+         static_cast<uint64_t>(0xFFFFFFFFu - static_cast<uint32_t>(index));
 }
 
 constexpr uint64_t kExcludedKey = 0;
@@ -102,11 +106,31 @@ HIPRUNE_HD uint64_t register_key(int8_t role, float deep_score, int64_t index) {
   return role != kNotKept ? kExcludedKey : rank_key(deep_score, index);
 }
 
+// Rank of token i in the register ranking: kept tokens (anchors, buffers) are excluded. Branch-free, to vectorize.
+HIPRUNE_HD uint32_t register_rank(int8_t role, float deep_score) {
+  return score_rank(deep_score) & (0u - static_cast<uint32_t>(role == kNotKept));
+}
+
 // Whether anchors and buffers can exceed the budget: only in official mode (no anchor cap), and only when
 // n_anchor anchors with their 4 neighbours each could outnumber the budget. Host-known, so a GPU backend needs
 // to read the kept counts back (a host sync) only when this is true.
 HIPRUNE_HD bool official_may_overflow(int64_t n_anchor, int64_t budget, bool official) {
   return official && tokens_per_anchor(kCross) * n_anchor > budget;
+}
+
+// The k largest of ranks visited in index order, ties to the lower index: every rank above `rank`, then the
+// first `ties` equal to it.
+struct RankThreshold {
+  uint32_t rank;
+  int64_t ties;
+};
+
+// Whether the next token (in index order) of rank r is among the k largest; counts the ties taken.
+HIPRUNE_HD bool take_ranked(RankThreshold& t, uint32_t r) {
+  const bool tie = r == t.rank;
+  const bool take = r > t.rank || (tie && t.ties > 0);
+  t.ties -= tie;
+  return take;
 }
 
 }  // namespace hiprune
