@@ -345,10 +345,11 @@ def test_llava_feature_layers_come_from_the_full_runs_hidden_states(llava):
         hiprune_ops.remove_hiprune(llava)
 
 
-def test_compiled_vision_tower_matches_eager():
+@pytest.mark.parametrize("deep_layer", [None, 3])
+def test_compiled_vision_tower_matches_eager(deep_layer):
     torch.manual_seed(7)
     tower = transformers.CLIPVisionModel(_clip()).eval()
-    pruned = integrations.HiPruneVisionTower(tower, 24)
+    pruned = integrations.HiPruneVisionTower(tower, 24, deep_layer=deep_layer)
     pixels = torch.randn(2, 3, 56, 56)
     try:
         with torch.no_grad():
@@ -360,7 +361,8 @@ def test_compiled_vision_tower_matches_eager():
         pruned.remove()
     assert compiled.shape == (2, 24, 32)
     torch.testing.assert_close(compiled, eager)
-    reference = tower(pixels).last_hidden_state[:, 1:]
+    full = tower(pixels, output_hidden_states=True)
+    reference = (full.last_hidden_state if deep_layer is None else full.hidden_states[deep_layer])[:, 1:]
     torch.testing.assert_close(compiled, reference.gather(1, eager_indices[..., None].expand(-1, -1, 32)))
     assert not capture._installed
 

@@ -105,9 +105,9 @@ class ViTTower:
         deep scores (B, N)).
 
         hidden_states: indices into a full run's output.hidden_states (0 the embeddings, i >= 1 layer i's output,
-        negative from the end); each comes back bit for bit, and no other layer's output is kept. The layers after
-        the deepest one needed (that, the object and the deep layer) do not run: their output would be discarded
-        (LLaVA feeds the second-to-last layer). output: the model's output when every layer ran, else None.
+        negative from the end); each comes back bit for bit, and no other layer's output is kept. No layer after
+        the deepest of these, the object and the deep layer runs (LLaVA feeds its projector the second-to-last
+        layer's output). output: the model's output when every layer ran, else None.
         """
         slots = {layer: capture.slot_of(self.attention(layer)) for layer in (object_layer, deep_layer)}
         for slot in slots.values():
