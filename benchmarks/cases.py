@@ -31,7 +31,7 @@ RATIOS = (0.333, 0.222, 0.111)  # of the merged tokens of a Qwen2.5-VL image
 class Profile:
     name: str
     timing: dict                   # warmup / repeat / rounds of the fast cases
-    heavy_timing: dict             # the same for end-to-end cases (after one call that measures memory)
+    heavy_timing: dict             # the same for end-to-end cases (after two memory calls each, the first discarded)
     map_batches: tuple             # select from maps, LLaVA-1.5 24x24
     map_grid: int
     map_dtypes: tuple              # lower precisions of the maps, at batch 8

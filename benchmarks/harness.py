@@ -5,6 +5,11 @@ samples give the median and the interquartile range. GPU: CUDA events; CPU: perf
 Memory: extra peak of one call = peak during the call minus what was resident (CPU) or allocated (GPU) before it,
 so the inputs and the model are not counted and the output is. CPU: Linux VmHWM after resetting it through
 /proc/self/clear_refs, freed heap first returned to the OS (malloc_trim); GPU: torch.cuda.max_memory_allocated.
+On glibc the measured call runs with a fixed mmap threshold of 128 KiB: every larger buffer gets its own mapping
+and goes back to the OS when freed, so VmHWM follows the memory the call holds. Under glibc's default (a threshold
+that rises to the largest freed buffer, up to 32 MiB) buffers land in the heap, freed ones stay resident in
+fragments: the same warm call of the CLIP-L/14-336 tower measured 132 to 181 MiB; pinned, 85.7 to 85.9 MiB.
+After the call the thresholds are left at the values that heuristic ends at (32 MiB, trim 64 MiB).
 """
 
 from __future__ import annotations
@@ -78,6 +83,16 @@ def cpu_peak_supported() -> bool:
     return os.path.exists("/proc/self/clear_refs") and platform.system() == "Linux"
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_MEASURE_MMAP_THRESHOLD = 128 * 1024
+_SETTLED_MMAP_THRESHOLD = 32 * 1024 * 1024
+
+
+def _set_malloc_thresholds(libc, mmap_threshold: int) -> None:
+    libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2 * mmap_threshold)
+
+
 def extra_peak_bytes(fn: Callable[[], object], device: str) -> Optional[int]:
     """Extra peak memory of one call of fn (see the module docstring); None where it cannot be measured."""
     gc.collect()
@@ -94,15 +109,20 @@ def extra_peak_bytes(fn: Callable[[], object], device: str) -> Optional[int]:
     if not cpu_peak_supported():
         return None
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc = ctypes.CDLL("libc.so.6")
+        _set_malloc_thresholds(libc, _MEASURE_MMAP_THRESHOLD)
+        libc.malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")  # VmHWM := VmRSS
     except OSError:
         return None
-    before = _proc_status("VmRSS")
-    out = fn()
-    peak = _proc_status("VmHWM")
-    del out
+    try:
+        before = _proc_status("VmRSS")
+        out = fn()
+        peak = _proc_status("VmHWM")
+        del out
+    finally:
+        _set_malloc_thresholds(libc, _SETTLED_MMAP_THRESHOLD)
     return peak - before
 
 

@@ -167,7 +167,9 @@ def write_markdown(path: str, env: dict, rows) -> None:
     parts = ["# hiprune-ops benchmark results", "", "Environment:", ""] + [f"- {line}" for line in env_lines(env)]
     parts += ["", "Times are medians over interleaved rounds in one process; IQR is the interquartile range of the "
               "samples; ratio is the median over the case baseline's median in the same run (lower is faster); "
-              "extra peak is the memory one call adds to what was resident before it (output included).", "",
+              "extra peak is the memory one call adds to what was resident before it (output included; on a CPU, "
+              "measured with glibc's mmap threshold pinned so that freed buffers leave, see benchmarks/harness.py).",
+              "",
               "## Goals", "", goals_markdown(rows, env), ""]
     for group, title in GROUP_TITLES.items():
         if any(r.group == group for r in rows):

@@ -175,7 +175,7 @@ def demo(args) -> int:
                 # The patched pass goes first, so any cold-start cost lands on it, not on the baseline.
                 with _LayerProgress(layers, "encoder + q/k scores  ", show):
                     start = time.perf_counter()
-                    output, obj, deep = pruned._tower.run(pixel_values, pruned.object_layer, pruned.deep_layer)
+                    _, _, obj, deep = pruned._tower.run(pixel_values, pruned.object_layer, pruned.deep_layer)
                     synchronize(device)
                     middle = time.perf_counter()
                     indices, roles = ops.select_with_roles(obj, deep, pruned.budget, grid, grid, pruned.alpha, 0,

@@ -259,9 +259,10 @@ def test_attention_implementation_kept_and_no_eager(llava, monkeypatch):
         llava(**llava_inputs())
     assert llava.config.vision_config._attn_implementation == "sdpa"
     vision_calls = [s for s in calls if s[-2] == N + 1]
-    # The two untapped tower layers ran SDPA; the two captured ones ran SDPA's own flash kernel directly, for its
-    # lse (test_captured_sdpa_layers_reuse_the_flash_lse_and_keep_their_output).
-    assert len(vision_calls) == 2
+    # Layer 1 ran SDPA; the captured layers 2 and 3 ran SDPA's own flash kernel directly, for its lse
+    # (test_captured_sdpa_layers_reuse_the_flash_lse_and_keep_their_output); layer 4, after the layer LLaVA feeds
+    # its projector (vision_feature_layer -2), did not run.
+    assert len(vision_calls) == 1
 
 
 def test_captured_scores_match_eager_attention_maps():
@@ -294,10 +295,61 @@ def test_encode_siglip_tower_and_tuple_unpacking():
     assert not capture._installed
 
 
-def test_compiled_vision_tower_matches_eager():
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("deep_layer", [2, 3, 4])
+def test_encode_runs_no_layer_past_the_deep_one_and_matches_the_full_run(kind, deep_layer):
+    torch.manual_seed(8)
+    if kind == "clip":
+        tower, prefix = transformers.CLIPVisionModel(_clip()).eval(), 1
+    else:
+        tower, prefix = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**vit(56, 4, 7))).eval(), 0
+    pixels = torch.randn(2, 3, 56, 56)
+    layers = integrations.towers.ViTTower(tower).layers
+    ran = []
+    counter = layers[-1].register_forward_hook(lambda *args: ran.append(1))
+    try:
+        with torch.no_grad():
+            full = tower(pixels, output_hidden_states=True)
+            hooks = [dict(layer._forward_hooks) for layer in layers]
+            ran.clear()
+            result = hiprune_ops.encode(tower, pixels, 20, object_layer=1, deep_layer=deep_layer)
+            layers_after = len(ran)
+            # A second run of the same tower, here stopped early, is unchanged: no hook or slot left behind.
+            again = hiprune_ops.encode(tower, pixels, 20, object_layer=1, deep_layer=deep_layer)
+        left_hooks = [dict(layer._forward_hooks) for layer in layers]
+    finally:
+        counter.remove()
+    assert layers_after == (1 if deep_layer == 4 else 0)
+    # The last layer's features are last_hidden_state (SigLIP: after its post-layernorm), the others the raw layer
+    # output, as before the early stop: bit for bit.
+    expected = full.last_hidden_state if deep_layer == 4 else full.hidden_states[deep_layer]
+    patches = expected[:, prefix:]
+    assert torch.equal(result.features, patches.gather(1, result.indices[..., None].expand(-1, -1, 32)))
+    assert all(torch.equal(a, b) for a, b in zip(result, again))
+    assert not capture._installed and left_hooks == hooks
+
+
+def test_llava_feature_layers_come_from_the_full_runs_hidden_states(llava):
+    pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(9))
+    tower = llava.model.vision_tower
+    hiprune_ops.apply_hiprune(llava, budget=20)
+    try:
+        adapter = integrations.hiprune_state(llava)
+        with torch.no_grad():
+            full = tower(pixels, output_hidden_states=True).hidden_states
+            for layer in (-2, -1, 2, [1, -2], [0, 3]):
+                hidden, _, _ = adapter._tower_features(pixels, layer)
+                layers = [layer] if isinstance(layer, int) else layer
+                assert torch.equal(hidden, torch.cat([full[i] for i in layers], dim=-1)), layer
+    finally:
+        hiprune_ops.remove_hiprune(llava)
+
+
+@pytest.mark.parametrize("deep_layer", [None, 3])
+def test_compiled_vision_tower_matches_eager(deep_layer):
     torch.manual_seed(7)
     tower = transformers.CLIPVisionModel(_clip()).eval()
-    pruned = integrations.HiPruneVisionTower(tower, 24)
+    pruned = integrations.HiPruneVisionTower(tower, 24, deep_layer=deep_layer)
     pixels = torch.randn(2, 3, 56, 56)
     try:
         with torch.no_grad():
@@ -309,7 +361,8 @@ def test_compiled_vision_tower_matches_eager():
         pruned.remove()
     assert compiled.shape == (2, 24, 32)
     torch.testing.assert_close(compiled, eager)
-    reference = tower(pixels).last_hidden_state[:, 1:]
+    full = tower(pixels, output_hidden_states=True)
+    reference = (full.last_hidden_state if deep_layer is None else full.hidden_states[deep_layer])[:, 1:]
     torch.testing.assert_close(compiled, reference.gather(1, eager_indices[..., None].expand(-1, -1, 32)))
     assert not capture._installed
 

@@ -100,13 +100,26 @@ class ViTTower:
         for module in modules:
             capture.detach(module)
 
-    def run(self, pixel_values: torch.Tensor, object_layer: int, deep_layer: int):
-        """Runs the tower once; returns (its output with hidden_states, object scores (B, N), deep scores (B, N))."""
+    def run(self, pixel_values: torch.Tensor, object_layer: int, deep_layer: int, hidden_states=()):
+        """Runs the tower once, no deeper than needed; returns (output, {index: hidden state}, object scores (B, N),
+        deep scores (B, N)).
+
+        hidden_states: indices into a full run's output.hidden_states (0 the embeddings, i >= 1 layer i's output,
+        negative from the end); each comes back bit for bit, and no other layer's output is kept. No layer after
+        the deepest of these, the object and the deep layer runs (LLaVA feeds its projector the second-to-last
+        layer's output). output: the model's output when every layer ran, else None.
+        """
         slots = {layer: capture.slot_of(self.attention(layer)) for layer in (object_layer, deep_layer)}
         for slot in slots.values():
             slot.reset()
+        wanted = {index if index >= 0 else self.depth + 1 + index for index in hidden_states}
+        kept: dict[int, torch.Tensor] = {}
         dtype = next(self.model.parameters()).dtype
-        output = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
+        if 0 in wanted:  # the embeddings: transformers' own hidden_states
+            output = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
+            kept = {index: output.hidden_states[index] for index in wanted}
+        else:
+            output = self._run_layers(pixel_values.to(dtype), max(object_layer, deep_layer, *wanted), wanted, kept)
         scores = []
         for layer in (object_layer, deep_layer):
             recorded = slots[layer].scores
@@ -120,11 +133,43 @@ class ViTTower:
         if n != self.grid * self.grid:
             raise ValueError(f"hiprune: the tower produced {n} patch tokens, not a {self.grid}x{self.grid} grid "
                              "(pixel_values must have the configured image_size)")
-        return output, scores[0], scores[1]
+        return output, kept, scores[0], scores[1]
+
+    def _run_layers(self, pixel_values, last: int, wanted, kept: dict):
+        """Runs layers 1..last, keeping the outputs of the `wanted` layers in `kept`; the model's output if `last` is
+        the last layer, else None (a hook on layer `last` stops the forward there)."""
+        stop = last < self.depth and not torch.compiler.is_compiling()
+
+        def keep_output(layer):
+            def hook(module, args, output):
+                if layer in wanted:
+                    kept[layer] = output[0] if isinstance(output, tuple) else output
+                if stop and layer == last:
+                    raise _TowerStop
+            return hook
+
+        handles = [self.layers[layer - 1].register_forward_hook(keep_output(layer)) for layer in wanted | {last}]
+        try:
+            return self.model(pixel_values=pixel_values, return_dict=True)
+        except _TowerStop:
+            return None
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
-def _features_at(output, layer: int, depth: int) -> torch.Tensor:
-    return output.last_hidden_state if layer == depth else output.hidden_states[layer]
+class _TowerStop(Exception):
+    """Raised by the hook of the deepest layer a run needs: the layers after it are skipped."""
+
+
+def _deep_features(tower: ViTTower, pixel_values: torch.Tensor, object_layer: int, deep_layer: int):
+    """(patch features of the deep layer (B, N, C), object scores, deep scores): the deep layer's output, or the
+    model's last_hidden_state when it is the last layer (so SigLIP's post-layernorm is included)."""
+    last = deep_layer == tower.depth
+    output, kept, obj_scores, deep_scores = tower.run(pixel_values, object_layer, deep_layer,
+                                                      () if last else (deep_layer,))
+    features = output.last_hidden_state if last else kept[deep_layer]
+    return features[:, tower.num_prefix:], obj_scores, deep_scores
 
 
 def encode(vision_model: torch.nn.Module, pixel_values: torch.Tensor, budget: Optional[int] = None, *,
@@ -144,10 +189,9 @@ def encode(vision_model: torch.nn.Module, pixel_values: torch.Tensor, budget: Op
     keep = resolve_budget(budget, ratio, n, 1 / 3)
     marked = tower.attach((obj, deep))
     try:
-        output, obj_scores, deep_scores = tower.run(pixel_values, obj, deep)
+        features, obj_scores, deep_scores = _deep_features(tower, pixel_values, obj, deep)
     finally:
         tower.detach(marked)
-    features = _features_at(output, deep, tower.depth)[:, tower.num_prefix:]
     indices, roles = ops.select_with_roles(obj_scores, deep_scores, keep, tower.grid, tower.grid, alpha, 0,
                                            neighborhood, official)
     kept = features.gather(1, indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
@@ -176,8 +220,7 @@ class HiPruneVisionTower(torch.nn.Module):
 
     def encode(self, pixel_values: torch.Tensor) -> EncodeOutput:
         tower = self._tower
-        output, obj_scores, deep_scores = tower.run(pixel_values, self.object_layer, self.deep_layer)
-        features = _features_at(output, self.deep_layer, tower.depth)[:, tower.num_prefix:]
+        features, obj_scores, deep_scores = _deep_features(tower, pixel_values, self.object_layer, self.deep_layer)
         indices, roles = ops.select_with_roles(obj_scores, deep_scores, self.budget, tower.grid, tower.grid,
                                                self.alpha, 0, self.neighborhood, self.official)
         kept = features.gather(1, indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))

@@ -47,12 +47,11 @@ class LlavaAdapter(Adapter):
         return self.tower.attention(layer)
 
     def _tower_features(self, pixel_values, layer):
-        output, obj, deep = self.tower.run(pixel_values, self.object_layer, self.deep_layer)
-        if isinstance(layer, int):
-            hidden = output.hidden_states[layer]
-        else:
-            hidden = torch.cat([output.hidden_states[i] for i in layer], dim=-1)
-        return hidden, obj, deep
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        _, kept, obj, deep = self.tower.run(pixel_values, self.object_layer, self.deep_layer, layers)
+        depth = self.tower.depth
+        hidden = [kept[i if i >= 0 else depth + 1 + i] for i in layers]
+        return (hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=-1)), obj, deep
 
     def _select(self, obj, deep, budget):
         grid = self.tower.grid
