@@ -341,6 +341,9 @@ def test_llava_feature_layers_come_from_the_full_runs_hidden_states(llava):
                 hidden, _, _ = adapter._tower_features(pixels, layer)
                 layers = [layer] if isinstance(layer, int) else layer
                 assert torch.equal(hidden, torch.cat([full[i] for i in layers], dim=-1)), layer
+            for layer in (len(full), -len(full) - 1, [1, -len(full) - 2]):  # past either end: refused, not wrapped
+                with pytest.raises(ValueError, match="vision_feature_layer"):
+                    adapter._tower_features(pixels, layer)
     finally:
         hiprune_ops.remove_hiprune(llava)
 

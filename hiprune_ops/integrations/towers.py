@@ -112,6 +112,10 @@ class ViTTower:
         slots = {layer: capture.slot_of(self.attention(layer)) for layer in (object_layer, deep_layer)}
         for slot in slots.values():
             slot.reset()
+        for index in hidden_states:
+            if not -(self.depth + 1) <= index <= self.depth:
+                raise ValueError(f"hiprune: vision_feature_layer {index} does not exist: this {self.depth}-layer "
+                                 f"tower's hidden_states are [-{self.depth + 1}, {self.depth}]")
         wanted = {index if index >= 0 else self.depth + 1 + index for index in hidden_states}
         kept: dict[int, torch.Tensor] = {}
         dtype = next(self.model.parameters()).dtype
