@@ -49,7 +49,8 @@ PRINT_SITE_PACKAGES := -c 'import sysconfig; print(sysconfig.get_paths()["pureli
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(DEPS_STAMP): | $(PY)
+# Re-run when the Makefile (and so PIP_DEPS) changes: an existing .venv gets the dependencies added since.
+$(DEPS_STAMP): Makefile | $(PY)
 	$(PY) -m pip install -q $(PIP_DEPS)
 	touch $@
 
