@@ -63,6 +63,24 @@ def _provenance(env: dict, path: str, link_prefix: str = "") -> str:
             f"[{rel}]({link_prefix}{rel}).")
 
 
+def full_encoder_results(path: str) -> list:
+    """The full-profile encoder runs beside a quick results file (`python -m benchmarks --only encoder/...`): the
+    full-depth Qwen tower and CLIP-L at batch 8, too slow for the quick profile on a small CPU."""
+    if os.path.basename(path) != "quick.json":
+        return []
+    return sorted(glob.glob(os.path.join(os.path.dirname(path), "full-only-encoder*.json")))
+
+
+def full_encoder_parts(path: str, link_prefix: str = "") -> list:
+    parts = []
+    for extra in full_encoder_results(path):
+        env, rows = load(extra)
+        parts += ["Full profile: " + _provenance(env, extra, link_prefix), "",
+                  report.goals_markdown(rows, env), "", report.markdown_table(rows, "encoder", with_skipped=False),
+                  ""]
+    return parts
+
+
 def readme_section(env: dict, rows, path: str) -> str:
     stem = os.path.splitext(path)[0]
     plot = f"{stem}-select-time-vs-batch.png"
@@ -71,6 +89,7 @@ def readme_section(env: dict, rows, path: str) -> str:
         if any(r.group == group for r in rows):
             parts += [f"{report.GROUP_TITLES[group]}:", "", report.markdown_table(rows, group, with_skipped=False),
                       ""]
+    parts += full_encoder_parts(path)
     if os.path.exists(plot):
         rel = os.path.relpath(plot, ROOT)
         parts += [f"![selection time against batch]({rel})", ""]
@@ -82,8 +101,9 @@ def hf_section(env: dict, rows, path: str) -> str:
     parts += ["Encoders with random weights: plain SDPA with no pruning; ours (every layer keeps SDPA, two layers "
               "scored from q and k, then `select_with_roles`); the published recipe (eager attention with every "
               "layer's map, then its per-image loop).", "",
-              report.markdown_table(rows, "encoder", with_skipped=False), "",
-              "Prefill through `apply_hiprune` of a LLaVA-1.5-shaped model at reduced depth (random weights, encoder "
+              report.markdown_table(rows, "encoder", with_skipped=False), ""]
+    parts += full_encoder_parts(path, link_prefix="../")
+    parts += ["Prefill through `apply_hiprune` of a LLaVA-1.5-shaped model at reduced depth (random weights, encoder "
               "included, logits of the last position only):", "",
               report.markdown_table(rows, "prefill", with_skipped=False), "",
               report.prefill_markdown(rows), ""]

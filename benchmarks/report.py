@@ -14,7 +14,7 @@ from collections import defaultdict
 from typing import Optional
 
 from .cases import flops_table
-from .models import PAPER_PREFILL_MS
+from .models import PAPER_PREFILL_MS, QWEN_VISION_7B
 
 MIB = 2 ** 20
 GROUP_TITLES = {
@@ -26,6 +26,8 @@ GROUP_TITLES = {
 }
 CSV_COLUMNS = ["group", "case", "candidate", "shape", "median_s", "iqr_s", "ratio_to_baseline", "extra_peak_mib",
                "samples", "skipped"]
+
+QWEN_FULL_DEPTH = QWEN_VISION_7B["depth"]
 
 
 def env_lines(env: dict) -> list:
@@ -106,9 +108,15 @@ def goals(rows, env: dict) -> list:
         plain, ours, recipe = times["plain"], times["ours"], times["published"]
         limit = 1.02 if "Qwen" in plain.params["model"] else 1.01
         overhead = ours.median_s / plain.median_s
-        out.append((f"ours <= {limit:.2f}x plain SDPA ({plain.shape})", f"{overhead:.3f}x", overhead <= limit))
+        if plain.params["layers"] < QWEN_FULL_DEPTH and "Qwen" in plain.params["model"]:
+            # two of the few blocks are tapped: the overhead of a shortened tower says little of the full one's
+            out.append((f"ours <= {limit:.2f}x plain SDPA ({plain.shape})",
+                        f"{overhead:.3f}x; the goal is for all {QWEN_FULL_DEPTH} blocks (`python -m benchmarks "
+                        "--only encoder/qwen`)", None))
+        else:
+            out.append((f"ours <= {limit:.2f}x plain SDPA ({plain.shape})", f"{overhead:.3f}x", overhead <= limit))
         speedup = recipe.median_s / ours.median_s
-        out.append((f"ours >= 1.2x faster than the published recipe ({plain.shape})", f"{speedup:.2f}x",
+        out.append((f"ours >= 1.2x faster than the published recipe ({plain.shape})", f"{speedup:.3f}x",
                     speedup >= 1.2))
         if None not in (plain.extra_peak_bytes, ours.extra_peak_bytes, recipe.extra_peak_bytes):
             ours_extra = ours.extra_peak_bytes - plain.extra_peak_bytes
