@@ -202,13 +202,14 @@ struct ImageSelector {
     // n - kept >= budget - kept tokens are not excluded; without registers, a threshold above every rank.
     RankThreshold threshold = budget > kept ? kth_largest(budget - kept) : RankThreshold{~0u, 0};
     // Kept tokens (rank kExcludedRank = 0, which wraps to the top below) and register candidates at or above the
-    // threshold, in index order; ties beyond the threshold's count are skipped (a branch taken only on its rank).
+    // threshold, in index order; take_ranked drops the ties beyond the threshold's count.
     for (int64_t i = 0, end = n; i < end; ++i) flag[i] = rank[i] - 1u >= threshold.rank - 1u;
     int64_t out = 0;
     for_each_flagged(flag, n, [&](int64_t i) {
-      if (rank[i] == threshold.rank && threshold.ties-- <= 0) return;
+      const bool is_kept = rank[i] == kExcludedRank;
+      if (!is_kept && !take_ranked(threshold, rank[i])) return;
       indices[out] = i;
-      roles[out] = rank[i] == kExcludedRank ? token_role[i] : static_cast<int8_t>(kRegister);
+      roles[out] = is_kept ? token_role[i] : static_cast<int8_t>(kRegister);
       ++out;
     });
     std::memset(flag, 0, n);
