@@ -101,8 +101,8 @@ class ViTTower:
             capture.detach(module)
 
     def run(self, pixel_values: torch.Tensor, object_layer: int, deep_layer: int, hidden_states=()):
-        """Runs the tower once, no deeper than needed; returns (output, {index: hidden state}, object scores (B, N),
-        deep scores (B, N)).
+        """Runs the tower once, no deeper than needed; returns (output, {index: hidden state} for the given
+        indices, object scores (B, N), deep scores (B, N)).
 
         hidden_states: indices into a full run's output.hidden_states (0 the embeddings, i >= 1 layer i's output,
         negative from the end); each comes back bit for bit, and no other layer's output is kept. No layer after
@@ -116,12 +116,13 @@ class ViTTower:
             if not -(self.depth + 1) <= index <= self.depth:
                 raise ValueError(f"hiprune: vision_feature_layer {index} does not exist: this {self.depth}-layer "
                                  f"tower's hidden_states are [-{self.depth + 1}, {self.depth}]")
-        wanted = {index if index >= 0 else self.depth + 1 + index for index in hidden_states}
+        layer_of = {index: index if index >= 0 else self.depth + 1 + index for index in hidden_states}
+        wanted = set(layer_of.values())
         kept: dict[int, torch.Tensor] = {}
         dtype = next(self.model.parameters()).dtype
         if 0 in wanted:  # the embeddings: transformers' own hidden_states
             output = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
-            kept = {index: output.hidden_states[index] for index in wanted}
+            kept = {layer: output.hidden_states[layer] for layer in wanted}
         else:
             output = self._run_layers(pixel_values.to(dtype), max(object_layer, deep_layer, *wanted), wanted, kept)
         scores = []
@@ -137,7 +138,7 @@ class ViTTower:
         if n != self.grid * self.grid:
             raise ValueError(f"hiprune: the tower produced {n} patch tokens, not a {self.grid}x{self.grid} grid "
                              "(pixel_values must have the configured image_size)")
-        return output, kept, scores[0], scores[1]
+        return output, {index: kept[layer] for index, layer in layer_of.items()}, scores[0], scores[1]
 
     def _run_layers(self, pixel_values, last: int, wanted, kept: dict):
         """Runs layers 1..last, keeping the outputs of the `wanted` layers in `kept`; the model's output if `last` is

@@ -49,8 +49,7 @@ class LlavaAdapter(Adapter):
     def _tower_features(self, pixel_values, layer):
         layers = [layer] if isinstance(layer, int) else list(layer)
         _, kept, obj, deep = self.tower.run(pixel_values, self.object_layer, self.deep_layer, layers)
-        depth = self.tower.depth
-        hidden = [kept[i if i >= 0 else depth + 1 + i] for i in layers]
+        hidden = [kept[i] for i in layers]
         return (hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=-1)), obj, deep
 
     def _select(self, obj, deep, budget):
