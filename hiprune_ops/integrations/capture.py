@@ -49,6 +49,13 @@ class ScoreSlot:
     def reset(self) -> None:
         self.scores = []
 
+    def single_score(self, layer: int) -> torch.Tensor:
+        """The one tensor a tower forward recorded for its 1-based `layer`; any other count is an error."""
+        if len(self.scores) != 1:
+            raise RuntimeError(f"hiprune: layer {layer} of the vision tower recorded {len(self.scores)} attention "
+                               "calls, expected 1 (was the attention implementation changed after patching?)")
+        return self.scores[0]
+
     def record(self, query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs: dict,
                lse: Optional[torch.Tensor] = None) -> None:
         cu_seqlens = kwargs.get("cu_seq_lens_q")

@@ -125,13 +125,7 @@ class ViTTower:
             kept = {layer: output.hidden_states[layer] for layer in wanted}
         else:
             output = self._run_layers(pixel_values.to(dtype), max(object_layer, deep_layer, *wanted), wanted, kept)
-        scores = []
-        for layer in (object_layer, deep_layer):
-            recorded = slots[layer].scores
-            if len(recorded) != 1:
-                raise RuntimeError(f"hiprune: layer {layer} of the vision tower recorded {len(recorded)} attention "
-                                   "calls, expected 1 (was the attention implementation changed after patching?)")
-            scores.append(recorded[0])
+        scores = [slots[layer].single_score(layer) for layer in (object_layer, deep_layer)]
         for slot in slots.values():
             slot.reset()
         n = scores[0].shape[1]

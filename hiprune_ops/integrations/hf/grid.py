@@ -84,10 +84,7 @@ class PooledGridAdapter(Adapter):
     def _scores(self, slot, layer: int, grids: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
         """The layer's patch scores split per tile (padded batches (B, N) and packed (T,) alike)."""
         counts = [h * w for h, w in grids]
-        if len(slot.scores) != 1:
-            raise RuntimeError(f"hiprune: layer {layer} of the vision tower recorded {len(slot.scores)} attention "
-                               "calls, expected 1 (was the attention implementation changed after patching?)")
-        scores = slot.scores[0].reshape(-1)
+        scores = slot.single_score(layer).reshape(-1)
         if scores.numel() != sum(counts):
             shapes = ", ".join(sorted({f"{h}x{w}" for h, w in grids}))
             raise ValueError(f"hiprune: the tower produced {scores.numel()} patch scores, not the {sum(counts)} of "
