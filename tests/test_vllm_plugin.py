@@ -63,6 +63,8 @@ def test_settings_from_config_env_and_off():
     ({"hiprune_ratio": 1.5}, "hiprune_ratio"),
     ({"hiprune_ratio": 0}, "hiprune_ratio"),
     ({"hiprune_budget": 4, "hiprune_ratio": 0.5}, "not both"),
+    ({"hiprune_budgte": 64}, r"unknown hiprune key\(s\) hiprune_budgte; known keys: hiprune_budget, hiprune_ratio"),
+    ({"hiprune_alpha": 0.2, "hiprune_budget": 8}, "hiprune_alpha"),
 ])
 def test_bad_request_values_name_themselves(request_kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -71,7 +71,14 @@ class HiPruneSettings:
             _check_ratio(self.ratio, "ratio")
 
     def for_request(self, mm_kwargs: Mapping[str, Any]) -> "HiPruneSettings":
-        """The settings for one request: its hiprune_budget / hiprune_ratio, if given, replace the default's."""
+        """The settings for one request: its hiprune_budget / hiprune_ratio, if given, replace the default's.
+
+        Any other hiprune_* key is refused: a typo would otherwise be dropped without a word."""
+        unknown = sorted(k for k in mm_kwargs if isinstance(k, str) and k.startswith("hiprune_")
+                         and k not in REQUEST_KEYS)
+        if unknown:
+            raise ValueError(f"mm_processor_kwargs: unknown hiprune key(s) {', '.join(unknown)}; known keys: "
+                             f"{', '.join(REQUEST_KEYS)}")
         budget, ratio = mm_kwargs.get("hiprune_budget"), mm_kwargs.get("hiprune_ratio")
         if budget is None and ratio is None:
             return self
