@@ -93,14 +93,11 @@ def _qwen_tokenizer():
                                                                  "vision_end_token": "<|vision_end|>"})
 
 
-def _qwen_processor(processor_class, image_processor_class, video_processor_class, patch: int, size):
+def _qwen_processor(processor_class, video_processor_class, patch: int, size):
     pixels = size[0] * size[1]
     unit = patch * 2
     common = dict(patch_size=patch, merge_size=2, temporal_patch_size=2)
-    if image_processor_class is transformers.Qwen2VLImageProcessor:
-        image_processor = image_processor_class(min_pixels=unit * unit, max_pixels=pixels, **common)
-    else:
-        image_processor = image_processor_class(size={"shortest_edge": unit * unit, "longest_edge": pixels}, **common)
+    image_processor = transformers.Qwen2VLImageProcessor(min_pixels=unit * unit, max_pixels=pixels, **common)
     # A video's pixel limit counts all its frames: VIDEO_FRAMES frames keep the image's grid.
     video_processor = video_processor_class(size={"shortest_edge": unit * unit,
                                                   "longest_edge": VIDEO_FRAMES * pixels}, **common)
@@ -120,8 +117,8 @@ def build_qwen2_vl(path: str, seed: int = 2) -> str:
                                                 "rope_theta": 1e4}),
         torch_dtype="float32", **QWEN_IDS)
     _save(transformers.Qwen2VLForConditionalGeneration, config, path, seed)
-    _qwen_processor(transformers.Qwen2VLProcessor, transformers.Qwen2VLImageProcessor,
-                    transformers.Qwen2VLVideoProcessor, 14, QWEN2_SIZE).save_pretrained(path)
+    _qwen_processor(transformers.Qwen2VLProcessor, transformers.Qwen2VLVideoProcessor, 14,
+                    QWEN2_SIZE).save_pretrained(path)
     return path
 
 
@@ -131,8 +128,7 @@ QWEN3_ROPE = {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interle
 
 
 def _qwen3_processor():
-    return _qwen_processor(transformers.Qwen3VLProcessor, transformers.Qwen2VLImageProcessor,
-                           transformers.Qwen3VLVideoProcessor, 16, QWEN3_SIZE)
+    return _qwen_processor(transformers.Qwen3VLProcessor, transformers.Qwen3VLVideoProcessor, 16, QWEN3_SIZE)
 
 
 def build_qwen3_vl(path: str, seed: int = 3) -> str:
@@ -352,6 +348,7 @@ def build_idefics3(path: str, seed: int = 14) -> str:
     return path
 
 
+# The audio tokens only let the processor be built (the config has no audio tower); newline runs as for Gemma 3.
 GEMMA4_SPECIAL = {"<start_of_image>": 150, "<end_of_image>": 151, "<image_soft_token>": 152, "<|video|>": 153,
                   "<start_of_audio>": 154, "<end_of_audio>": 155, "<audio_soft_token>": 156, "\n": 157, "\n\n": 158}
 
@@ -381,7 +378,7 @@ def build_gemma4(path: str, seed: int = 16) -> str:
 
 def build_llava_onevision(path: str, seed: int = 17) -> str:
     """LLaVA-OneVision: a SigLIP tower at 112 px (8 x 8 patches, no CLS), AnyRes tiles with row newlines; video
-    frames pooled 2 x 2 (16 tokens a frame)."""
+    frames resized by half to 4 x 4 tokens, one newline after the last frame."""
     pinpoints = [[112, 224], [224, 112], [224, 224]]
     config = transformers.LlavaOnevisionConfig(
         vision_config=dict(SIGLIP, model_type="siglip_vision_model", image_size=112),
