@@ -1,0 +1,132 @@
+"""Tier 2 for GLM-4.1V / GLM-4.5V (Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration) in real vLLM.
+
+Tiny random models from tiny_families.py; every engine runs in a fresh process (scenario.run), one without the
+plugin and one with it per family, shared by all cases. Expected counts and positions are computed here from the
+images' sizes and the budget rule, not read from the engine.
+"""
+
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import scenario  # noqa: E402
+import tiny_families  # noqa: E402
+
+UNIT = 28  # pixels per merged token: 14 px patches, 2x2 merge
+# The family's own size and a smaller one of another shape (no resize): merged grids 6 x 4 and 3 x 5.
+SIZES = [list(tiny_families.QWEN2_SIZE), [84, 140]]
+GRIDS = [(h // UNIT, w // UNIT) for h, w in SIZES]
+# Per class, the server setting and the ratio it means: GLM-4.5V (MoE) runs on the family's defaults (families.GLM4V).
+SETTINGS = {"glm4v": ({"ratio": 0.25}, 0.25), "glm4v_moe": ({}, 0.334)}
+REQUESTS = [
+    {},                                                    # 0 the server default
+    {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},       # 1 off for this request
+    {"mm_processor_kwargs": {"hiprune_budget": 5}},        # 2 another budget for this request
+    {"images": SIZES, "image_seed": 10},                   # 3 two sizes in one prompt (other images: no cache hit)
+    {"images": SIZES, "image_seed": 10, "mm_processor_kwargs": {"hiprune_budget": 0}},  # 4 off
+    {},                                                    # 5 the default again
+    {"mm_processor_kwargs": {"hiprune_budget": -1}},       # 6 refused, the server goes on
+]
+
+
+def kept(ratio, n):
+    return min(n, max(1, round(ratio * n)))
+
+
+@pytest.fixture(scope="module")
+def glm(tmp_path_factory):
+    """Per class: (the unpruned references of requests 0 and 3, the plugin's runs of REQUESTS, the default's ratio).
+    GLM-4.1V's references come from vLLM without the plugin; GLM-4.5V's (only its language model differs) from the
+    plugin's own requests 1 and 4, which keep every token: one engine fewer."""
+    engine = {"limit_mm_per_prompt": {"image": 2, "video": 0}}
+    runs = {}
+    for name, (setting, ratio) in SETTINGS.items():
+        path = tiny_families.FAMILIES[name].build(str(tmp_path_factory.mktemp("glm") / name))
+        pruned = scenario.run(path, name, {"engine": engine, "hf_overrides": {"hiprune": setting},
+                                           "requests": REQUESTS})
+        if name == "glm4v":
+            vanilla = scenario.run(path, name, {"engine": engine, "requests": [REQUESTS[0], REQUESTS[3]]},
+                                   plugin=False)
+        else:
+            vanilla = [pruned[1], pruned[4]]
+        runs[name] = (vanilla, pruned, ratio)
+    return runs
+
+
+def image_runs(result):
+    """Placeholders per image: the lengths of the runs of GLM's image token in the prompt."""
+    runs, previous = [], None
+    for t in result["prompt_ids"]:
+        if t == tiny_families.GLM_IMAGE:
+            if previous != t:
+                runs.append(0)
+            runs[-1] += 1
+        previous = t
+    return runs
+
+
+def test_glm_placeholders_per_image_and_per_request(glm):
+    n, m = (h * w for h, w in GRIDS)
+    for name, (_, pruned, ratio) in glm.items():
+        counts = [image_runs(r) for r in pruned[:6]]
+        assert counts == [[kept(ratio, n)], [n], [5], [kept(ratio, n), kept(ratio, m)], [n, m], [kept(ratio, n)]], name
+        assert [len(k) for k in pruned[3]["kept"]] == counts[3]
+        assert pruned[5]["tokens"] == pruned[0]["tokens"]  # the override did not stick
+        assert "hiprune_budget" in pruned[6]["error"]
+
+
+def test_glm_full_budget_equals_vllm_without_plugin(glm):
+    vanilla, pruned, _ = glm["glm4v"]
+    for ours, theirs in ((pruned[1], vanilla[0]), (pruned[4], vanilla[1])):
+        assert ours["prompt_ids"] == theirs["prompt_ids"]
+        assert ours["tokens"] == theirs["tokens"]
+        assert ours["positions"][0] == theirs["positions"][0]
+        assert ours["embeddings"] == theirs["embeddings"]
+
+
+def test_glm_kept_embeddings_are_the_towers_at_the_kept_indices(glm):
+    for name, (full, pruned, _) in glm.items():
+        for ours, whole_run in ((pruned[0], full[0]), (pruned[2], full[0]), (pruned[3], full[1])):
+            assert len(ours["embeddings"]) == len(whole_run["embeddings"]) == len(ours["kept"]), name
+            for embedding, whole, indices in zip(ours["embeddings"], whole_run["embeddings"], ours["kept"]):
+                assert indices == sorted(indices) and len(set(indices)) == len(indices)
+                assert embedding == [whole[i] for i in indices]  # bit for bit: the same tower run, gathered
+
+
+def expected_positions(prompt_ids, kept_per_image):
+    """The unpruned prompt's M-RoPE positions (text: one step per token; image token (r, c): (o, o + r, o + c); text
+    after an image continues after its full grid, at o + max(h, w)) at the kept tokens and every text token."""
+    rows, position, i, image = [[], [], []], 0, 0, 0
+    while i < len(prompt_ids):
+        if prompt_ids[i] != tiny_families.GLM_IMAGE:
+            for row in rows:
+                row.append(position)
+            position, i = position + 1, i + 1
+            continue
+        (grid_h, grid_w), indices = GRIDS[image], kept_per_image[image]
+        for index in indices:
+            rows[0].append(position)
+            rows[1].append(position + index // grid_w)
+            rows[2].append(position + index % grid_w)
+        position += max(grid_h, grid_w)
+        i += len(indices)
+        image += 1
+    return rows
+
+
+def test_glm_kept_tokens_keep_their_positions(glm):
+    # The rule of expected_positions is vLLM's own on an unpruned prompt of two images.
+    full = glm["glm4v"][0][1]
+    everything = [list(range(h * w)) for h, w in GRIDS]
+    assert [row[:len(full["prompt_ids"])] for row in full["positions"][0]] == expected_positions(full["prompt_ids"],
+                                                                                                everything)
+    for name, (_, pruned, _) in glm.items():
+        for result in (pruned[0], pruned[2], pruned[3]):
+            length = len(result["prompt_ids"])
+            prefill = result["positions"][0]
+            assert [row[:length] for row in prefill] == expected_positions(result["prompt_ids"], result["kept"]), name
+            first_decode = result["positions"][1]
+            assert [row[0] for row in first_decode] == [prefill[0][length - 1] + 1] * 3
