@@ -1,0 +1,141 @@
+"""HiPrune for InternVL 3 / 3.5 in transformers' format (InternVLForConditionalGeneration), which vLLM serves with its
+InternS1ForConditionalGeneration (InternS1-ViT tower, pixel_shuffle, MLP projector).
+
+Geometry: families.INTERNVL, as in the transformers integration: CLS first (left out of the scores), pixel_shuffle
+0.5 (one token per 2x2 group of patches: the scores are averaged the same way), object layer round(depth * 9 / 24),
+deep layer the one feeding the projector (the last: vLLM always feeds it), ratio 1/3. An image is tiles plus a
+thumbnail, each owning image_seq_length placeholders between <img> and </img>; the budget counts per tile.
+Processor: each image's kept count per tile goes into its inputs; its prompt keeps <img> and </img> around
+tiles x kept placeholders. Encoder: every tile is scored and selected on its own shuffled grid, the projected
+features are gathered at the kept indices, tile after tile. Positions are 1-D: the shorter prompt is recompacted,
+as in transformers. Videos pass through unpruned. The tower is not tensor-parallel in vLLM (every rank runs it
+whole): the scores need no reduction.
+Refused with a HiPrune setting (as apply_hiprune refuses them): downsample_ratio other than 0.5,
+vision_feature_select_strategy other than "default", and a vision_feature_layer other than the last (vLLM feeds the
+last layer whatever the config says; apply_hiprune would take another).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import families
+from ..selection import merge_scores
+from ._common import ModelMixin, ProcessorMixin, keep_counts, kept_count_of
+from vllm.model_executor.models.interns1 import (InternS1DummyInputsBuilder, InternS1ForConditionalGeneration,
+                                                 InternS1MultiModalProcessor, InternS1ProcessingInfo)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
+
+ARCHITECTURE = "InternVLForConditionalGeneration"
+
+
+def unsupported(config) -> str | None:
+    """Why this checkpoint cannot be pruned as apply_hiprune prunes it, or None."""
+    depth = config.vision_config.num_hidden_layers
+    if config.downsample_ratio != 0.5:
+        return (f"hiprune: {ARCHITECTURE} with downsample_ratio={config.downsample_ratio} is not supported (0.5 is: "
+                "each language-model token is a 2x2 group of patches)")
+    if getattr(config, "vision_feature_select_strategy", "default") != "default":
+        return (f"hiprune: {ARCHITECTURE} is supported with vision_feature_select_strategy='default' (the CLS "
+                "token dropped before pixel_shuffle)")
+    if families.projector_layer(getattr(config, "vision_feature_layer", -1), depth) != depth:
+        return (f"hiprune: {ARCHITECTURE} with vision_feature_layer={config.vision_feature_layer} is not supported "
+                "by the vLLM plugin: vLLM feeds the last layer to the projector whatever the config says")
+    return None
+
+
+class HiPruneInternVLMultiModalProcessor(ProcessorMixin, InternS1MultiModalProcessor):
+    geometry = families.INTERNVL
+
+    def _image_token_counts(self, processed) -> list[int]:
+        """Tokens per tile (every tile and thumbnail has the same): the kept count written is per tile."""
+        num_patches = processed.get("image_num_patches")
+        if num_patches is None:
+            return []
+        return [self.info.get_hf_processor().image_seq_length] * len(num_patches)
+
+    # Override of BaseMultiModalProcessor._get_prompt_updates (vLLM's InternS1 one, not the mixin's, whose plain
+    # run of placeholders would drop <img> / </img>); checked: vllm 0.32.0.
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = list(super(ProcessorMixin, self)._get_prompt_updates(mm_items, hf_processor_mm_kwargs,
+                                                                         out_mm_kwargs))
+        per_tile = self.info.get_hf_processor(**hf_processor_mm_kwargs).image_seq_length
+        for i, update in enumerate(updates):
+            if update.modality != "image":
+                continue
+            original, token = update.replacement, update.target[0]
+
+            def replacement(item_idx: int, original=original, token=token):
+                details = original(item_idx)
+                kept = kept_count_of(out_mm_kwargs, item_idx)
+                if kept is None or kept >= per_tile:
+                    return details
+                tiles = int(out_mm_kwargs["image"][item_idx]["image_num_patches"].data)
+                full = details.full
+                first, last = full.index(token), len(full) - 1 - full[::-1].index(token)
+                return PromptUpdateDetails.select_token_id(full[:first] + [token] * (kept * tiles) + full[last + 1:],
+                                                           token)
+
+            updates[i] = PromptReplacement(modality="image", target=update.target, replacement=replacement)
+        return updates
+
+
+@MULTIMODAL_REGISTRY.register_processor(HiPruneInternVLMultiModalProcessor, info=InternS1ProcessingInfo,
+                                        dummy_inputs=InternS1DummyInputsBuilder)
+class HiPruneInternVLForConditionalGeneration(ModelMixin, InternS1ForConditionalGeneration):
+    geometry = families.INTERNVL
+    architecture = ARCHITECTURE
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        settings = self.hiprune_start(vllm_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        config = self.config
+        self.hiprune_unsupported = unsupported(config)
+        self.hiprune_per_tile = self.num_image_token  # vLLM's tokens per tile
+        self._hiprune_keep = None
+        if self.hiprune_unsupported is not None:
+            if settings.enabled:
+                raise NotImplementedError(self.hiprune_unsupported)
+            return  # vLLM's own model; a request asking for pruning is refused in _process_vision_input
+        layers = self.vision_tower.encoder.layer
+        self.hiprune_bind(settings, [layer.attention for layer in layers], len(layers),
+                          config.vision_config.num_attention_heads, config)
+        size, patch = config.vision_config.image_size, config.vision_config.patch_size
+        self.hiprune_grid = (size[0] // patch[0], size[1] // patch[1])
+        # Every tile has the same tokens: a budget above them is refused now, not per request.
+        settings.keep_count(self.hiprune_per_tile, default_ratio=self.geometry.default_ratio)
+
+    def embed_multimodal(self, **kwargs):
+        self._hiprune_keep = keep_counts(kwargs)
+        try:
+            return super().embed_multimodal(**kwargs)
+        finally:
+            self._hiprune_keep = None
+
+    # Override of InternS1ForConditionalGeneration._process_vision_input (images and videos); checked: vllm 0.32.0.
+    def _process_vision_input(self, image_input):
+        keep = self._hiprune_keep
+        if (keep is None or image_input["type"] != "pixel_values"
+                or all(k >= self.hiprune_per_tile for k in keep)):
+            return super()._process_vision_input(image_input)
+        if self.hiprune_unsupported is not None:
+            raise ValueError(self.hiprune_unsupported)
+        tiles = [int(n) for n in image_input["num_patches"]]
+        if len(keep) != len(tiles):
+            raise RuntimeError(f"hiprune: {len(keep)} kept counts for {len(tiles)} images")
+        features, (object_scores, deep_scores) = self.hiprune_taps.scored(
+            lambda: self.extract_feature(image_input["pixel_values"]))  # (tiles, tokens, C): projected, CLS dropped
+        h, w = self.hiprune_grid
+        grid = (h // 2, w // 2)
+        tile_keep = [k for k, n in zip(keep, tiles) for _ in range(n)]
+        indices = self.hiprune_select(merge_scores(object_scores, h, w, 2).unbind(0),
+                                      merge_scores(deep_scores, h, w, 2).unbind(0), [grid] * len(tile_keep),
+                                      tile_keep)
+        kept = [tile if index is None else tile[index] for tile, index in zip(features, indices)]
+        per_image, start = [], 0
+        for n in tiles:
+            per_image.append(torch.cat(kept[start:start + n]))
+            start += n
+        return tuple(per_image)
+
