@@ -136,7 +136,6 @@ def _build_encoder(model_path: Optional[str], device: str, size: str):
 
 
 def demo(args) -> int:
-    from . import ops
     from .integrations import HiPruneVisionTower
 
     device = args.device
@@ -163,7 +162,7 @@ def demo(args) -> int:
 
     pruned = HiPruneVisionTower(encoder, args.budget, alpha=args.alpha, deep_layer=args.deep_layer,
                                 object_layer=args.object_layer, official=args.official)
-    layers = pruned._tower.layers
+    layers = pruned.layers
     unpatched, patched, selection = [], [], []
     result = None
     try:
@@ -175,24 +174,21 @@ def demo(args) -> int:
                 # The patched pass goes first, so any cold-start cost lands on it, not on the baseline.
                 with _LayerProgress(layers, "encoder + q/k scores  ", show):
                     start = time.perf_counter()
-                    _, _, obj, deep = pruned._tower.run(pixel_values, pruned.object_layer, pruned.deep_layer)
+                    obj, deep = pruned.scores(pixel_values)
                     synchronize(device)
                     middle = time.perf_counter()
-                    indices, roles = ops.select_with_roles(obj, deep, pruned.budget, grid, grid, pruned.alpha, 0,
-                                                           pruned.neighborhood, pruned.official)
+                    indices, roles = pruned.select(obj, deep)
                     synchronize(device)
                     end = time.perf_counter()
                 patched.append(end - start)
                 selection.append(end - middle)
                 result = (indices[0].cpu(), roles[0].cpu())
-                pruned._tower.detach(pruned._marked)  # the unpatched pass runs without any capture
-                pruned._marked = []
-                with _LayerProgress(layers, "unpatched SDPA pass   ", show):
+                # The unpatched pass runs without any capture.
+                with pruned.capture_paused(), _LayerProgress(layers, "unpatched SDPA pass   ", show):
                     start = time.perf_counter()
                     encoder(pixel_values=pixel_values)
                     synchronize(device)
                     unpatched.append(time.perf_counter() - start)
-                pruned._marked = pruned._tower.attach((pruned.object_layer, pruned.deep_layer))
         times["unpatched SDPA encoder pass"] = min(unpatched)
         times["encoder + q/k scores + selection"] = min(patched)
         times["  of which selection"] = min(selection)
@@ -254,6 +250,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be >= 1")
+    if args.budget == 0:  # the library reads 0 as "keep every token"; the demo is there to show a pruning
+        print("error: --budget must be >= 1 (budget 0 keeps every token: nothing to draw)", file=sys.stderr)
+        return 2
     try:
         return demo(args)
     except (ValueError, TypeError) as error:

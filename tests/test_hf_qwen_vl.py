@@ -336,7 +336,7 @@ def test_glm_mixed_prompt_is_one_stream_in_prompt_order():
 def test_video_options_name_themselves(family):
     name, model = family
     with pytest.raises(ValueError, match="video_budget"):
-        hiprune_ops.apply_hiprune(model, video_budget=0)
+        hiprune_ops.apply_hiprune(model, video_budget=-1)
     with pytest.raises(ValueError, match="video_ratio"):
         hiprune_ops.apply_hiprune(model, video_ratio=1.5)
     with pytest.raises(ValueError, match="video_budget or video_ratio"):
@@ -344,6 +344,22 @@ def test_video_options_name_themselves(family):
     with pytest.raises(TypeError, match="video_budget"):
         hiprune_ops.apply_hiprune(model, video_budget=2.5)
     assert integrations.hiprune_state(model) is None and not capture._installed
+
+
+def test_video_budget_0_keeps_every_video_token(family):
+    """settings.py's one rule: budget 0 (like ratio 1.0) switches pruning off, here for the video slices only."""
+    name, model = family
+    inputs, _ = make_inputs(name, "video", seed=5)
+    hiprune_ops.apply_hiprune(model, budget=2, video_budget=0)
+    adapter = integrations.hiprune_state(model)
+    try:
+        with torch.no_grad():
+            video = adapter.encode({"pixel_values_videos": inputs["pixel_values_videos"],
+                                    "video_grid_thw": inputs["video_grid_thw"]})["video"]
+    finally:
+        hiprune_ops.remove_hiprune(model)
+    slices = [(h // 2) * (w // 2) for t, h, w in inputs["video_grid_thw"].tolist() for _ in range(t)]
+    assert [i.tolist() for i in video.indices] == [list(range(n)) for n in slices]
 
 
 def test_missing_inputs_name_themselves(family):

@@ -434,8 +434,10 @@ def test_packed_flash_layout_scores_each_segment():
     per_segment = torch.cat([hiprune_ops.qk_scores(q[..., a:b, :], k[..., a:b, :], 0.3)[0]
                              for a, b in ((0, 4), (4, 10))])
     torch.testing.assert_close(slot.scores[0], per_segment)
+    # A mask that hides more than padded keys (here: causal) cannot be scored (key-padding masks can: capture.py).
+    causal = torch.full((10, 10), float("-inf")).triu(1)[None, None]
     with pytest.raises(NotImplementedError, match="mask"):
-        slot.record(q, k, torch.zeros(1, 1, 10, 10), {})
+        slot.record(q, k, causal, {})
 
 
 def _tiny_llava_processor():
@@ -528,3 +530,172 @@ def test_sdpa_capture_falls_back_to_two_passes_with_a_mask(monkeypatch):
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3).transpose(1, 2)
     assert torch.equal(output, want)
     torch.testing.assert_close(lse, torch.logsumexp(q @ k.mT * 0.3, dim=-1))
+
+
+# -- the framework-neutral layer: one rule set, one selection step, one capture interface ---------------------------
+from hiprune_ops.integrations import families, selection, settings  # noqa: E402
+from hiprune_ops.integrations.vllm.scores import TowerTaps  # noqa: E402
+from hiprune_ops.integrations.vllm.settings import HiPruneSettings  # noqa: E402
+
+# (budget, ratio, n, clamp) -> kept count, or (exception, words of its message). One table for every entry point.
+RULES = [
+    ((0, None, 64, False), 64),                        # 0: off
+    ((None, 1.0, 64, False), 64),                      # ratio 1.0: off
+    ((5, None, 64, False), 5),
+    ((None, 0.25, 64, False), 16),
+    ((None, 0.001, 64, False), 1),                     # at least one token
+    ((65, None, 64, False), (ValueError, "budget must be in [0, 64]")),   # one item size: refused
+    ((65, None, 64, True), 64),                        # items differ in size: clamped
+    ((-1, None, 64, False), (ValueError, "budget must be an int >= 0")),
+    ((None, 0.0, 64, False), (ValueError, "ratio must be a number in (0, 1]")),
+    ((None, 1.5, 64, False), (ValueError, "ratio must be a number in (0, 1]")),
+    ((4, 0.5, 64, False), (ValueError, "give budget or ratio, not both")),
+    ((2.5, None, 64, False), (settings.SettingTypeError, "budget must be an int")),
+    ((True, None, 64, False), (settings.SettingTypeError, "budget must be an int")),
+    ((None, "0.5", 64, False), (settings.SettingTypeError, "ratio must be a number")),
+]
+
+
+def _outcome(call):
+    try:
+        return call()
+    except ValueError as error:  # SettingTypeError is one too
+        return type(error), str(error)
+
+
+def _same(outcome, expected):
+    if isinstance(expected, int):
+        return outcome == expected
+    kind, words = expected
+    return isinstance(outcome, tuple) and outcome[0] is kind and words in outcome[1]
+
+
+@pytest.mark.parametrize("values,expected", RULES)
+def test_one_rule_set_for_every_entry_point(values, expected):
+    budget, ratio, n, clamp = values
+    grid = int(n ** 0.5)
+    # The resolver itself, and vLLM's server default.
+    assert _same(_outcome(lambda: settings.keep_count(budget, ratio, n, 1 / 3, clamp=clamp)), expected)
+    server = lambda: HiPruneSettings(enabled=True, budget=budget, ratio=ratio).keep_count(n, clamp=clamp)  # noqa
+    assert _same(_outcome(server), expected)
+    # vLLM's per-request values: the same outcome, the request's key names in the error.
+    request = {k: v for k, v in (("hiprune_budget", budget), ("hiprune_ratio", ratio)) if v is not None}
+    outcome = _outcome(lambda: HiPruneSettings().for_request(request).keep_count(n, clamp=clamp))
+    if isinstance(expected, int):
+        assert outcome == expected
+    else:
+        words = expected[1].replace("budget", "hiprune_budget").replace("ratio", "hiprune_ratio")
+        assert outcome[0] is expected[0] and outcome[1].startswith("mm_processor_kwargs: "), outcome
+        assert words in outcome[1], outcome
+    if clamp:
+        return
+    # encode and HiPruneVisionTower on a tower of n patches (one size: above n is refused).
+    torch.manual_seed(0)
+    tower = transformers.CLIPVisionModel(_clip()).eval()
+    assert tower.config.image_size // tower.config.patch_size == grid
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        encoded = _outcome(lambda: hiprune_ops.encode(tower, pixels, budget, ratio=ratio).indices.shape[1])
+    assert _same(encoded, expected), encoded
+    assert not capture._installed
+    wrapped = _outcome(lambda: integrations.HiPruneVisionTower(tower, budget, ratio=ratio).remove() and 0)
+    assert isinstance(expected, int) or _same(wrapped, expected)
+    assert not capture._installed
+
+
+@pytest.mark.parametrize("values,expected", [r for r in RULES if not r[0][3]])
+def test_apply_hiprune_follows_the_rule_set(llava, values, expected):
+    budget, ratio, n, _ = values
+    assert n == N
+    outcome = _outcome(lambda: hiprune_ops.apply_hiprune(llava, budget, ratio) and
+                       integrations.hiprune_state(llava).per_image)
+    hiprune_ops.remove_hiprune(llava)
+    assert _same(outcome, expected), outcome
+    assert not capture._installed
+
+
+def test_budget_0_and_ratio_1_keep_every_token_end_to_end(llava, qwen):
+    for name, model, inputs in (("llava", llava, llava_inputs()), ("qwen", qwen, qwen_inputs())):
+        with torch.no_grad():
+            plain = model(**inputs).logits
+        for off in ({"budget": 0}, {"ratio": 1.0}):
+            hiprune_ops.apply_hiprune(model, **off)
+            try:
+                with torch.no_grad():
+                    pruned = model(**inputs).logits
+            finally:
+                hiprune_ops.remove_hiprune(model)
+            torch.testing.assert_close(pruned, plain, atol=1e-5, rtol=1e-5, msg=f"{name} {off}")
+
+
+@pytest.mark.parametrize("argument,value", [("alpha", "0.1"), ("object_layer", 1.0), ("deep_layer", "2"),
+                                            ("official", 1), ("neighborhood", 5), ("video_budget", 2.5)])
+def test_bad_types_name_the_argument_everywhere(qwen, argument, value):
+    with pytest.raises(TypeError, match=argument):
+        hiprune_ops.apply_hiprune(qwen, **{argument: value})
+    assert integrations.hiprune_state(qwen) is None and not capture._installed
+    if argument != "video_budget":
+        tower = transformers.CLIPVisionModel(_clip()).eval()
+        with pytest.raises(TypeError, match=argument):
+            hiprune_ops.encode(tower, torch.zeros(1, 3, 56, 56), 4, **{argument: value})
+        with pytest.raises(ValueError, match=argument):  # vLLM: a bad server default fails engine start
+            HiPruneSettings(enabled=True, **{argument: value}).validate()
+
+
+def test_request_keys_map_to_settings_fields_one_line_each():
+    # A request key is one entry of settings.REQUEST_KEYS; each names a field of PruneSettings.
+    assert set(settings.REQUEST_KEYS.values()) <= set(settings.SETTING_FIELDS)
+    updated = HiPruneSettings(enabled=True, budget=64, alpha=0.2).for_request({"hiprune_ratio": 0.5})
+    assert (updated.budget, updated.ratio, updated.alpha) == (None, 0.5, 0.2)
+
+
+def test_selection_step_batches_items_without_changing_any_index():
+    torch.manual_seed(3)
+    grids = [(8, 8), (6, 4), (8, 8), (4, 6), (8, 8)]
+    keeps = [10, 5, 10, 7, 64]
+    obj = [torch.rand(h * w) for h, w in grids]
+    deep = [torch.rand(h * w) for h, w in grids]
+    options = settings.PruneSettings()
+    indices, roles = selection.select_items(obj, deep, grids, keeps, options)
+    for item, ((h, w), keep) in enumerate(zip(grids, keeps)):
+        alone, alone_roles = hiprune_ops.select_with_roles(obj[item][None], deep[item][None], keep, h, w)
+        assert torch.equal(indices[item], alone[0]) and torch.equal(roles[item], alone_roles[0])
+    skipped, _ = selection.select_items(obj, deep, grids, keeps, options, skip_full=True)
+    assert skipped[4] is None and torch.equal(skipped[0], indices[0])
+    # merge k: the scores are averaged over k x k groups first, as the features are.
+    merged, _ = selection.select_items(obj[:1], deep[:1], [(8, 8)], [5], options, merge=2)
+    pooled = [torch.nn.functional.avg_pool2d(s.reshape(1, 1, 8, 8), 2).flatten(1) for s in (obj[0], deep[0])]
+    assert torch.equal(merged[0], hiprune_ops.select(pooled[0], pooled[1], 5, 4, 4)[0])
+    with pytest.raises(ValueError, match="kept counts"):
+        selection.select_items(obj, deep, grids, keeps[:2], options)
+
+
+def test_qwen2_5_vl_default_object_layer_is_declared_once(qwen):
+    # The transformers adapter reads families.QWEN2_5_VL, as the vLLM binding does (same function, same config).
+    hiprune_ops.apply_hiprune(qwen)
+    state = integrations.hiprune_state(qwen)
+    vision = qwen.config.vision_config
+    assert state.geometry is families.QWEN2_5_VL
+    assert state.object_layer == families.QWEN2_5_VL.object_layer(vision.depth, vision) == 2
+    assert families.full_attention_nearest_middle(32, [7, 15, 23, 31]) == 16
+    assert families.full_attention_nearest_middle(4, []) == 4
+
+
+def test_both_captures_implement_the_capture_interface():
+    torch.manual_seed(4)
+    tower = transformers.CLIPVisionModel(_clip()).eval()
+    slots = integrations.towers.ViTTower(tower).capture(2, 4).attach()
+    taps = TowerTaps([torch.nn.Identity()], total_heads=1, all_reduce=None)
+    try:
+        for implementation in (slots, taps):
+            assert isinstance(implementation, capture.LayerScores)
+        with pytest.raises(RuntimeError, match="boom"):  # scored() disarms also when the tower fails
+            slots.scored(lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+        assert all(not capture.slot_of(m).scores for m in slots.modules)
+        with torch.no_grad():
+            _, (obj, deep) = slots.scored(lambda: tower(torch.randn(1, 3, 56, 56)))
+        assert obj.shape == deep.shape == (1, N)
+    finally:
+        slots.detach()
+        taps.taps[0].remove()
+    assert not capture._installed

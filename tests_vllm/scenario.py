@@ -4,9 +4,12 @@ and without the plugin never share a ModelRegistry.
 
     python scenario.py MODEL_DIR ARCH '{"hf_overrides": {...}, "requests": [{"mm_processor_kwargs": {...}}, ...]}'
 
-Each request is generated on its own (greedy). Per request: prompt token ids, generated ids, or the error text.
-Runs that can spy on the workers (in-process, or VLLM_ALLOW_INSECURE_SERIALIZATION=1) also report the positions
-the language model received in each step and the kept indices of the image, per tensor-parallel rank.
+ARCH: a key of PROMPTS, or a family of tiny_families.FAMILIES (its prompt and image size). Each request is generated
+on its own (greedy). A request may give "images": [[h, w], ...] for several images of those sizes in one prompt
+(the prompt's image part repeated). Per request: prompt token ids, generated ids, or the error text. Runs that can
+spy on the workers (in-process, or VLLM_ALLOW_INSECURE_SERIALIZATION=1) also report the positions the language
+model received in each step, the kept indices of each image, per tensor-parallel rank, and the image embeddings
+the encoder returned (per image, without channels the plugin adds).
 """
 
 from __future__ import annotations
@@ -43,18 +46,86 @@ def _install_position_spy(model):
     # The first decoder layer (the language model's own forward is wrapped by vLLM's compile decorator).
     model.language_model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     model._spy_positions = captured
+    embedded, kept = [], []
+    original = model.embed_multimodal
+    width = model.config.get_text_config().hidden_size
+    if hasattr(model, "multiscale_dim"):  # Qwen3-VL: each row holds the main features, then the deepstack levels
+        width = model.visual_dim + model.multiscale_dim
+
+    def embed_multimodal(**kwargs):
+        # vLLM may encode a prompt's images in several calls: each call's embeddings and kept indices are kept.
+        out = original(**kwargs)
+        embedded.extend(e[:, :width].detach().float().cpu().clone() for e in out)
+        kept.extend(None if i is None else i.cpu().tolist() for i in getattr(model, "hiprune_last", []))
+        model.hiprune_last = []
+        return out
+
+    model.embed_multimodal = embed_multimodal
+    model._spy_embeddings, model._spy_kept = embedded, kept
     return True
 
 
 def _take_spy(model):
     positions, model._spy_positions[:] = list(model._spy_positions), []
-    last = [None if i is None else i.cpu().tolist() for i in getattr(model, "hiprune_last", [])]
-    model.hiprune_last = []
-    return [p.tolist() for p in positions], last
+    embeddings, model._spy_embeddings[:] = list(model._spy_embeddings), []
+    last, model._spy_kept[:] = list(model._spy_kept), []
+    return [p.tolist() for p in positions], last, [e.tolist() for e in embeddings]
+
+
+def _prompt_and_size(arch: str):
+    if arch in PROMPTS:
+        return PROMPTS[arch]
+    import tiny_families
+
+    family = tiny_families.FAMILIES[arch]
+    return family.image_prompt, family.image_size
+
+
+def _inputs(prompt: str, size, request: dict) -> dict:
+    sizes = request.get("images")
+    if sizes is None:
+        return {"prompt": prompt, "multi_modal_data": {"image": image(request.get("image_seed", 0), size)}}
+    # The prompt's image part (from its first to its last non-text word) once per image.
+    words = prompt.split(" ")
+    marked = [i for i, w in enumerate(words) if w.startswith("<") or w.startswith("[")]
+    head, part, tail = words[:marked[0]], words[marked[0]:marked[-1] + 1], words[marked[-1] + 1:]
+    text = " ".join(head + part * len(sizes) + tail)
+    seed = request.get("image_seed", 0)
+    return {"prompt": text, "multi_modal_data": {"image": [image(seed + i, s) for i, s in enumerate(sizes)]}}
+
+
+def run(model_dir: str, arch: str, spec: dict, plugin: bool = True, in_process: bool = True, env=None,
+        expect_failure: bool = False):
+    """Runs this script in a fresh process: the results of the spec's requests, or, with expect_failure, the
+    process's output (it must fail: an engine that refuses to start)."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    environ = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   PYTHONPATH=os.pathsep.join([here] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    environ.pop("HIPRUNE_BUDGET", None)
+    if in_process:
+        environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if not plugin:
+        environ["VLLM_PLUGINS"] = "none"  # only plugins named "none": ours is not loaded
+    environ.update(env or {})
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), model_dir, arch, json.dumps(spec)],
+                          capture_output=True, text=True, env=environ, timeout=300)
+    if expect_failure:
+        if done.returncode == 0:
+            raise AssertionError(f"the engine started, expected a refusal:\n{done.stdout[-3000:]}")
+        return done.stdout + done.stderr
+    if done.returncode != 0:
+        raise AssertionError(f"scenario failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    marked = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if not marked:
+        raise AssertionError(f"no result line:\n{done.stdout[-3000:]}")
+    return json.loads(marked[-1][len(RESULT_MARK):])["results"]
 
 
 def main() -> None:
     model_dir, arch, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from vllm import LLM, SamplingParams
 
     kwargs = dict(model=model_dir, max_model_len=512, dtype="float32", max_num_seqs=2, seed=0,
@@ -69,15 +140,14 @@ def main() -> None:
            or os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") == "1")
     if spy:
         # By module name, not __main__, so vLLM's processes can unpickle them (this folder is on PYTHONPATH).
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import scenario as importable
 
         llm.apply_model(importable._install_position_spy)
-    prompt, size = PROMPTS[arch]
+    prompt, size = _prompt_and_size(arch)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     results = []
     for request in spec["requests"]:
-        inputs = {"prompt": prompt, "multi_modal_data": {"image": image(request.get("image_seed", 0), size)}}
+        inputs = _inputs(prompt, size, request)
         if request.get("mm_processor_kwargs") is not None:
             inputs["mm_processor_kwargs"] = request["mm_processor_kwargs"]
         try:
@@ -88,8 +158,8 @@ def main() -> None:
         result = {"prompt_ids": list(out.prompt_token_ids), "tokens": list(out.outputs[0].token_ids)}
         if spy:
             per_rank = llm.apply_model(importable._take_spy)
-            result["positions"], result["kept"] = per_rank[0]
-            result["kept_per_rank"] = [kept for _, kept in per_rank]
+            result["positions"], result["kept"], result["embeddings"] = per_rank[0]
+            result["kept_per_rank"] = [kept for _, kept, _ in per_rank]
         results.append(result)
     print(RESULT_MARK + json.dumps({"results": results}), flush=True)
 

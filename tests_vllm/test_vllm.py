@@ -4,9 +4,7 @@ Every engine runs in a fresh process (scenario.py): with the plugin (found throu
 (VLLM_PLUGINS=none), in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) or in vLLM's default multiprocess mode.
 """
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -28,21 +26,7 @@ def models(tmp_path_factory):
 
 
 def run(models, arch, spec, plugin=True, in_process=True, env=None):
-    environ = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   PYTHONPATH=os.pathsep.join([HERE] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    environ.pop("HIPRUNE_BUDGET", None)
-    if in_process:
-        environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    if not plugin:
-        environ["VLLM_PLUGINS"] = "none"  # only plugins named "none": ours is not loaded
-    environ.update(env or {})
-    done = subprocess.run([sys.executable, os.path.join(HERE, "scenario.py"), models[arch], arch, json.dumps(spec)],
-                          capture_output=True, text=True, env=environ, timeout=300)
-    if done.returncode != 0:
-        raise AssertionError(f"scenario failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
-    marked = [line for line in done.stdout.splitlines() if line.startswith(scenario.RESULT_MARK)]
-    assert marked, f"no result line:\n{done.stdout[-3000:]}"
-    return json.loads(marked[-1][len(scenario.RESULT_MARK):])["results"]
+    return scenario.run(models[arch], arch, spec, plugin=plugin, in_process=in_process, env=env)
 
 
 def image_tokens(result, token_id):

@@ -17,7 +17,6 @@ The wrappers are reference counted and removed when the last marked module is re
 from __future__ import annotations
 
 import math
-import sys
 import threading
 from typing import Callable, Optional
 
@@ -59,18 +58,36 @@ class ScoreSlot:
     def record(self, query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs: dict,
                lse: Optional[torch.Tensor] = None) -> None:
         cu_seqlens = kwargs.get("cu_seq_lens_q")
+        real = None
         if attention_mask is not None and not isinstance(attention_mask, dict):
-            if self.segments is None:
-                raise NotImplementedError("hiprune: a captured vision layer received an attention mask; masked "
-                                          "vision attention is not supported")
-            cu_seqlens = self.segments
+            if self.segments is not None:
+                cu_seqlens = self.segments
+            else:
+                real = key_padding(attention_mask, query.shape[0], query.shape[2], key.shape[2])
+                if real is None:
+                    raise NotImplementedError("hiprune: a captured vision layer received an attention mask that is "
+                                              "not a key-padding mask; only padded patches may be masked")
         scale = kwargs.get("scaling")
         if scale is None:
             scale = query.shape[-1] ** -0.5
         if query.shape[1] != key.shape[1]:  # grouped kv heads: expand like the kernels do
             key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         with torch.no_grad():  # scores only pick indices; no graph through them
-            self._record(query, key, float(scale), cu_seqlens, lse)
+            if real is not None:
+                self._record_real(query, key, float(scale), real)
+            else:
+                self._record(query, key, float(scale), cu_seqlens, lse)
+
+    def _record_real(self, query, key, scale, real) -> None:
+        """A padded batch behind a key-padding mask: each row's real tokens scored as one packed segment (softmax
+        over its real keys, mean over its real queries); padded positions score 0. -> (B, L - num_prefix)."""
+        counts = real.sum(dim=1)
+        q = query.transpose(1, 2)[real]  # (T, H, D): the real tokens, row after row
+        k = key.transpose(1, 2)[real]
+        cu_seqlens = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        scores = torch.zeros(real.shape, dtype=torch.float32, device=query.device)
+        scores[real] = ops.qk_scores(q, k, scale, 0, cu_seqlens)
+        self.scores.append(scores[:, self.num_prefix:])
 
     def _record(self, query, key, scale, cu_seqlens, lse) -> None:
         if cu_seqlens is not None:
@@ -82,9 +99,112 @@ class ScoreSlot:
             self.scores.append(ops.qk_scores(query, key, scale, self.num_prefix, None, lse))
 
 
+def key_padding(attention_mask: torch.Tensor, batch: int, queries: int, keys: int) -> Optional[torch.Tensor]:
+    """(B, L) bool, True at real tokens, when the mask (bool: True attends; float: additive) only hides padded keys
+    (every real query attends exactly the real keys; padded queries are not looked at); None for any other mask
+    (causal, block-diagonal, ...)."""
+    if attention_mask.dim() != 4 or queries != keys:
+        return None
+    if attention_mask.dtype == torch.bool:
+        allowed = attention_mask
+    else:
+        allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    allowed = allowed.expand(batch, -1, queries, keys)
+    real = allowed.any(dim=(1, 2))
+    rows = allowed.transpose(1, 2)[real]  # (real queries, heads, keys)
+    row_real = real.unsqueeze(1).expand(-1, queries, -1)[real]
+    if not bool((rows == row_real.unsqueeze(1)).all()):
+        return None
+    return real
+
+
+class LayerScores:
+    """The capture interface both frameworks implement: the received-attention scores of chosen tower layers
+    during one tower run. transformers: SlotScores below (the attention-interface hook); vLLM: vllm.scores.TowerTaps
+    (a forward pre-hook on vLLM's encoder attention).
+
+        capture.arm(); try: run the tower; scores = capture.take() finally: capture.disarm()
+
+    or `output, scores = capture.scored(lambda: tower(...))`. take() gives one tensor per captured layer, in the
+    order the layers were given.
+    """
+
+    def arm(self) -> None:
+        raise NotImplementedError
+
+    def take(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def disarm(self) -> None:
+        raise NotImplementedError
+
+    def scored(self, run: Callable[[], object]):
+        """(run()'s result, take()): the tower run with the capture armed, disarmed after, also on error."""
+        self.arm()
+        try:
+            result = run()
+            return result, self.take()
+        finally:
+            self.disarm()
+
+
+class SlotScores(LayerScores):
+    """The transformers capture of a tower's layers: each layer's attention module carries a ScoreSlot (attach()).
+
+    one_call: each layer must record exactly one call, returned as it came ((B, N) padded, (T,) packed): a tower
+    that runs its images in one batch. Otherwise every call of a layer is flattened and concatenated in call order
+    (Qwen-style towers, one call per segment or window group).
+    """
+
+    def __init__(self, modules: list[torch.nn.Module], layers: list[int], num_prefix: int = 0,
+                 one_call: bool = True):
+        self.modules, self.layers, self.num_prefix, self.one_call = modules, layers, num_prefix, one_call
+        self.segments: Optional[torch.Tensor] = None
+        self._attached: list[torch.nn.Module] = []
+
+    def attach(self) -> "SlotScores":
+        """Marks the layers' modules (those no one marked yet); detach() releases what this capture marked."""
+        self._attached = attach_all(self.modules, self.num_prefix)
+        return self
+
+    def detach(self) -> None:
+        for module in self._attached:
+            detach(module)
+        self._attached = []
+
+    def _slots(self) -> list[ScoreSlot]:
+        slots = [slot_of(module) for module in self.modules]
+        if any(slot is None for slot in slots):
+            raise RuntimeError("hiprune: a captured layer lost its capture (remove_hiprune during a forward?)")
+        return slots
+
+    def arm(self, segments: Optional[torch.Tensor] = None) -> None:
+        for slot in self._slots():
+            slot.reset()
+            slot.segments = segments
+
+    def take(self) -> list[torch.Tensor]:
+        scores = []
+        for slot, layer in zip(self._slots(), self.layers):
+            if self.one_call:
+                scores.append(slot.single_score(layer))
+            elif not slot.scores:
+                raise RuntimeError(f"hiprune: block {layer} of the vision tower recorded no attention call")
+            else:
+                scores.append(torch.cat([s.reshape(-1) for s in slot.scores]))
+        return scores
+
+    def disarm(self) -> None:
+        for module in self.modules:
+            slot = slot_of(module)
+            if slot is not None:
+                slot.reset()
+                slot.segments = None
+
+
 def _sdpa_forward():
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    return sdpa_attention_forward
+    from .hf._transformers_api import sdpa_attention_forward
+    return sdpa_attention_forward()
 
 
 # What sdpa_attention_forward reads from its keyword arguments besides these is ignored by it; any of these set
@@ -154,14 +274,19 @@ def _wrap(original: Callable) -> Callable:
     return hiprune_capturing_attention
 
 
-def _interface():
-    from transformers.modeling_utils import AttentionInterface
-    return AttentionInterface
+def _attention_functions() -> dict:
+    from .hf._transformers_api import attention_functions
+    return attention_functions()
+
+
+def _eager_owner(module_name: str):
+    from .hf._transformers_api import eager_attention_owner
+    return eager_attention_owner(module_name)
 
 
 def _target(module: torch.nn.Module) -> tuple[str, str]:
     name = getattr(module.config, "_attn_implementation", None) or "eager"
-    if name != "eager" and name in _interface()._global_mapping:
+    if name != "eager" and name in _attention_functions():
         return ("interface", name)
     if name == "eager":
         return ("eager", type(module).__module__)
@@ -176,11 +301,11 @@ def _install(target: tuple[str, str]) -> None:
         entry[1] += 1
         return
     if kind == "interface":
-        mapping = _interface()._global_mapping
+        mapping = _attention_functions()
         original = mapping[name]
         mapping[name] = _wrap(original)
     else:
-        modeling = sys.modules[name]
+        modeling = _eager_owner(name)
         original = modeling.eager_attention_forward
         modeling.eager_attention_forward = _wrap(original)
     _installed[target] = [original, 1]
@@ -195,9 +320,9 @@ def _uninstall(target: tuple[str, str]) -> None:
         return
     kind, name = target
     if kind == "interface":
-        _interface()._global_mapping[name] = entry[0]
+        _attention_functions()[name] = entry[0]
     else:
-        sys.modules[name].eager_attention_forward = entry[0]
+        _eager_owner(name).eager_attention_forward = entry[0]
     del _installed[target]
 
 

@@ -3,18 +3,19 @@
 Layers are numbered from 1 as in the paper ("the 9th layer"); negative numbers count from the end (-1 = last).
 Defaults scale with depth: object layer = round(depth * 9 / 24) (the 9th of CLIP-L's 24, the 2nd of a 4-layer
 test tower, never below 1); deep layer = the last layer for a bare tower (integrations pick the layer that feeds
-their projector instead).
+their projector instead). Budgets follow settings.py (0 or ratio 1.0 keeps every token; above the grid: an error).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Optional
 
 import torch
 
-from .. import ops
-from .._validation import round_half_even
-from . import capture
+from . import capture, families
+from .selection import select_items
+from .settings import PruneSettings, resolve_layer
 
 
 class EncodeOutput(NamedTuple):
@@ -25,53 +26,6 @@ class EncodeOutput(NamedTuple):
 
 
 TOWER_CLASSES = ("CLIPVisionModel", "SiglipVisionModel")
-
-
-def resolve_layer(layer: Optional[int], depth: int, default: int, name: str) -> int:
-    """1-based layer number (negative counts from the end) -> 1-based layer number, validated."""
-    if layer is None:
-        return default
-    if isinstance(layer, bool) or not isinstance(layer, int):
-        raise TypeError(f"{name} must be an int (1-based layer number), got {type(layer).__name__}")
-    if layer < 0:
-        layer = depth + 1 + layer
-    if not 1 <= layer <= depth:
-        raise ValueError(f"{name} must be in [1, {depth}] (or [-{depth}, -1]) for this {depth}-layer tower, "
-                         f"got {layer}")
-    return layer
-
-
-def default_object_layer(depth: int) -> int:
-    return max(1, round_half_even(depth * 9 / 24))
-
-
-def projector_layer(feature_layer, depth: int) -> int:
-    """1-based layer whose output is hidden_states[feature_layer] (hidden_states[0] is the embeddings); for a list
-    of feature layers, the deepest."""
-    layers = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
-    return max(1, max(layer if layer >= 0 else depth + 1 + layer for layer in layers))
-
-
-def resolve_budget(budget: Optional[int], ratio: Optional[float], n: int, default_ratio: float,
-                   clamp: bool = False, names: tuple[str, str] = ("budget", "ratio")) -> int:
-    """Tokens to keep out of n: budget, or round_half_even(ratio * n), or the model's default ratio.
-
-    names: what the caller calls budget and ratio, for the error messages (e.g. video_budget, video_ratio)."""
-    budget_name, ratio_name = names
-    if budget is not None and ratio is not None:
-        raise ValueError(f"give {budget_name} or {ratio_name}, not both")
-    if budget is not None:
-        if isinstance(budget, bool) or not isinstance(budget, int):
-            raise TypeError(f"{budget_name} must be an int, got {type(budget).__name__}")
-        if clamp:
-            budget = min(budget, n)
-        if not 1 <= budget <= n:
-            raise ValueError(f"{budget_name} must be in [1, {n}] (the patch tokens per image), got {budget}")
-        return budget
-    ratio = default_ratio if ratio is None else ratio
-    if not 0.0 < float(ratio) <= 1.0:
-        raise ValueError(f"{ratio_name} must be in (0, 1], got {ratio}")
-    return min(n, max(1, round_half_even(float(ratio) * n)))
 
 
 class ViTTower:
@@ -92,13 +46,10 @@ class ViTTower:
     def attention(self, layer: int) -> torch.nn.Module:
         return self.layers[layer - 1].self_attn
 
-    def attach(self, layers) -> list[torch.nn.Module]:
-        """Marks the given 1-based layers for scoring (those not yet marked); returns the modules it marked."""
-        return capture.attach_all([self.attention(layer) for layer in layers], self.num_prefix)
-
-    def detach(self, modules) -> None:
-        for module in modules:
-            capture.detach(module)
+    def capture(self, object_layer: int, deep_layer: int) -> capture.SlotScores:
+        """The (not yet attached) capture of the object and deep layers."""
+        return capture.SlotScores([self.attention(layer) for layer in (object_layer, deep_layer)],
+                                  [object_layer, deep_layer], self.num_prefix)
 
     def run(self, pixel_values: torch.Tensor, object_layer: int, deep_layer: int, hidden_states=()):
         """Runs the tower once, no deeper than needed; returns (output, {index: hidden state} for the given
@@ -109,9 +60,7 @@ class ViTTower:
         the deepest of these, the object and the deep layer runs (LLaVA feeds its projector the second-to-last
         layer's output). output: the model's output when every layer ran, else None.
         """
-        slots = {layer: capture.slot_of(self.attention(layer)) for layer in (object_layer, deep_layer)}
-        for slot in slots.values():
-            slot.reset()
+        scores = self.capture(object_layer, deep_layer)
         for index in hidden_states:
             if not -(self.depth + 1) <= index <= self.depth:
                 raise ValueError(f"hiprune: vision_feature_layer {index} does not exist: this {self.depth}-layer "
@@ -120,14 +69,15 @@ class ViTTower:
         wanted = set(layer_of.values())
         kept: dict[int, torch.Tensor] = {}
         dtype = next(self.model.parameters()).dtype
-        if 0 in wanted:  # the embeddings: transformers' own hidden_states
-            output = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
-            kept = {layer: output.hidden_states[layer] for layer in wanted}
-        else:
-            output = self._run_layers(pixel_values.to(dtype), max(object_layer, deep_layer, *wanted), wanted, kept)
-        scores = [slots[layer].single_score(layer) for layer in (object_layer, deep_layer)]
-        for slot in slots.values():
-            slot.reset()
+
+        def run():
+            if 0 in wanted:  # the embeddings: transformers' own hidden_states
+                output = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
+                kept.update({layer: output.hidden_states[layer] for layer in wanted})
+                return output
+            return self._run_layers(pixel_values.to(dtype), max(object_layer, deep_layer, *wanted), wanted, kept)
+
+        output, scores = scores.scored(run)
         n = scores[0].shape[1]
         if n != self.grid * self.grid:
             raise ValueError(f"hiprune: the tower produced {n} patch tokens, not a {self.grid}x{self.grid} grid "
@@ -171,6 +121,36 @@ def _deep_features(tower: ViTTower, pixel_values: torch.Tensor, object_layer: in
     return features[:, tower.num_prefix:], obj_scores, deep_scores
 
 
+class _Resolved(NamedTuple):
+    settings: PruneSettings
+    object_layer: int
+    deep_layer: int
+    budget: int
+
+
+def _resolve(tower: ViTTower, settings: PruneSettings) -> _Resolved:
+    geometry = families.BARE_TOWER
+    settings.validated(takes_video=False, model=type(tower.model).__name__)
+    depth = tower.depth
+    obj = resolve_layer(settings.object_layer, depth, geometry.object_layer(depth, tower.model.config),
+                        "object_layer")
+    deep = resolve_layer(settings.deep_layer, depth, geometry.deep_layer(depth, tower.model.config), "deep_layer")
+    budget = settings.keep(tower.grid * tower.grid, geometry.default_ratio, clamp=geometry.sizes_vary)
+    return _Resolved(settings, obj, deep, budget)
+
+
+def _select(tower: ViTTower, resolved: _Resolved, obj_scores, deep_scores):
+    """(indices (B, budget), roles (B, budget)) of every image: the one selection step."""
+    batch = obj_scores.shape[0]
+    indices, roles = select_items(obj_scores.unbind(0), deep_scores.unbind(0), [(tower.grid, tower.grid)] * batch,
+                                  [resolved.budget] * batch, resolved.settings)
+    return torch.stack(indices), torch.stack(roles)
+
+
+def _gather(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    return features.gather(1, indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+
+
 def encode(vision_model: torch.nn.Module, pixel_values: torch.Tensor, budget: Optional[int] = None, *,
            ratio: Optional[float] = None, alpha: float = 0.1, object_layer: Optional[int] = None,
            deep_layer: Optional[int] = None, neighborhood: str = "cross", official: bool = False) -> EncodeOutput:
@@ -179,27 +159,29 @@ def encode(vision_model: torch.nn.Module, pixel_values: torch.Tensor, budget: Op
     Scores come from q and k of the object and deep layers (see capture.py); every layer keeps its attention
     implementation. features are the deep layer's output (last_hidden_state when it is the last layer, so SigLIP's
     post-layernorm is included), prefix tokens removed, gathered at the kept indices: (B, budget, C).
-    Returns EncodeOutput(features, indices, roles), a tuple: `features, _, _ = encode(...)` or `.features`.
+    budget 0 or ratio 1.0 keeps every token (settings.py). Returns EncodeOutput(features, indices, roles), a tuple:
+    `features, _, _ = encode(...)` or `.features`.
     """
     tower = ViTTower(vision_model)
-    obj = resolve_layer(object_layer, tower.depth, default_object_layer(tower.depth), "object_layer")
-    deep = resolve_layer(deep_layer, tower.depth, tower.depth, "deep_layer")
-    n = tower.grid * tower.grid
-    keep = resolve_budget(budget, ratio, n, 1 / 3)
-    marked = tower.attach((obj, deep))
+    resolved = _resolve(tower, PruneSettings(budget, ratio, alpha=alpha, object_layer=object_layer,
+                                             deep_layer=deep_layer, neighborhood=neighborhood, official=official))
+    scores = tower.capture(resolved.object_layer, resolved.deep_layer).attach()
     try:
-        features, obj_scores, deep_scores = _deep_features(tower, pixel_values, obj, deep)
+        features, obj_scores, deep_scores = _deep_features(tower, pixel_values, resolved.object_layer,
+                                                           resolved.deep_layer)
     finally:
-        tower.detach(marked)
-    indices, roles = ops.select_with_roles(obj_scores, deep_scores, keep, tower.grid, tower.grid, alpha, 0,
-                                           neighborhood, official)
-    kept = features.gather(1, indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
-    return EncodeOutput(kept, indices, roles)
+        scores.detach()
+    indices, roles = _select(tower, resolved, obj_scores, deep_scores)
+    return EncodeOutput(_gather(features, indices), indices, roles)
 
 
 class HiPruneVisionTower(torch.nn.Module):
     """A tower whose forward returns only the kept features (B, budget, C), for frameworks that call
-    `tower(pixel_values)` and want features. The capture stays attached until `.remove()`; compile it freely."""
+    `tower(pixel_values)` and want features. The capture stays attached until `.remove()`; compile it freely.
+
+    The two stages are public too: `scores(pixel_values)` runs the tower (no layer past the deepest needed) and
+    returns both layers' scores, `select(object_scores, deep_scores)` the kept indices and roles; `capture_paused()`
+    runs the plain tower inside it (the demo's baseline)."""
 
     def __init__(self, vision_model: torch.nn.Module, budget: Optional[int] = None, *, ratio: Optional[float] = None,
                  alpha: float = 0.1, object_layer: Optional[int] = None, deep_layer: Optional[int] = None,
@@ -207,29 +189,50 @@ class HiPruneVisionTower(torch.nn.Module):
         super().__init__()
         self.tower_model = vision_model
         tower = ViTTower(vision_model)
-        self.object_layer = resolve_layer(object_layer, tower.depth, default_object_layer(tower.depth),
-                                          "object_layer")
-        self.deep_layer = resolve_layer(deep_layer, tower.depth, tower.depth, "deep_layer")
-        self.budget = resolve_budget(budget, ratio, tower.grid * tower.grid, 1 / 3)
+        resolved = _resolve(tower, PruneSettings(budget, ratio, alpha=alpha, object_layer=object_layer,
+                                                 deep_layer=deep_layer, neighborhood=neighborhood, official=official))
+        self.object_layer, self.deep_layer, self.budget = resolved.object_layer, resolved.deep_layer, resolved.budget
         self.alpha, self.neighborhood, self.official = float(alpha), neighborhood, bool(official)
-        self._marked = tower.attach((self.object_layer, self.deep_layer))
+        self.grid = tower.grid
+        self._resolved = resolved
+        self._capture = tower.capture(self.object_layer, self.deep_layer).attach()
         self._tower = tower
         self.last_indices: Optional[torch.Tensor] = None
         self.last_roles: Optional[torch.Tensor] = None
 
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        """The tower's encoder layers, first first (for hooks such as a progress display)."""
+        return self._tower.layers
+
+    def scores(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(object scores, deep scores), each (B, grid * grid): the tower run up to the deeper of the two layers."""
+        _, _, obj_scores, deep_scores = self._tower.run(pixel_values, self.object_layer, self.deep_layer)
+        return obj_scores, deep_scores
+
+    def select(self, object_scores: torch.Tensor, deep_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices (B, budget), roles (B, budget)) for the scores of scores()."""
+        return _select(self._tower, self._resolved, object_scores, deep_scores)
+
+    @contextlib.contextmanager
+    def capture_paused(self):
+        """Inside, the tower runs without the q/k capture (exactly the unpatched model); attached again after."""
+        self._capture.detach()
+        try:
+            yield self.tower_model
+        finally:
+            self._capture.attach()
+
     def encode(self, pixel_values: torch.Tensor) -> EncodeOutput:
-        tower = self._tower
-        features, obj_scores, deep_scores = _deep_features(tower, pixel_values, self.object_layer, self.deep_layer)
-        indices, roles = ops.select_with_roles(obj_scores, deep_scores, self.budget, tower.grid, tower.grid,
-                                               self.alpha, 0, self.neighborhood, self.official)
-        kept = features.gather(1, indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
-        return EncodeOutput(kept, indices, roles)
+        features, obj_scores, deep_scores = _deep_features(self._tower, pixel_values, self.object_layer,
+                                                           self.deep_layer)
+        indices, roles = self.select(obj_scores, deep_scores)
+        return EncodeOutput(_gather(features, indices), indices, roles)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.encode(pixel_values).features
 
     def remove(self) -> torch.nn.Module:
         """Detaches the capture; returns the untouched tower."""
-        self._tower.detach(self._marked)
-        self._marked = []
+        self._capture.detach()
         return self.tower_model

@@ -21,9 +21,9 @@ from typing import Optional
 
 import torch
 
-from ..._validation import check_selection_options
-from .. import capture
+from .. import capture, families
 from ..sequence import Placeholders, ShrinkPlan, plan_shrink
+from ..settings import PruneSettings, resolve_layer
 
 _SEQUENCE_KEYS = ("token_type_ids", "mm_token_type_ids")
 
@@ -46,15 +46,16 @@ class Adapter:
     """A model family, declared by what differs from the shared pipeline below.
 
     A family lists the transformers classes it handles in `model_classes` (a subclass that lists any is registered
-    in FAMILIES, where apply_hiprune looks models up), names the input that carries each kind of visual input
-    (`media_keys`) and the config attribute of its placeholder id (`<kind>_token_id` by default), sets
-    object_layer / deep_layer and names their attention modules (`attention`, captured by attach), and implements
-    encode (tower, selection, merger or projector) and, when the language model needs them, positions.
+    in FAMILIES, where apply_hiprune looks models up), points at its geometry (families.py: prefix, merge, default
+    layers and ratio, video, whether item sizes vary), names the input that carries each kind of visual input
+    (`media_keys`) and the config attribute of its placeholder id (`<kind>_token_id` by default), names the tower's
+    attention modules (`attention`, captured by attach), and implements encode (tower, selection, merger or
+    projector) and, when the language model needs them, positions.
     """
 
     model_classes: tuple[str, ...] = ()
+    geometry: families.Geometry = families.LLAVA
     media_keys: dict[str, str] = {"image": "pixel_values"}   # kind -> the input that carries it (encoder only)
-    num_prefix = 0  # tokens before the patches in the tower's sequence (a CLS token), left out of the scores
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -64,15 +65,39 @@ class Adapter:
     def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official,
                  video_budget=None, video_ratio=None):
         self.model = model
+        # Every value checked now (settings.py), not mid-generate.
+        self.settings = PruneSettings(budget, ratio, video_budget, video_ratio, alpha, object_layer, deep_layer,
+                                      neighborhood, official).validated("video" in self.media_keys,
+                                                                        type(model).__name__)
         self.budget, self.ratio, self.alpha = budget, ratio, float(alpha)
         self.video_budget, self.video_ratio = video_budget, video_ratio
-        if "video" not in self.media_keys and (video_budget is not None or video_ratio is not None):
-            raise ValueError(f"video_budget / video_ratio: {type(model).__name__} takes no video input")
         self.neighborhood, self.official = neighborhood, bool(official)
-        check_selection_options(self.alpha, neighborhood, self.official)  # fail at apply time, not mid-generate
         self.last: Optional[EncodedImages] = None        # the latest images
         self.last_video: Optional[EncodedImages] = None  # the latest video slices
-        self._attached: list[torch.nn.Module] = []       # the attention modules this adapter captures
+        self.capture: Optional[capture.SlotScores] = None
+
+    @property
+    def num_prefix(self) -> int:
+        return self.geometry.num_prefix
+
+    def geometry_config(self):
+        """The config the geometry's functions take (families.Geometry.config_scope)."""
+        return self.model.config
+
+    def merge(self) -> int:
+        return self.geometry.merge_of(self.geometry_config())
+
+    def resolve_layers(self, depth: int) -> None:
+        """object_layer / deep_layer: the user's, else the family's defaults for this depth."""
+        config = self.geometry_config()
+        self.object_layer = resolve_layer(self.settings.object_layer, depth,
+                                          self.geometry.object_layer(depth, config), "object_layer")
+        self.deep_layer = resolve_layer(self.settings.deep_layer, depth, self.geometry.deep_layer(depth, config),
+                                        "deep_layer")
+
+    def keep(self, n: int, kind: str = "image") -> int:
+        """Tokens an item of n keeps (settings.py's rule, with this family's default ratio and clamping)."""
+        return self.settings.keep(n, self.geometry.default_ratio, clamp=self.geometry.sizes_vary, kind=kind)
 
     @property
     def image_token_id(self) -> int:
@@ -82,15 +107,17 @@ class Adapter:
         """The attention module of the tower's 1-based layer."""
         raise NotImplementedError
 
+    one_call = True  # the tower calls each layer's attention once per encode (False: once per segment)
+
     def attach(self) -> None:
         """Captures q and k of the object and deep layers (those no one captures yet)."""
-        self._attached = capture.attach_all([self.attention(self.object_layer), self.attention(self.deep_layer)],
-                                            self.num_prefix)
+        layers = [self.object_layer, self.deep_layer]
+        self.capture = capture.SlotScores([self.attention(layer) for layer in layers], layers, self.num_prefix,
+                                          self.one_call).attach()
 
     def detach(self) -> None:
-        for module in self._attached:
-            capture.detach(module)
-        self._attached = []
+        if self.capture is not None:
+            self.capture.detach()
 
     def feature_options(self, kwargs: dict) -> tuple:
         """(vision_feature_layer, vision_feature_select_strategy) of this call: the caller's, else the config's."""

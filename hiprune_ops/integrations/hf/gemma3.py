@@ -11,6 +11,7 @@ after the post-layernorm, feeds the pool and projector); ratio 1/3 (85 of 256).
 
 from __future__ import annotations
 
+from .. import families
 from .paligemma import PaliGemmaAdapter
 
 
@@ -18,6 +19,4 @@ class Gemma3Adapter(PaliGemmaAdapter):
     """PaliGemma's SigLIP tower and projector call, plus the projector's k x k average pool."""
 
     model_classes = ("Gemma3ForConditionalGeneration",)
-
-    def pool_size(self):
-        return self.model.model.multi_modal_projector.kernel_size
+    geometry = families.GEMMA3  # the projector's average pool, from the config

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import torch
 
+from .. import families
 from .qwen_vl import KIND_TYPE, QwenVLAdapter
 
 
 class Glm4vAdapter(QwenVLAdapter):
     model_classes = ("Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration",
                      "Glm46VForConditionalGeneration")
+    geometry = families.GLM4V  # video: one tower grid per frame
 
     def run_tower(self, kind, pixel_values, grid_thw):
         if kind == "video":

@@ -20,25 +20,16 @@ from typing import Optional, Sequence
 
 import torch
 
-from ... import ops
-from .. import capture
-from ..towers import default_object_layer, resolve_budget, resolve_layer
+from ..selection import merge_scores, select_items
 from .base import Adapter, EncodedImages
 
-
-def pool_scores(scores: torch.Tensor, grid_h: int, grid_w: int, k: int) -> torch.Tensor:
-    """(B, grid_h * grid_w) patch scores -> (B, grid_h / k * grid_w / k): the mean of each k x k group, raster."""
-    if k == 1:
-        return scores
-    pooled = torch.nn.functional.avg_pool2d(scores.reshape(-1, 1, grid_h, grid_w), k, k)
-    return pooled.flatten(1)
+pool_scores = merge_scores  # the name the tests know
 
 
 class PooledGridAdapter(Adapter):
-    default_ratio = 1 / 3
     concat_features = True  # the model takes one (tokens, D) tensor of image features; False: a tuple per image
 
-    # -- what a family declares --------------------------------------------------------------------------------
+    # -- what a family declares (besides its geometry) ------------------------------------------------------------
     def attention_modules(self) -> list[torch.nn.Module]:
         """The tower's attention modules, first layer first."""
         raise NotImplementedError
@@ -51,10 +42,7 @@ class PooledGridAdapter(Adapter):
         return [self.fixed_grid()] * tiles
 
     def pool_size(self) -> int:
-        return 1
-
-    def default_deep_layer(self, depth: int) -> int:
-        return depth
+        return self.merge()
 
     def segments(self, kwargs: dict) -> Optional[torch.Tensor]:
         """cu_seqlens of the images the tower packs into one sequence behind a block-diagonal mask, else None."""
@@ -68,23 +56,18 @@ class PooledGridAdapter(Adapter):
     def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **video):
         super().__init__(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **video)
         self.attentions = self.attention_modules()
-        depth = len(self.attentions)
-        self.object_layer = resolve_layer(object_layer, depth, default_object_layer(depth), "object_layer")
-        self.deep_layer = resolve_layer(deep_layer, depth, self.default_deep_layer(depth), "deep_layer")
+        self.resolve_layers(len(self.attentions))
         grid, k = self.fixed_grid(), self.pool_size()
-        if grid is None:  # validated now, clamped to each tile later
-            self.per_tile = None
-            resolve_budget(budget, ratio, 10 ** 9, self.default_ratio)
-        else:
-            self.per_tile = resolve_budget(budget, ratio, (grid[0] // k) * (grid[1] // k), self.default_ratio)
+        # One size for every tile: the kept count is known (and a budget above it refused) now; else per tile.
+        self.per_tile = None if grid is None else self.keep((grid[0] // k) * (grid[1] // k))
 
     def attention(self, layer):
         return self.attentions[layer - 1]
 
-    def _scores(self, slot, layer: int, grids: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
+    def _scores(self, scores: torch.Tensor, grids: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
         """The layer's patch scores split per tile (padded batches (B, N) and packed (T,) alike)."""
         counts = [h * w for h, w in grids]
-        scores = slot.single_score(layer).reshape(-1)
+        scores = scores.reshape(-1)
         if scores.numel() != sum(counts):
             shapes = ", ".join(sorted({f"{h}x{w}" for h, w in grids}))
             raise ValueError(f"hiprune: the tower produced {scores.numel()} patch scores, not the {sum(counts)} of "
@@ -92,38 +75,18 @@ class PooledGridAdapter(Adapter):
         return scores.split(counts)
 
     def encode_images(self, kwargs) -> EncodedImages:
-        layers = (self.object_layer, self.deep_layer)
-        slots = [capture.slot_of(self.attention(layer)) for layer in layers]
-        segments = self.segments(kwargs)
-        for slot in slots:
-            slot.reset()
-            slot.segments = segments
+        self.capture.arm(self.segments(kwargs))
         try:
             features = self.image_features(kwargs)
             grids = self.tile_grids(kwargs, len(features))
-            obj, deep = (self._scores(slot, layer, grids) for slot, layer in zip(slots, layers))
+            obj, deep = (self._scores(scores, grids) for scores in self.capture.take())
         finally:
-            for slot in slots:
-                slot.reset()
-                slot.segments = None
+            self.capture.disarm()
         k = self.pool_size()
-        tiles = len(grids)
-        result = EncodedImages([None] * tiles, [(h // k) * (w // k) for h, w in grids], [None] * tiles,
-                               [None] * tiles, [None] * tiles)
-        by_grid: dict[tuple[int, int], list[int]] = {}
-        for tile, grid in enumerate(grids):
-            by_grid.setdefault(grid, []).append(tile)
-        for (h, w), members in by_grid.items():  # tiles of one size: one selection call
-            pooled = [pool_scores(torch.stack([s[t] for t in members]), h, w, k) for s in (obj, deep)]
-            keep = self.per_tile or resolve_budget(self.budget, self.ratio, (h // k) * (w // k), self.default_ratio,
-                                                   clamp=True)
-            indices, roles = ops.select_with_roles(pooled[0], pooled[1], keep, h // k, w // k, self.alpha, 0,
-                                                   self.neighborhood, self.official)
-            for tile, index, role in zip(members, indices, roles):
-                result.features[tile] = features[tile][index]
-                result.kept_slots[tile] = result.indices[tile] = index
-                result.roles[tile] = role
-        return result
+        keeps = [self.per_tile or self.keep((h // k) * (w // k)) for h, w in grids]
+        indices, roles = select_items(obj, deep, grids, keeps, self.settings, merge=k)
+        kept = [tile_features[index] for tile_features, index in zip(features, indices)]
+        return EncodedImages(kept, [(h // k) * (w // k) for h, w in grids], list(indices), indices, roles)
 
     def encoder_outputs(self, encoded, new):
         outputs = super().encoder_outputs(encoded, new)

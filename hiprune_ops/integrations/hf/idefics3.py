@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import torch
 
+from .. import families
 from .grid import PooledGridAdapter
 
 
 class Idefics3Adapter(PooledGridAdapter):
     model_classes = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+    geometry = families.IDEFICS3  # pixel shuffle by the config's scale_factor
 
     def attention_modules(self):
         return [layer.self_attn for layer in self.model.model.vision_model.encoder.layers]
@@ -26,9 +28,6 @@ class Idefics3Adapter(PooledGridAdapter):
     def fixed_grid(self):
         config = self.model.config.vision_config
         return config.image_size // config.patch_size, config.image_size // config.patch_size
-
-    def pool_size(self):
-        return self.model.config.scale_factor
 
     def image_features(self, kwargs):
         pixel_values, mask = kwargs["pixel_values"], kwargs.get("pixel_attention_mask")

@@ -11,13 +11,13 @@ projector (vision_feature_layer -1 -> the last); ratio 1/3 (85 of 256 per tile).
 
 from __future__ import annotations
 
-from ..towers import projector_layer
+from .. import families
 from .grid import PooledGridAdapter
 
 
 class InternVLAdapter(PooledGridAdapter):
     model_classes = ("InternVLForConditionalGeneration",)
-    num_prefix = 1  # CLS
+    geometry = families.INTERNVL  # CLS, pixel shuffle 2, deep layer feeds the projector
 
     def attention_modules(self):
         return [layer.attention for layer in self.model.model.vision_tower.encoder.layer]
@@ -32,10 +32,7 @@ class InternVLAdapter(PooledGridAdapter):
         if ratio != 0.5:
             raise NotImplementedError(f"hiprune: InternVL with downsample_ratio={ratio} is not supported (0.5 is: "
                                       "each language-model token is a 2x2 group of patches)")
-        return 2
-
-    def default_deep_layer(self, depth):
-        return projector_layer(self.model.config.vision_feature_layer, depth)
+        return super().pool_size()
 
     def image_features(self, kwargs):
         layer, strategy = self.feature_options(kwargs)

@@ -16,32 +16,31 @@ from __future__ import annotations
 
 import torch
 
-from ... import ops
+from .. import families
+from ..selection import select_items
+from ..towers import ViTTower
+from ._transformers_api import llava_next_layout
 from .base import Adapter, EncodedImages
-from ..towers import ViTTower, default_object_layer, projector_layer, resolve_budget, resolve_layer
 
 
 class LlavaAdapter(Adapter):
     model_classes = ("LlavaForConditionalGeneration",)
-    default_ratio = 1 / 3  # 192 of 576
+    geometry = families.LLAVA
 
     def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **video):
         super().__init__(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **video)
         self.tower = ViTTower(model.model.vision_tower)
-        self.num_prefix = self.tower.num_prefix
-        depth = self.tower.depth
-        self.object_layer = resolve_layer(object_layer, depth, default_object_layer(depth), "object_layer")
-        self.deep_layer = resolve_layer(deep_layer, depth, projector_layer(model.config.vision_feature_layer, depth),
-                                        "deep_layer")
+        self.resolve_layers(self.tower.depth)
         self.grid_tokens = self.tower.grid * self.tower.grid  # patch tokens of one image or tile
-        self.check_budget()
+        self.per_image = self.keep(self.grid_tokens)
+
+    @property
+    def num_prefix(self) -> int:
+        return self.tower.num_prefix  # a SigLIP tower under LLaVA has none
 
     def project(self, kept: torch.Tensor) -> torch.Tensor:
         """(images, tokens, C) kept tower features -> the language model's embedding space."""
         return self.model.model.multi_modal_projector(kept)
-
-    def check_budget(self):
-        self.per_image = resolve_budget(self.budget, self.ratio, self.grid_tokens, self.default_ratio)
 
     def attention(self, layer):
         return self.tower.attention(layer)
@@ -53,8 +52,11 @@ class LlavaAdapter(Adapter):
         return (hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=-1)), obj, deep
 
     def _select(self, obj, deep, budget):
-        grid = self.tower.grid
-        return ops.select_with_roles(obj, deep, budget, grid, grid, self.alpha, 0, self.neighborhood, self.official)
+        """(indices, roles), each (images, budget): the one selection step over the images (or tiles)."""
+        grid, count = self.tower.grid, obj.shape[0]
+        indices, roles = select_items(obj.unbind(0), deep.unbind(0), [(grid, grid)] * count, [budget] * count,
+                                      self.settings)
+        return torch.stack(indices), torch.stack(roles)
 
     def encode_images(self, kwargs) -> EncodedImages:
         if kwargs.get("image_sizes") is not None:
@@ -82,30 +84,19 @@ class LlavaAdapter(Adapter):
 
 class LlavaNextAdapter(LlavaAdapter):
     model_classes = ("LlavaNextForConditionalGeneration",)
-    default_ratio = 2 / 9  # 640 of 2880 (base + 2x2 tiles of 576)
-
-    def check_budget(self):
-        if self.budget is not None:
-            if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
-                raise ValueError(f"budget must be a positive int (tokens over the base image and tiles), "
-                                 f"got {self.budget!r}")
-            if self.ratio is not None:
-                raise ValueError("give budget or ratio, not both")
-        else:
-            resolve_budget(None, self.ratio, self.grid_tokens, self.default_ratio)  # validates ratio
+    geometry = families.LLAVA_NEXT
 
     def per_tile(self, tiles: int) -> int:
-        if self.budget is None:
-            return resolve_budget(None, self.ratio, self.grid_tokens, self.default_ratio)
+        """A budget counts over the base image and its tiles: each keeps budget // tiles, at most its own tokens."""
+        if self.budget is None or self.budget == 0:
+            return self.keep(self.grid_tokens)
         keep = min(self.grid_tokens, self.budget // tiles)
         if keep < 1:
             raise ValueError(f"budget={self.budget} leaves no token per tile for an image with {tiles} tiles")
         return keep
 
     def encode_images(self, kwargs) -> EncodedImages:
-        from transformers.models.llava_next.modeling_llava_next import (
-            get_anyres_image_grid_shape, image_size_to_num_patches, unpad_image)
-
+        get_anyres_image_grid_shape, image_size_to_num_patches, unpad_image = llava_next_layout()
         layer, strategy = self.feature_options(kwargs)
         if strategy != "default" or self.num_prefix != 1:
             raise NotImplementedError("hiprune: LLaVA-NeXT is supported with a CLS tower and "

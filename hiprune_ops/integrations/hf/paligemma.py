@@ -10,11 +10,13 @@ after the post-layernorm, feeds the projector); ratio 1/3 (85 of 256 at 224 px).
 
 from __future__ import annotations
 
+from .. import families
 from .grid import PooledGridAdapter
 
 
 class PaliGemmaAdapter(PooledGridAdapter):
     model_classes = ("PaliGemmaForConditionalGeneration",)
+    geometry = families.PALIGEMMA
 
     def attention_modules(self):
         return [layer.self_attn for layer in self.model.model.vision_tower.encoder.layers]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..towers import projector_layer
+from .. import families
 from .grid import PooledGridAdapter
 
 
@@ -29,11 +29,9 @@ class PixtralAdapter(PooledGridAdapter):
     def _merged(self) -> bool:
         return hasattr(self.model.config, "spatial_merge_size")  # Mistral 3's patch merger
 
-    def pool_size(self):
-        return self.model.config.spatial_merge_size if self._merged() else 1
-
-    def default_deep_layer(self, depth):
-        return projector_layer(self.model.config.vision_feature_layer, depth)
+    @property
+    def geometry(self):
+        return families.MISTRAL3 if self._merged() else families.PIXTRAL
 
     def _patch_grids(self, kwargs):
         image_sizes = kwargs.get("image_sizes")

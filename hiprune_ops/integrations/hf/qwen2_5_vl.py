@@ -8,21 +8,14 @@ the last.
 
 from __future__ import annotations
 
+from .. import families
+from ._transformers_api import qwen2_5_vl_window_index
 from .qwen_vl import QwenVLAdapter
 
 
 class Qwen2_5_VLAdapter(QwenVLAdapter):
     model_classes = ("Qwen2_5_VLForConditionalGeneration",)
-
-    def default_object_layer(self) -> int:
-        depth = len(self.visual.blocks)
-        full = [i + 1 for i in self.visual.fullatt_block_indexes] or [depth]
-        return min(full, key=lambda layer: (abs(layer - depth / 2), layer))
+    geometry = families.QWEN2_5_VL  # object block: the full-attention block nearest depth / 2
 
     def window_index(self, grid_thw):
-        from transformers.vision_utils import get_vision_window_index
-
-        visual = self.visual
-        window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
-                                                  window_size=visual.window_size, patch_size=visual.patch_size)
-        return window_index
+        return qwen2_5_vl_window_index(grid_thw, self.visual)

@@ -7,8 +7,10 @@ deep block: the last.
 
 from __future__ import annotations
 
+from .. import families
 from .qwen_vl import QwenVLAdapter
 
 
 class Qwen3_5Adapter(QwenVLAdapter):
     model_classes = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
+    geometry = families.QWEN3_5

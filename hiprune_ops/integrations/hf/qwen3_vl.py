@@ -9,20 +9,20 @@ come one run per temporal slice. Object block: round(depth / 2); deep block: the
 
 from __future__ import annotations
 
-import sys
-
+from .. import families
+from ._transformers_api import deepstack_output_class
 from .qwen_vl import QwenVLAdapter
 
 
 class Qwen3VLAdapter(QwenVLAdapter):
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+    geometry = families.QWEN3_VL
 
     def extra_features(self, output):
         return list(output.deepstack_features)
 
     def encoder_outputs(self, encoded, new):
-        # Qwen3-VL and Qwen3-VL-MoE each define this output class in their own modeling module.
-        output_class = sys.modules[type(self.model).__module__].BaseModelOutputWithDeepstackFeatures
+        output_class = deepstack_output_class(self.model)
         return {kind: output_class(pooler_output=tuple(e.features), deepstack_features=[tuple(level) for level in
                                                                                          e.deepstack])
                 for kind, e in encoded.items()}

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from ... import ops
-from ..._validation import round_half_even
-from .. import capture
+from .. import families
 from ..qwen_positions import merged_raster_scores
-from ..towers import resolve_budget, resolve_layer
+from ..selection import select_items
+from ._transformers_api import set_rope_deltas
 from .base import Adapter, EncodedImages
 
 KIND_TYPE = {"image": 1, "video": 2}  # mm_token_type_ids values
@@ -35,24 +34,20 @@ KIND_TYPE = {"image": 1, "video": 2}  # mm_token_type_ids values
 class QwenVLAdapter(Adapter):
     media_keys = {"image": "pixel_values", "video": "pixel_values_videos"}
     grid_keys = {"image": "image_grid_thw", "video": "video_grid_thw"}
-    default_ratio = 0.334
+    geometry = families.QWEN2_VL
+    one_call = False  # the tower calls a block's attention per segment or window group
 
     def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official,
                  video_budget=None, video_ratio=None):
         super().__init__(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official,
                          video_budget, video_ratio)
         self.visual = model.model.visual
-        depth = len(self.visual.blocks)
-        self.object_layer = resolve_layer(object_layer, depth, self.default_object_layer(), "object_layer")
-        self.deep_layer = resolve_layer(deep_layer, depth, depth, "deep_layer")
-        # Validate now; applied per image / slice later.
-        resolve_budget(budget, ratio, 10 ** 9, self.default_ratio)
-        resolve_budget(video_budget, video_ratio, 10 ** 9, self.default_ratio, names=("video_budget", "video_ratio"))
+        self.resolve_layers(len(self.visual.blocks))
+
+    def geometry_config(self):
+        return self.visual.config  # the tower's own vision config
 
     # -- what a family may change --------------------------------------------------------------------------------
-    def default_object_layer(self) -> int:
-        return max(1, round_half_even(len(self.visual.blocks) / 2))
-
     def run_tower(self, kind: str, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
         """The tower's output for one kind; its pooler_output holds the merged tokens in raster order."""
         return self.visual(pixel_values.type(self.visual.dtype), grid_thw=grid_thw)
@@ -60,7 +55,7 @@ class QwenVLAdapter(Adapter):
     def window_index(self, grid_thw: torch.Tensor) -> torch.Tensor:
         """The raster index of each merge unit in the order the tower runs them (one after another over the items):
         raster order itself unless the tower reorders (Qwen2.5-VL's windows)."""
-        units = int(grid_thw.prod(-1).sum()) // self.visual.spatial_merge_size ** 2
+        units = int(grid_thw.prod(-1).sum()) // self.merge() ** 2
         return torch.arange(units, device=grid_thw.device)
 
     def extra_features(self, output) -> list[torch.Tensor]:
@@ -82,11 +77,6 @@ class QwenVLAdapter(Adapter):
     def attention(self, layer):
         return self.visual.blocks[layer - 1].attn
 
-    def _budget(self, kind: str):
-        if kind == "video" and (self.video_budget is not None or self.video_ratio is not None):
-            return self.video_budget, self.video_ratio
-        return self.budget, self.ratio
-
     def encode(self, kwargs: dict) -> dict[str, EncodedImages]:
         encoded = {}
         for kind, key in self.media_keys.items():
@@ -99,22 +89,9 @@ class QwenVLAdapter(Adapter):
         return encoded
 
     def _tower_scores(self, kind, pixel_values, grid_thw):
-        slots = [capture.slot_of(self.attention(layer)) for layer in (self.object_layer, self.deep_layer)]
-        for slot in slots:
-            slot.reset()
-        try:
-            output = self.run_tower(kind, pixel_values, grid_thw)
-            window_index = self.window_index(grid_thw)
-            scores = []
-            for layer, slot in zip((self.object_layer, self.deep_layer), slots):
-                if not slot.scores:
-                    raise RuntimeError(f"hiprune: block {layer} of the vision tower recorded no attention call")
-                per_patch = torch.cat([s.reshape(-1) for s in slot.scores])
-                scores.append(merged_raster_scores(per_patch, window_index, self.visual.spatial_merge_size ** 2))
-        finally:
-            for slot in slots:
-                slot.reset()
-        return output, scores
+        output, per_patch = self.capture.scored(lambda: self.run_tower(kind, pixel_values, grid_thw))
+        window_index = self.window_index(grid_thw)
+        return output, [merged_raster_scores(s, window_index, self.merge() ** 2) for s in per_patch]
 
     def _encode_kind(self, kind, pixel_values, grid_thw) -> EncodedImages:
         patches = int(grid_thw.prod(-1).sum())
@@ -124,28 +101,25 @@ class QwenVLAdapter(Adapter):
         output, (obj, deep) = self._tower_scores(kind, pixel_values, grid_thw)
         merged = output.pooler_output
         extras = self.extra_features(output)
-        budget, ratio = self._budget(kind)
-        m = self.visual.spatial_merge_size
-        result = EncodedImages([], [], [], deepstack=[[] for _ in extras])
-        start = 0
+        m = self.merge()
+        # Every temporal slice is an item on its own merged grid (so no buffer crosses a slice boundary).
+        grids, starts, start = [], [], 0
         for t, h, w in grid_thw.tolist():
-            gh, gw = h // m, w // m
-            n = gh * gw
-            keep = resolve_budget(budget, ratio, n, self.default_ratio, clamp=True)  # validated in __init__
-            span = slice(start, start + t * n)
-            start += t * n
-            # One selection per temporal slice, batched over the slices: each slice is its own grid.
-            indices, roles = ops.select_with_roles(obj[span].view(t, n), deep[span].view(t, n), keep, gh, gw,
-                                                   self.alpha, 0, self.neighborhood, self.official)
-            flat = indices + (span.start + n * torch.arange(t, device=indices.device))[:, None]
-            for s in range(t):
-                result.features.append(merged[flat[s]])
-                result.full_counts.append(n)
-                result.kept_slots.append(indices[s])
-                result.indices.append(indices[s])
-                result.roles.append(roles[s])
-                for level, extra in zip(result.deepstack, extras):
-                    level.append(extra[flat[s]])
+            for _ in range(t):
+                grids.append((h // m, w // m))
+                starts.append(start)
+                start += (h // m) * (w // m)
+        spans = [slice(s, s + gh * gw) for s, (gh, gw) in zip(starts, grids)]
+        keeps = [self.keep(gh * gw, kind) for gh, gw in grids]
+        indices, roles = select_items([obj[span] for span in spans], [deep[span] for span in spans], grids, keeps,
+                                      self.settings)
+        result = EncodedImages([], [gh * gw for gh, gw in grids], list(indices), list(indices), roles,
+                               deepstack=[[] for _ in extras])
+        for span, index in zip(spans, indices):
+            flat = index + span.start
+            result.features.append(merged[flat])
+            for level, extra in zip(result.deepstack, extras):
+                level.append(extra[flat])
         return result
 
     def positions(self, kwargs, plan, new, for_generate):
@@ -158,7 +132,7 @@ class QwenVLAdapter(Adapter):
                                             video_grid_thw=kwargs.get("video_grid_thw"),
                                             attention_mask=kwargs.get("attention_mask"), **extra)
         positions = plan.take(full, 0)
-        model.rope_deltas = deltas + plan.removed.to(deltas.device)[:, None]
+        set_rope_deltas(model, deltas + plan.removed.to(deltas.device)[:, None])
         if not for_generate:
             return positions
         # generate() wants the text positions as a 4th leading row, as the class's own position preparation makes.

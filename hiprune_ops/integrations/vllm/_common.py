@@ -1,12 +1,24 @@
-"""What the LLaVA and Qwen2.5-VL subclasses share inside vLLM (imports vLLM: loaded by register() only)."""
+"""What every vLLM binding shares (imports vLLM: loaded by register() only).
+
+A binding is two subclasses of vLLM's own classes, reading the family's geometry (families.py):
+- its processor mixes in ProcessorMixin and says how many tokens each image has unpruned (_image_token_counts);
+  the mixin writes each image's kept count into the prompt (that many placeholders) and into the image's inputs;
+- its model mixes in ModelMixin: `hiprune_start` before vLLM's constructor (the server default, the vLLM features
+  the taps cannot run with), `hiprune_bind` after it (layers from the geometry, the capture), and per encoder call
+  `hiprune_select` (the one selection step of selection.py).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
-from .scores import QKTap, finish_scores
+from .. import families
+from ..selection import select_items
+from ..settings import resolve_layer
+from . import _vllm_api
+from .scores import TowerTaps
 from .settings import HIPRUNE_KEEP_FIELD, HiPruneSettings, strip_request_keys
 
 
@@ -22,6 +34,7 @@ def prepare_vllm_config(vllm_config, model_name: str) -> HiPruneSettings:
     """
     settings = HiPruneSettings.from_hf_config(vllm_config.model_config.hf_config)
     compilation = vllm_config.compilation_config
+    # Checked: vllm 0.32.0, CompilationConfig.compile_mm_encoder / cudagraph_mm_encoder.
     if getattr(compilation, "compile_mm_encoder", False):
         compilation.compile_mm_encoder = False
         logger().warning("hiprune: compile_mm_encoder turned off for %s (the q/k taps run eagerly)", model_name)
@@ -29,36 +42,6 @@ def prepare_vllm_config(vllm_config, model_name: str) -> HiPruneSettings:
         raise ValueError(f"hiprune: {model_name} with cudagraph_mm_encoder=True is not supported (a replayed "
                          "encoder graph skips the q/k taps); turn the encoder CUDA graph off")
     return settings
-
-
-def tp_all_reduce(attn_module) -> Optional[Any]:
-    """A sum over the tensor-parallel group when this tower's heads are sharded across ranks, else None."""
-    if getattr(attn_module, "tp_size", 1) <= 1:
-        return None
-    from vllm.distributed import tensor_model_parallel_all_reduce
-    return tensor_model_parallel_all_reduce
-
-
-class TowerTaps:
-    """The object and deep layer taps of one tower, and their TP-reduced scores."""
-
-    def __init__(self, attention_modules: Sequence[torch.nn.Module], total_heads: int, all_reduce,
-                 num_prefix: int = 0):
-        self.taps = [QKTap(module, num_prefix) for module in attention_modules]
-        self.total_heads = total_heads
-        self.all_reduce = all_reduce
-
-    def arm(self) -> None:
-        for tap in self.taps:
-            tap.arm()
-
-    def disarm(self) -> None:
-        for tap in self.taps:
-            tap.armed = False
-            tap.sums = []
-
-    def take(self) -> list[torch.Tensor]:
-        return [finish_scores(tap.take(), self.total_heads, self.all_reduce) for tap in self.taps]
 
 
 def keep_counts(kwargs: dict) -> Optional[list[int]]:
@@ -71,26 +54,37 @@ def keep_counts(kwargs: dict) -> Optional[list[int]]:
     return [int(k) for k in keep.reshape(-1).tolist()]
 
 
+def kept_count_of(out_mm_kwargs, item_idx: int) -> Optional[int]:
+    """The kept count the processor wrote for image item_idx, or None (image embeddings given directly)."""
+    item = out_mm_kwargs["image"][item_idx]
+    field = item.get(HIPRUNE_KEEP_FIELD) if hasattr(item, "get") else None
+    return None if field is None else int(field.data)
+
+
 class ProcessorMixin:
     """Writes each image's kept count into its inputs, where the prompt update and the encoder both read it.
 
-    Subclasses define _image_token_counts(processed) -> full token count per image, and clamp_budget.
+    Subclasses set `geometry` and define _image_token_counts(processed) -> full token count per image.
     """
 
-    clamp_budget = False
+    geometry: families.Geometry
 
     def _hiprune_settings(self, mm_kwargs: Mapping[str, object]) -> HiPruneSettings:
         return HiPruneSettings.from_hf_config(self.info.get_hf_config()).for_request(mm_kwargs)
 
-    def _call_hf_processor(self, hf_data, hf_kwargs):
+    # Override of BaseMultiModalProcessor._apply_hf_processor_main (every processor's path to the Hugging Face
+    # processor; Qwen3-VL's does not go through _call_hf_processor); checked: vllm 0.32.0.
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs, *args, **kwargs):
         settings = self._hiprune_settings(hf_kwargs)  # a bad request value fails here, for this request only
-        processed = super()._call_hf_processor(hf_data, strip_request_keys(hf_kwargs))
+        processed = super()._apply_hf_processor_main(mm_items, strip_request_keys(hf_kwargs), *args, **kwargs)
         counts = self._image_token_counts(processed)
         if counts:
             processed[HIPRUNE_KEEP_FIELD] = torch.tensor(
-                [settings.keep_count(n, clamp=self.clamp_budget) for n in counts], dtype=torch.int64)
+                [settings.keep_count(n, clamp=self.geometry.sizes_vary, default_ratio=self.geometry.default_ratio)
+                 for n in counts], dtype=torch.int64)
         return processed
 
+    # Override of BaseMultiModalProcessor._get_mm_fields_config; checked: vllm 0.32.0.
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         from vllm.multimodal.inputs import MultiModalFieldConfig
 
@@ -98,9 +92,58 @@ class ProcessorMixin:
         fields[HIPRUNE_KEEP_FIELD] = MultiModalFieldConfig.batched("image")
         return fields
 
+    # Override of BaseMultiModalProcessor._get_prompt_updates; checked: vllm 0.32.0. Every image update's
+    # replacement becomes its kept count of the target's placeholder token.
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        from vllm.multimodal.processing import PromptReplacement
 
-def kept_count_of(out_mm_kwargs, item_idx: int) -> Optional[int]:
-    """The kept count the processor wrote for image item_idx, or None (image embeddings given directly)."""
-    item = out_mm_kwargs["image"][item_idx]
-    field = item.get(HIPRUNE_KEEP_FIELD) if hasattr(item, "get") else None
-    return None if field is None else int(field.data)
+        updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
+        for i, update in enumerate(updates):
+            if update.modality != "image":
+                continue
+            original, target = update.replacement, update.target
+            token = target[0]
+
+            def replacement(item_idx: int, original=original, token=token):
+                kept = kept_count_of(out_mm_kwargs, item_idx)
+                return original(item_idx) if kept is None else [token] * kept
+
+            updates[i] = PromptReplacement(modality="image", target=target, replacement=replacement)
+        return updates
+
+
+class ModelMixin:
+    """The model side of a binding: settings, layers, capture and selection, from the family's geometry."""
+
+    geometry: families.Geometry
+    architecture: str  # vLLM's name of the class this binding subclasses
+
+    def hiprune_start(self, vllm_config) -> HiPruneSettings:
+        """Before vLLM's constructor: the server default, checked, and vLLM's options the taps cannot run with."""
+        return prepare_vllm_config(vllm_config, self.architecture)
+
+    def hiprune_bind(self, settings: HiPruneSettings, attention_modules: Sequence[torch.nn.Module], depth: int,
+                     total_heads: int, geometry_config, full_depth: Optional[int] = None) -> None:
+        """After vLLM's constructor. attention_modules: the tower's attention modules, first layer first (those vLLM
+        built: depth of them), each holding its MMEncoderAttention as `.attn` (tapped) and its tensor-parallel size
+        as `.tp_size`; full_depth: the checkpoint's depth when vLLM builds fewer layers (LLaVA stops at the layer
+        feeding the projector), for the default layers."""
+        self.hiprune_settings = settings
+        full_depth = full_depth or depth
+        defaults = [min(depth, rule(full_depth, geometry_config))
+                    for rule in (self.geometry.object_layer, self.geometry.deep_layer)]
+        self.hiprune_object_layer = resolve_layer(settings.object_layer, depth, defaults[0], "object_layer")
+        self.hiprune_deep_layer = resolve_layer(settings.deep_layer, depth, defaults[1], "deep_layer")
+        modules = [attention_modules[i - 1] for i in (self.hiprune_object_layer, self.hiprune_deep_layer)]
+        self.hiprune_taps = TowerTaps([module.attn for module in modules], total_heads,
+                                      _vllm_api.tp_all_reduce(modules[0]), num_prefix=self.geometry.num_prefix)
+        self.hiprune_last: list = []  # per image of the latest pruned encoder call: kept indices, None if all kept
+
+    def hiprune_select(self, object_scores: Sequence[torch.Tensor], deep_scores: Sequence[torch.Tensor],
+                       grids: Sequence[tuple[int, int]], keeps: Sequence[int]) -> list[Optional[torch.Tensor]]:
+        """Kept indices per image (None: it keeps every token), recorded in hiprune_last."""
+        if len(keeps) != len(grids):
+            raise RuntimeError(f"hiprune: {len(keeps)} kept counts for {len(grids)} images")
+        indices, _ = select_items(object_scores, deep_scores, grids, keeps, self.hiprune_settings, skip_full=True)
+        self.hiprune_last = list(indices)
+        return self.hiprune_last

@@ -1,26 +1,28 @@
 """HiPrune for vLLM's LlavaForConditionalGeneration (CLIP tower, vision_feature_select_strategy "default").
 
-Processor: each image gets its kept count of placeholders. Encoder: the object and deep layers' q and k are scored
-in vLLM's CLIP attention (CLS row included, CLS column dropped), `select` picks the kept patches, and only they go
-through the projector. The prompt is simply shorter: positions of the kept tokens are recompacted, as in the
-authors' release. Defaults: object layer round(depth * 9 / 24) of the full tower, deep layer = the last layer vLLM
-builds (the one whose output feeds the projector).
+Geometry: families.LLAVA (CLS prefix, no merge; object layer round(depth * 9 / 24) of the full tower, deep layer the
+one feeding the projector: the last layer vLLM builds). Processor: each image gets its kept count of placeholders.
+Encoder: the object and deep layers' q and k are scored in vLLM's CLIP attention (CLS row included, CLS column
+dropped), the selection step picks the kept patches, and only they go through the projector. The prompt is simply
+shorter: positions of the kept tokens are recompacted, as in the authors' release.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ... import ops
-from ..towers import default_object_layer, resolve_layer
-from ._common import ProcessorMixin, TowerTaps, keep_counts, kept_count_of, prepare_vllm_config, tp_all_reduce
+from .. import families
+from . import _vllm_api
+from ._common import ModelMixin, ProcessorMixin, keep_counts
+from .settings import HiPruneSettings
 from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForConditionalGeneration,
-                                              LlavaMultiModalProcessor, LlavaProcessingInfo,
-                                              _build_llava_or_pixtral_hf_info)
+                                              LlavaMultiModalProcessor, LlavaProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 
 class HiPruneLlavaMultiModalProcessor(ProcessorMixin, LlavaMultiModalProcessor):
+    geometry = families.LLAVA
+
     def _image_token_counts(self, processed) -> list[int]:
         pixel_values = processed.get("pixel_values")
         if pixel_values is None:
@@ -29,79 +31,62 @@ class HiPruneLlavaMultiModalProcessor(ProcessorMixin, LlavaMultiModalProcessor):
         n = self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
         return [n] * len(pixel_values)
 
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        from vllm.multimodal.processing import PromptReplacement
-
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        original = updates[0].replacement
-        image_token_id = self.info.get_hf_config().image_token_index
-
-        def replacement(item_idx: int):
-            kept = kept_count_of(out_mm_kwargs, item_idx)
-            return original(item_idx) if kept is None else [image_token_id] * kept
-
-        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
-
 
 def _build_processor(info, dummy_inputs):
-    if not isinstance(info, LlavaProcessingInfo):
-        raise NotImplementedError(f"hiprune: {type(info).__name__} (Pixtral-style LLaVA) is not supported")
-    return HiPruneLlavaMultiModalProcessor(info, dummy_inputs)
+    if isinstance(info, LlavaProcessingInfo):
+        return HiPruneLlavaMultiModalProcessor(info, dummy_inputs)
+    if HiPruneSettings.from_hf_config(info.get_hf_config()).enabled:
+        raise NotImplementedError(f"hiprune: LlavaForConditionalGeneration with {type(info).__name__} (a "
+                                  "Pixtral-style LLaVA) is not supported by the vLLM plugin")
+    return _vllm_api.llava_processor_factory()(info, dummy_inputs)  # no setting: vLLM's own
 
 
-@MULTIMODAL_REGISTRY.register_processor(_build_processor, info=_build_llava_or_pixtral_hf_info,
+@MULTIMODAL_REGISTRY.register_processor(_build_processor, info=_vllm_api.llava_processing_info_factory(),
                                         dummy_inputs=LlavaDummyInputsBuilder)
-class HiPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+class HiPruneLlavaForConditionalGeneration(ModelMixin, LlavaForConditionalGeneration):
+    geometry = families.LLAVA
+    architecture = "LlavaForConditionalGeneration"
+
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        settings = prepare_vllm_config(vllm_config, "LlavaForConditionalGeneration")
+        settings = self.hiprune_start(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.hiprune_settings = settings
         config = self.config
+        self.hiprune_unsupported = None
         if config.vision_config.model_type != "clip_vision_model":
-            raise NotImplementedError(f"hiprune: LLaVA with a {config.vision_config.model_type} tower is not "
-                                      "supported (CLIP only)")
-        if config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
-            raise NotImplementedError("hiprune: LLaVA is supported with vision_feature_select_strategy='default' "
-                                      "and one vision_feature_layer")
+            self.hiprune_unsupported = (f"hiprune: LLaVA with a {config.vision_config.model_type} tower is not "
+                                        "supported by the vLLM plugin (CLIP only)")
+        elif config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
+            self.hiprune_unsupported = ("hiprune: LLaVA is supported with vision_feature_select_strategy='default' "
+                                        "and one vision_feature_layer")
+        if self.hiprune_unsupported is not None:
+            if settings.enabled:
+                raise NotImplementedError(self.hiprune_unsupported)
+            return  # vLLM's own model; a request asking for pruning is refused in embed_multimodal
         layers = self.vision_tower.vision_model.encoder.layers
-        built = len(layers)
-        self.hiprune_object_layer = resolve_layer(
-            settings.object_layer, built, min(built, default_object_layer(config.vision_config.num_hidden_layers)),
-            "object_layer")
-        self.hiprune_deep_layer = resolve_layer(settings.deep_layer, built, built, "deep_layer")
-        grid = config.vision_config.image_size // config.vision_config.patch_size
-        self.hiprune_grid = grid
-        attention = [layers[i - 1].self_attn for i in (self.hiprune_object_layer, self.hiprune_deep_layer)]
-        self.hiprune_taps = TowerTaps([a.attn for a in attention], config.vision_config.num_attention_heads,
-                                      tp_all_reduce(attention[0]), num_prefix=1)
-        self.hiprune_last: list = []  # per image of the latest pruned encoder call: kept indices, None if all kept
+        self.hiprune_bind(settings, [layer.self_attn for layer in layers], len(layers),
+                          config.vision_config.num_attention_heads, config,
+                          full_depth=config.vision_config.num_hidden_layers)
+        self.hiprune_grid = config.vision_config.image_size // config.vision_config.patch_size
+        # Every image has the grid's tokens: a budget above them is refused now, not per request.
+        settings.keep_count(self.hiprune_grid ** 2, default_ratio=self.geometry.default_ratio)
 
     def embed_multimodal(self, **kwargs):
         keep = keep_counts(kwargs)
-        image_input = self._parse_and_validate_image_input(**kwargs)
+        image_input = _vllm_api.parse_image_input(self, kwargs)
         if image_input is None:
             return []
-        n = self.hiprune_grid ** 2
-        if keep is None or image_input["type"] != "pixel_values" or all(k >= n for k in keep):
-            return self._process_image_input(image_input)
-        self.hiprune_taps.arm()
-        try:
-            features = self._process_image_pixels(image_input)  # (B, N, C): CLS already dropped
-            object_scores, deep_scores = self.hiprune_taps.take()
-        finally:
-            self.hiprune_taps.disarm()
-        if len(keep) != features.shape[0]:
-            raise RuntimeError(f"hiprune: {len(keep)} kept counts for {features.shape[0]} images")
-        kept, self.hiprune_last = [], []
-        s = self.hiprune_settings
-        for b, count in enumerate(keep):
-            if count >= n:
-                kept.append(features[b])
-                self.hiprune_last.append(None)
-                continue
-            indices = ops.select(object_scores[b:b + 1], deep_scores[b:b + 1], count, self.hiprune_grid,
-                                 self.hiprune_grid, s.alpha, 0, s.neighborhood, s.official)
-            kept.append(features[b, indices[0]])
-            self.hiprune_last.append(indices[0])
+        if self.hiprune_unsupported is not None:
+            patches = (self.config.vision_config.image_size // self.config.vision_config.patch_size) ** 2
+            if keep is not None and any(k < patches for k in keep):
+                raise ValueError(self.hiprune_unsupported)
+            return _vllm_api.llava_image_embeddings(self, image_input)
+        grid = self.hiprune_grid
+        if keep is None or image_input["type"] != "pixel_values" or all(k >= grid * grid for k in keep):
+            return _vllm_api.llava_image_embeddings(self, image_input)
+        features, (object_scores, deep_scores) = self.hiprune_taps.scored(
+            lambda: _vllm_api.llava_image_features(self, image_input))  # (B, N, C): CLS already dropped
+        indices = self.hiprune_select(object_scores.unbind(0), deep_scores.unbind(0),
+                                      [(grid, grid)] * features.shape[0], keep)
+        kept = [image if index is None else image[index] for image, index in zip(features, indices)]
         embeddings = self.multi_modal_projector(torch.cat(kept))
         return embeddings.split([t.shape[0] for t in kept])

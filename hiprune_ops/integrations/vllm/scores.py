@@ -14,11 +14,12 @@ embeddings through vLLM's gather, bit for bit (pack_scores / unpack_scores), and
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ... import ops
+from ..capture import LayerScores
 
 
 class QKTap:
@@ -57,6 +58,29 @@ class QKTap:
                                        module.head_size, float(module.scale), self.num_prefix,
                                        bound.get("cu_seqlens")))
         return None
+
+
+class TowerTaps(LayerScores):
+    """The vLLM capture (capture.LayerScores): the object and deep layer taps of one tower, their scores reduced
+    over the tensor-parallel group (all_reduce: a sum over it, or None with one rank or whole heads)."""
+
+    def __init__(self, attention_modules: Sequence[torch.nn.Module], total_heads: int, all_reduce,
+                 num_prefix: int = 0):
+        self.taps = [QKTap(module, num_prefix) for module in attention_modules]
+        self.total_heads = total_heads
+        self.all_reduce = all_reduce
+
+    def arm(self) -> None:
+        for tap in self.taps:
+            tap.arm()
+
+    def disarm(self) -> None:
+        for tap in self.taps:
+            tap.armed = False
+            tap.sums = []
+
+    def take(self) -> list[torch.Tensor]:
+        return [finish_scores(tap.take(), self.total_heads, self.all_reduce) for tap in self.taps]
 
 
 def head_sums(q: torch.Tensor, k: torch.Tensor, num_heads: int, num_kv_heads: int, head_size: int, scale: float,

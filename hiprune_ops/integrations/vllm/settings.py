@@ -1,11 +1,12 @@
 """HiPrune settings for vLLM: the server default, the per-request override, and the kept count per image.
 
-Server default, first found: the model config's `hiprune` dict (`hf_overrides={"hiprune": {...}}`, keys of
-apply_hiprune: budget or ratio, alpha, object_layer, deep_layer, neighborhood, official), else the environment
-variable HIPRUNE_BUDGET (an int), else off. Per request, `mm_processor_kwargs={"hiprune_budget": 64}` or
-`{"hiprune_ratio": 0.25}` replaces the default's budget / ratio for that request's images; 0 or 1.0 keeps every
-token. The processor turns this into one number per image, `keep_count`, which it writes both into the prompt (that
-many placeholders) and into the image's inputs (field HIPRUNE_KEEP_FIELD), so the encoder keeps exactly that many.
+The rules are settings.py's, the same as apply_hiprune's. Server default, first found: the model config's `hiprune`
+dict (`hf_overrides={"hiprune": {...}}`, keys of apply_hiprune: budget or ratio, alpha, object_layer, deep_layer,
+neighborhood, official), else the environment variable HIPRUNE_BUDGET (an int), else off. Per request,
+`mm_processor_kwargs={"hiprune_budget": 64}` or `{"hiprune_ratio": 0.25}` replaces the default's budget / ratio for
+that request's images (settings.REQUEST_KEYS); 0 or 1.0 keeps every token; an unknown hiprune_* key is refused.
+The processor turns this into one number per image, `keep_count`, which it writes both into the prompt (that many
+placeholders) and into the image's inputs (field HIPRUNE_KEEP_FIELD), so the encoder keeps exactly that many.
 
 No vLLM import here: the processor, the workers and the tests all use this module.
 """
@@ -13,29 +14,23 @@ No vLLM import here: the processor, the workers and the tests all use this modul
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
 
-from ..._validation import check_selection_options
-from ..towers import resolve_budget
+from ..settings import PAIRS, REQUEST_KEYS, SETTING_FIELDS, PruneSettings, request_key_of
 
 CONFIG_ATTR = "hiprune"
 ENV_BUDGET = "HIPRUNE_BUDGET"
-REQUEST_KEYS = ("hiprune_budget", "hiprune_ratio")
 HIPRUNE_KEEP_FIELD = "hiprune_keep"
-_CONFIG_KEYS = ("budget", "ratio", "alpha", "object_layer", "deep_layer", "neighborhood", "official")
+_VIDEO_FIELDS = ("video_budget", "video_ratio")
+_CONFIG_KEYS = tuple(f for f in SETTING_FIELDS if f not in _VIDEO_FIELDS)
 
 
 @dataclass(frozen=True)
-class HiPruneSettings:
+class HiPruneSettings(PruneSettings):
     enabled: bool = False
-    budget: Optional[int] = None
-    ratio: Optional[float] = None
-    alpha: float = 0.1
-    object_layer: Optional[int] = None
-    deep_layer: Optional[int] = None
-    neighborhood: str = "cross"
-    official: bool = False
+    # The image budget / ratio came from the request: errors name its keys (hiprune_budget, hiprune_ratio).
+    from_request: bool = field(default=False, compare=False)
 
     @classmethod
     def from_hf_config(cls, hf_config: Any, environ: Mapping[str, str] = os.environ) -> "HiPruneSettings":
@@ -52,6 +47,10 @@ class HiPruneSettings:
         if not isinstance(raw, Mapping):
             raise TypeError(f"hf_overrides['{CONFIG_ATTR}'] must be a dict with keys {', '.join(_CONFIG_KEYS)}, "
                             f"got {type(raw).__name__}")
+        video = sorted(set(raw) & set(_VIDEO_FIELDS))
+        if video:
+            raise ValueError(f"hf_overrides['{CONFIG_ATTR}']: {', '.join(video)}: the vLLM plugin does not prune "
+                             "videos yet (they pass through whole)")
         unknown = sorted(set(raw) - set(_CONFIG_KEYS))
         if unknown:
             raise ValueError(f"hf_overrides['{CONFIG_ATTR}']: unknown keys {unknown}; known: "
@@ -61,52 +60,35 @@ class HiPruneSettings:
         return settings
 
     def validate(self) -> None:
-        check_selection_options(float(self.alpha), self.neighborhood, bool(self.official))
-        if self.budget is not None and self.ratio is not None:
-            raise ValueError("hiprune: give budget or ratio, not both")
-        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int)
-                                        or self.budget < 0):
-            raise ValueError(f"hiprune: budget must be an int >= 0 (0 keeps every token), got {self.budget!r}")
-        if self.ratio is not None:
-            _check_ratio(self.ratio, "ratio")
+        try:
+            self.validated()
+        except ValueError as error:
+            raise type(error)(f"hiprune: {error}") from None
 
     def for_request(self, mm_kwargs: Mapping[str, Any]) -> "HiPruneSettings":
-        """The settings for one request: its hiprune_budget / hiprune_ratio, if given, replace the default's.
-
-        Any other hiprune_* key is refused: a typo would otherwise be dropped without a word."""
-        unknown = sorted(k for k in mm_kwargs if isinstance(k, str) and k.startswith("hiprune_")
-                         and k not in REQUEST_KEYS)
-        if unknown:
-            raise ValueError(f"mm_processor_kwargs: unknown hiprune key(s) {', '.join(unknown)}; known keys: "
-                             f"{', '.join(REQUEST_KEYS)}")
-        budget, ratio = mm_kwargs.get("hiprune_budget"), mm_kwargs.get("hiprune_ratio")
-        if budget is None and ratio is None:
+        """The settings for one request: its hiprune_* values (settings.REQUEST_KEYS), if given, replace the
+        default's. Any other hiprune_* key is refused: a typo would otherwise be dropped without a word."""
+        updated = self.with_request(mm_kwargs)
+        if updated is self:
             return self
-        if budget is not None and ratio is not None:
-            raise ValueError("mm_processor_kwargs: give hiprune_budget or hiprune_ratio, not both")
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
-            raise ValueError(f"mm_processor_kwargs: hiprune_budget must be an int >= 0 (0 keeps every token), "
-                             f"got {budget!r}")
-        if ratio is not None:
-            _check_ratio(ratio, "hiprune_ratio")
-        return HiPruneSettings(True, budget, None if ratio is None else float(ratio), self.alpha,
-                               self.object_layer, self.deep_layer, self.neighborhood, self.official)
+        image_pair = any(REQUEST_KEYS.get(k) in PAIRS[0] for k in mm_kwargs if mm_kwargs[k] is not None)
+        return replace(updated, enabled=True, from_request=image_pair)
 
-    def keep_count(self, n: int, clamp: bool = False) -> int:
-        """Tokens kept out of an image's n: n when off (budget 0, ratio 1.0 or disabled).
+    def keep_count(self, n: int, clamp: bool = False, default_ratio: float = 1 / 3) -> int:
+        """Tokens kept out of an image's n: n when off (disabled, budget 0 or ratio 1.0).
 
-        clamp: a budget above n keeps n (Qwen2.5-VL, whose images differ in size); otherwise it is an error.
+        clamp: a budget above n keeps n (families whose images differ in size); otherwise it is an error.
+        default_ratio: the family's, when the setting gives neither budget nor ratio.
         """
-        if not self.enabled or self.budget == 0:
+        if not self.enabled:
             return n
-        if self.budget is None and self.ratio is None:
-            raise ValueError("hiprune: switched on without a budget or ratio")
-        return resolve_budget(self.budget, self.ratio, n, 1.0, clamp=clamp)
-
-
-def _check_ratio(ratio: Any, name: str) -> None:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
-        raise ValueError(f"{name} must be a number in (0, 1] (1.0 keeps every token), got {ratio!r}")
+        if not self.from_request:
+            return self.keep(n, default_ratio, clamp=clamp)
+        key_of = request_key_of()
+        try:
+            return self.keep(n, default_ratio, clamp=clamp, names=tuple(key_of.get(f, f) for f in PAIRS[0]))
+        except ValueError as error:
+            raise type(error)(f"mm_processor_kwargs: {error}") from None
 
 
 def strip_request_keys(mm_kwargs: Mapping[str, Any]) -> dict:

@@ -1,0 +1,195 @@
+"""The Qwen-style binding for vLLM, shared by Qwen2-VL and Qwen2.5-VL (images; videos pass through unpruned).
+
+Processor: each image gets its kept count of placeholders (a budget above an image's merged tokens keeps them all).
+Encoder: the object and deep blocks' q and k are scored in vLLM's packed ViT attention (qk_scores with the blocks'
+own cu_seqlens); the patch scores are averaged over each 2x2 merge unit and put in raster order
+(qwen_positions.merged_raster_scores, with the window index of Qwen2.5-VL's windows; Qwen2-VL runs in raster
+order); the selection step picks the kept merged tokens of each image.
+
+M-RoPE positions, without vLLM's video-pruning machinery (which needs video_pruning_rate and is off in vLLM's CPU
+runner): get_mrope_input_positions, run when a request arrives, gives the text its unpruned positions and each
+pruned image's placeholders the image's origin. The encoder returns each pruned image's kept (t, h, w) offsets
+with its embeddings, in trailing channels that hold the offsets' int32 bits (exact through vLLM's encoder cache and
+chunking). embed_input_ids strips them and forward adds them to the origin. So every kept token has its original
+position, and the text after an image keeps its own. Not supported with the plugin: pipeline parallelism (later
+stages would not see the offsets), EVS video pruning, the FlashInfer ViT backend (it rewrites cu_seqlens).
+A family binding: `class HiPrune<X>Processor(QwenProcessorMixin, <vLLM's processor>)` and
+`class HiPrune<X>(QwenModelMixin, <vLLM's model>)` with `geometry`, `architecture` and, when the tower reorders its
+merge units, `window_index`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..qwen_positions import MediaItem, kept_grid_offsets, merged_raster_scores, mrope_positions
+from . import _vllm_api
+from ._common import ModelMixin, ProcessorMixin, keep_counts
+from .scores import pack_scores, score_channels, unpack_scores
+from .settings import HIPRUNE_KEEP_FIELD
+
+
+class QwenProcessorMixin(ProcessorMixin):
+    def _image_token_counts(self, processed) -> list[int]:
+        grid_thw = processed.get("image_grid_thw")
+        if grid_thw is None:
+            return []
+        merge = self.geometry.merge_of(self.info.get_hf_config().vision_config)
+        return [int(g.prod()) // (merge * merge) for g in grid_thw]
+
+
+class _ScoredVisual:
+    """The tower as vLLM's data-parallel runner calls it, returning embeddings with both layers' scores packed in
+    trailing channels, so they are gathered with the embeddings and the selection runs after the gather."""
+
+    def __init__(self, model: "QwenModelMixin"):
+        self.model = model
+        visual = model.visual
+        self.spatial_merge_size = visual.spatial_merge_size
+        self.out_hidden_size = visual.out_hidden_size + score_channels(visual.dtype)
+
+    def parameters(self):
+        return self.model.visual.parameters()
+
+    def __call__(self, pixel_values, grid_thw):
+        embeddings, object_scores, deep_scores = self.model._scored_visual(pixel_values, grid_thw)
+        return pack_scores(embeddings, [object_scores, deep_scores])
+
+
+class QwenModelMixin(ModelMixin):
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        name = self.architecture
+        settings = self.hiprune_start(vllm_config)
+        if vllm_config.model_config.multimodal_config.is_multimodal_pruning_enabled():
+            raise ValueError(f"hiprune: {name} with video_pruning_rate (EVS) is not supported; use one or the other")
+        if vllm_config.parallel_config.pipeline_parallel_size > 1:
+            raise NotImplementedError(f"hiprune: {name} with pipeline parallelism is not supported (later stages "
+                                      "would not get the kept tokens' M-RoPE positions)")
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        vision_config = self.config.vision_config
+        self.hiprune_bind(settings, [block.attn for block in self.visual.blocks], len(self.visual.blocks),
+                          vision_config.num_heads, vision_config)
+        if "FLASHINFER" in _vllm_api.attention_backend_name(self.hiprune_taps.taps[0].module):
+            raise NotImplementedError(f"hiprune: {name} with the FlashInfer ViT attention backend is not supported")
+        self.hiprune_width = self.hiprune_embedding_width()
+        self._hiprune_keep: Optional[list[int]] = None
+        self._hiprune_pending = None
+
+    def hiprune_embedding_width(self) -> int:
+        """Channels of vLLM's own image embeddings (the language model's width; Qwen3-VL adds its deepstack
+        levels): wider ones carry the kept tokens' M-RoPE offsets."""
+        return self.config.get_text_config().hidden_size
+
+    def hiprune_media(self, input_tokens, mm_features) -> list[tuple[int, int, int, int, float, object]]:
+        """(offset, t, h, w, t_factor, feature) per media item in prompt order, merged grids (vLLM's
+        iter_mm_grid_thw; checked: vllm 0.32.0)."""
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        return [(*grid, feature) for feature, grid in zip(features, self.iter_mm_grid_thw(mm_features))]
+
+    def window_index(self, t: int, h: int, w: int) -> torch.Tensor:
+        """The raster index of each merge unit of one item in the order the tower runs them: raster order itself
+        unless the family's tower reorders (Qwen2.5-VL's windows)."""
+        merge = self.visual.spatial_merge_size
+        return torch.arange(t * (h // merge) * (w // merge))
+
+    # -- encoder -------------------------------------------------------------------------------------------------
+    def embed_multimodal(self, **kwargs):
+        self._hiprune_keep = keep_counts(kwargs)
+        try:
+            return super().embed_multimodal(**kwargs)
+        finally:
+            self._hiprune_keep = None
+
+    def _scored_visual(self, pixel_values, grid_thw):
+        """(merged embeddings in raster order, object scores, deep scores), scores per merged token."""
+        visual = self.visual
+        embeddings, sums = self.hiprune_taps.scored(lambda: visual(pixel_values, grid_thw=grid_thw))
+        window, start = [], 0
+        for t, h, w in grid_thw:
+            window.append(self.window_index(int(t), int(h), int(w)) + start)
+            start += int(t) * (int(h) // visual.spatial_merge_size) * (int(w) // visual.spatial_merge_size)
+        window_index = torch.cat(window)
+        unit = visual.spatial_merge_size ** 2
+        object_scores, deep_scores = (merged_raster_scores(s, window_index, unit) for s in sums)
+        return embeddings, object_scores, deep_scores
+
+    # Override of Qwen2VLForConditionalGeneration._process_image_input (and Qwen2.5-VL's); checked: vllm 0.32.0.
+    def _process_image_input(self, image_input):
+        keep = self._hiprune_keep
+        grid_thw = image_input["image_grid_thw"].tolist()
+        merge = self.visual.spatial_merge_size
+        counts = [t * (h // merge) * (w // merge) for t, h, w in grid_thw]
+        if keep is None or image_input["type"] != "pixel_values" or all(k >= n for k, n in zip(keep, counts)):
+            return super()._process_image_input(image_input)
+        if len(keep) != len(counts):
+            raise RuntimeError(f"hiprune: {len(keep)} kept counts for {len(counts)} images")
+        pixel_values = image_input["pixel_values"]
+        if self.use_data_parallel:
+            gathered = _vllm_api.run_data_parallel_tower(_ScoredVisual(self), pixel_values, grid_thw)
+            per_image = [unpack_scores(item) for item in gathered]
+        else:
+            embeddings, object_scores, deep_scores = self._scored_visual(pixel_values, grid_thw)
+            per_image = [(e, [o, d]) for e, o, d in zip(embeddings.split(counts), object_scores.split(counts),
+                                                       deep_scores.split(counts))]
+        # An image's t frames stack into one (t * h) x w grid (images have t = 1).
+        grids = [(t * (h // merge), w // merge) for t, h, w in grid_thw]
+        indices = self.hiprune_select([scores[0] for _, scores in per_image], [scores[1] for _, scores in per_image],
+                                      grids, keep)
+        out = []
+        for (embeddings, _), index, (t, h, w) in zip(per_image, indices, grid_thw):
+            if index is None:
+                out.append(embeddings)
+                continue
+            out.append(self._with_offsets(embeddings[index], kept_grid_offsets(index, h // merge, w // merge)))
+        return tuple(out)
+
+    @staticmethod
+    def _with_offsets(embeddings: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        bits = offsets.to(torch.int32).t().contiguous().view(embeddings.dtype)
+        return torch.cat([embeddings, bits.to(embeddings.device)], dim=1)
+
+    # -- positions -----------------------------------------------------------------------------------------------
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        items, offsets, pruned = [], [], False
+        for offset, t, h, w, t_factor, feature in self.hiprune_media(input_tokens, mm_features):
+            full = t * h * w
+            field = feature.data.get(HIPRUNE_KEEP_FIELD) if feature.modality == "image" else None
+            kept = full if field is None else min(full, int(field.data))
+            pruned |= kept < full
+            items.append(MediaItem(offset, t, h, w, kept, t_factor))
+            offsets.append(None if kept < full else kept_grid_offsets(torch.arange(full), h, w, t_factor))
+        if not pruned:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        return mrope_positions(len(input_tokens), items, offsets)
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
+        self._hiprune_pending = None
+        if multimodal_embeddings is None or len(multimodal_embeddings) == 0:
+            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
+        width = self.hiprune_width
+        plain, offsets, carried = [], [], False
+        for embedding in multimodal_embeddings:
+            if embedding.shape[-1] == width:
+                plain.append(embedding)
+                offsets.append(torch.zeros(3, embedding.shape[0], dtype=torch.int64, device=embedding.device))
+                continue
+            carried = True
+            plain.append(_vllm_api.copy_modality(embedding, embedding[:, :width]))
+            offsets.append(embedding[:, width:].contiguous().view(torch.int32).t().to(torch.int64))
+        result = super().embed_input_ids(input_ids, plain, is_multimodal=is_multimodal)
+        if carried:
+            self._hiprune_pending = (is_multimodal.nonzero().squeeze(1), torch.cat(offsets, dim=1))
+        return result
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        pending, self._hiprune_pending = self._hiprune_pending, None
+        if pending is not None:
+            slots, offsets = pending
+            if positions.dim() != 2 or positions.shape[0] != 3 or slots.numel() != offsets.shape[1]:
+                raise RuntimeError("hiprune: the kept image tokens' M-RoPE offsets do not match this step's "
+                                   f"positions {tuple(positions.shape)}")
+            positions = positions.clone()
+            positions[:, slots.to(positions.device)] += offsets.to(positions.device)
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
