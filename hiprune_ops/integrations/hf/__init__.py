@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 
 from ..towers import TOWER_CLASSES
-from . import (gemma3, glm4v, idefics3, internvl, llava, paligemma, pixtral, qwen2_5_vl,  # noqa: F401
-               qwen2_vl, qwen3_5, qwen3_vl)  # (importing registers the families)
+from . import (gemma3, gemma4, glm4v, idefics3, internvl, llava, llava_onevision, paligemma, pixtral,  # noqa: F401
+               qwen2_5_vl, qwen2_vl, qwen3_5, qwen3_vl)  # (importing registers the families)
 from .base import FAMILIES, Adapter, family_for, make_forward, make_generate
 from .refused import refusal
 
@@ -44,6 +44,8 @@ def apply_hiprune(model: torch.nn.Module, budget: Optional[int] = None, ratio: O
       Gemma3ForConditionalGeneration (per image, of 256 pooled tokens), PaliGemmaForConditionalGeneration,
       Mistral3ForConditionalGeneration and any model with a PixtralVisionModel tower (per image, clamped to it),
       Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration (per tile).
+    - Gemma4ForConditionalGeneration (per image and video frame, of its own soft tokens, clamped to it),
+      LlavaOnevisionForConditionalGeneration (images as LLaVA-NeXT; video per frame after its 2x2 pooling).
     Refused with NotImplementedError naming the class and the reason (hf/refused.py): Idefics2, Mllama, Gemma3n.
 
     budget: tokens kept per image (LLaVA-NeXT: over the base image and its tiles; Qwen-style and GLM: per image and

@@ -1,0 +1,97 @@
+"""Gemma 4 (Gemma4ForConditionalGeneration): a ViT that takes each image at its own size, padded, then pooled.
+
+The processor turns an image into its patches (a (H, W) patch grid, H and W multiples of the pooling kernel k)
+padded to one fixed length, with pixel_position_ids (x, y) per patch and (-1, -1) at padding; the tower attends
+behind a key-padding mask, and its pooler averages each k x k group of real patches into one soft token, in raster
+order over the (H / k, W / k) pooled grid. So each image is pruned on its own:
+- scores: the capture scores only the real patches of each row (softmax over real keys, mean over real queries;
+  capture.py), put on the image's patch grid by their positions and averaged over each k x k group, exactly as
+  the pooler averages the features;
+- selection on the pooled grid; the model's own get_image_features gives every soft token and the kept ones are
+  gathered, so at full budget the language model gets exactly what it gets unpatched;
+- `budget` counts kept soft tokens per image, clamped to the image (images have 70 to 1120).
+Video: every frame is an image of its own (pixel_values_videos, video_position_ids), owning the next run of video
+placeholders; each keeps `video_budget` or `video_ratio` of its soft tokens (default: the image setting).
+mm_token_type_ids shrink with the prompt, so each image's bidirectional block holds exactly its kept tokens.
+Defaults: object layer round(depth * 9 / 24) (6 of the 16 released layers); deep layer = the last (its output feeds
+the pooler); ratio 1/3. Positions are recompacted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import families
+from ..selection import select_items
+from .base import Adapter, EncodedImages
+
+
+class Gemma4Adapter(Adapter):
+    model_classes = ("Gemma4ForConditionalGeneration",)
+    geometry = families.GEMMA4
+    media_keys = {"image": "pixel_values", "video": "pixel_values_videos"}
+    position_keys = {"image": "image_position_ids", "video": "video_position_ids"}
+
+    def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **video):
+        super().__init__(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **video)
+        self.layers = model.model.vision_tower.encoder.layers
+        self.resolve_layers(len(self.layers))
+
+    def attention(self, layer):
+        return self.layers[layer - 1].self_attn
+
+    def _grids(self, positions: torch.Tensor, key: str) -> list[tuple[int, int]]:
+        """Each row's patch grid (H, W) from its (x, y) positions; a row must fill its grid, of whole k x k groups."""
+        k = self.merge()
+        grids = []
+        for row in positions:
+            real = row[(row != -1).all(-1)]
+            if real.numel() == 0:
+                raise ValueError(f"hiprune: a row of {key} has no real patch")
+            w, h = (int(v) + 1 for v in real.max(0).values)
+            if real.shape[0] != h * w or h % k or w % k:
+                raise ValueError(f"hiprune: a row of {key} holds {real.shape[0]} real patches, not a full "
+                                 f"{h}x{w} grid of {k}x{k} groups (pass the processor's output unchanged)")
+            grids.append((h, w))
+        return grids
+
+    @staticmethod
+    def _raster(scores: torch.Tensor, positions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """One row's real-patch scores put in raster order on its (H, W) grid by their positions."""
+        real = (positions != -1).all(-1)
+        x, y = positions[real].unbind(-1)
+        out = torch.empty(grid[0] * grid[1], dtype=scores.dtype, device=scores.device)
+        out[y * grid[1] + x] = scores[real]
+        return out
+
+    def _features(self, kind: str, kwargs: dict, grids) -> list[torch.Tensor]:
+        """Per image or frame (tokens, D): the projected soft tokens of the model's own get_*_features."""
+        model, k = self.model.model, self.merge()
+        if kind == "image":
+            return list(model.get_image_features(kwargs["pixel_values"], kwargs["image_position_ids"]).pooler_output)
+        frames = kwargs.get("num_frames_per_video")
+        if frames is None:
+            raise ValueError("hiprune: pixel_values_videos needs num_frames_per_video (pass the processor's output "
+                             "unchanged)")
+        per_video = model.get_video_features(kwargs["pixel_values_videos"], kwargs["video_position_ids"],
+                                             num_frames_per_video=frames).pooler_output
+        return list(torch.cat(per_video).split([(h // k) * (w // k) for h, w in grids]))
+
+    def encode(self, kwargs):
+        encoded = {}
+        for kind, key in self.media_keys.items():
+            if kwargs.get(key) is None:
+                continue
+            positions = kwargs.get(self.position_keys[kind])
+            if positions is None:
+                raise ValueError(f"hiprune: {key} needs {self.position_keys[kind]}")
+            grids = self._grids(positions, self.position_keys[kind])
+            features, (obj, deep) = self.capture.scored(lambda: self._features(kind, kwargs, grids))
+            obj, deep = ([self._raster(s, p, g) for s, p, g in zip(scores, positions, grids)] for scores in (obj, deep))
+            k = self.merge()
+            counts = [(h // k) * (w // k) for h, w in grids]
+            keeps = [self.keep(n, kind) for n in counts]
+            indices, roles = select_items(obj, deep, grids, keeps, self.settings, merge=k)
+            kept = [item[index] for item, index in zip(features, indices)]
+            encoded[kind] = EncodedImages(kept, counts, list(indices), list(indices), list(roles))
+        return encoded
