@@ -19,6 +19,9 @@ _MODELS = {
     "LlavaForConditionalGeneration": "hiprune_ops.integrations.vllm.llava:HiPruneLlavaForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration":
         "hiprune_ops.integrations.vllm.qwen2_5_vl:HiPruneQwen2_5_VLForConditionalGeneration",
+    "Gemma3ForConditionalGeneration": "hiprune_ops.integrations.vllm.gemma3:HiPruneGemma3ForConditionalGeneration",
+    "PaliGemmaForConditionalGeneration":
+        "hiprune_ops.integrations.vllm.paligemma:HiPrunePaliGemmaForConditionalGeneration",
 }
 SUPPORTED_ARCHITECTURES = tuple(_MODELS)
 
