@@ -66,7 +66,7 @@ def gemma4():
     torch.manual_seed(40)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
                   num_key_value_heads=2, head_dim=16, patch_size=PATCH, pooling_kernel_size=K,
-                  position_embedding_size=16)
+                  position_embedding_size=32)
     text = dict(TEXT, head_dim=8, global_head_dim=8, sliding_window=8,
                 layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0)
     config = transformers.Gemma4Config(vision_config=vision, text_config=text, audio_config=None, boi_token_id=START,
@@ -248,6 +248,31 @@ def test_gemma4_prefill_gets_exactly_the_kept_tokens_per_image_and_frame(gemma4)
         torch.testing.assert_close(embeds[ids == token], kept.to(embeds.dtype), atol=1e-6, rtol=0)
     for marker in (START, END):  # the start / end markers stay
         assert torch.equal((ids == marker).sum(1), (inputs["input_ids"] == marker).sum(1))
+
+
+def test_gemma4_processor_output_of_two_image_sizes(gemma4):
+    # The image processor's own layout: (x, y) positions in raster order, padding at the end of each row.
+    from PIL import Image
+
+    processor = transformers.Gemma4ImageProcessorPil(patch_size=PATCH, max_soft_tokens=70, pooling_kernel_size=K)
+    g = torch.Generator().manual_seed(3)
+    images = [Image.fromarray(torch.randint(0, 255, size, generator=g, dtype=torch.uint8).numpy())
+              for size in ((40, 24, 3), (32, 32, 3))]
+    pixels = processor(images, return_tensors="pt")
+    counts = pixels["num_soft_tokens_per_image"].tolist()
+    ids = torch.tensor([[1, 5] + _soft(counts[0]) + [6] + _soft(counts[1]) + [7]])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels["pixel_values"],
+                  image_position_ids=pixels["image_position_ids"])
+    with torch.no_grad():
+        features = gemma4.model.get_image_features(inputs["pixel_values"], inputs["image_position_ids"]).pooler_output
+    hiprune_ops.apply_hiprune(gemma4, ratio=0.25)
+    _, (spy, outer) = spied_forward(gemma4, inputs, _language_model(gemma4), gemma4.model)
+    state = integrations.hiprune_state(gemma4).last
+    assert state.full_counts == counts == [f.shape[0] for f in features]
+    assert [i.shape[0] for i in state.indices] == [round(0.25 * n) for n in counts]
+    embeds, shrunk = spy.calls[0]["inputs_embeds"], outer.calls[0]["input_ids"]
+    kept = torch.cat([f[i] for f, i in zip(features, state.indices)])
+    torch.testing.assert_close(embeds[shrunk == IMAGE], kept, atol=1e-6, rtol=0)
 
 
 def _eager(tower, *args, **kwargs):
