@@ -410,3 +410,17 @@ def test_onevision_defaults_and_bad_input(onevision):
     hiprune_ops.apply_hiprune(onevision, budget=2)
     with pytest.raises(ValueError, match="budget=2 leaves no token per tile for an image with 3 tiles"):
         onevision(**inputs)
+
+
+def test_onevision_multi_image_prompt_gives_each_image_one_tile(onevision):
+    # batch_num_images > 1: the model feeds only each image's base tile (then one newline); so does the pruning.
+    g = torch.Generator().manual_seed(4)
+    ids = torch.tensor([[1, 5] + [IMAGE] * 65 + [6] + [IMAGE] * 65 + [7]])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), image_sizes=OV_SIZES,
+                  batch_num_images=torch.tensor([2]), pixel_values=torch.randn(2, 5, 3, 32, 32, generator=g))
+    assert_full_budget_is_identity(onevision, inputs, 64)
+    hiprune_ops.apply_hiprune(onevision, budget=10)
+    _, (spy, outer) = spied_forward(onevision, inputs, _language_model(onevision), onevision.model)
+    state = integrations.hiprune_state(onevision).last
+    assert state.full_counts == [65, 65] and [tuple(i.shape) for i in state.indices] == [(1, 10), (1, 10)]
+    assert int((outer.calls[0]["input_ids"] == IMAGE).sum()) == 20
