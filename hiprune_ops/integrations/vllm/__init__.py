@@ -19,6 +19,12 @@ _MODELS = {
     "LlavaForConditionalGeneration": "hiprune_ops.integrations.vllm.llava:HiPruneLlavaForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration":
         "hiprune_ops.integrations.vllm.qwen2_5_vl:HiPruneQwen2_5_VLForConditionalGeneration",
+    "Glm4vForConditionalGeneration": "hiprune_ops.integrations.vllm.glm4v:HiPruneGlm4vForConditionalGeneration",
+    "Glm4vMoeForConditionalGeneration": "hiprune_ops.integrations.vllm.glm4v:HiPruneGlm4vMoeForConditionalGeneration",
+    "InternVLForConditionalGeneration":
+        "hiprune_ops.integrations.vllm.internvl:HiPruneInternVLForConditionalGeneration",
+    "Idefics3ForConditionalGeneration":
+        "hiprune_ops.integrations.vllm.idefics3:HiPruneIdefics3ForConditionalGeneration",
     "Gemma3ForConditionalGeneration": "hiprune_ops.integrations.vllm.gemma3:HiPruneGemma3ForConditionalGeneration",
     "PaliGemmaForConditionalGeneration":
         "hiprune_ops.integrations.vllm.paligemma:HiPrunePaliGemmaForConditionalGeneration",
