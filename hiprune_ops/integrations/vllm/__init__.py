@@ -38,6 +38,8 @@ _MODELS = {
     "Gemma3ForConditionalGeneration": "hiprune_ops.integrations.vllm.gemma3:HiPruneGemma3ForConditionalGeneration",
     "PaliGemmaForConditionalGeneration":
         "hiprune_ops.integrations.vllm.paligemma:HiPrunePaliGemmaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration":
+        "hiprune_ops.integrations.vllm.llava_next:HiPruneLlavaNextForConditionalGeneration",
 }
 SUPPORTED_ARCHITECTURES = tuple(_MODELS)
 
