@@ -47,7 +47,7 @@ def idefics3(tmp_path_factory):
     engine = {"limit_mm_per_prompt": {"image": 2, "video": 0}}
     vanilla = scenario.run(path, NAME, {"engine": engine, "requests": [{}, TWO]}, plugin=False)
     pruned = scenario.run(path, NAME, {"engine": engine, "hf_overrides": {"hiprune": {}}, "requests": REQUESTS})
-    return vanilla, pruned
+    return vanilla, pruned, path
 
 
 def runs(result, token=CONTEXT):
@@ -68,7 +68,7 @@ def collapsed(prompt_ids):
 
 
 def test_idefics3_placeholders_per_tile_and_per_request(idefics3):
-    vanilla, pruned = idefics3
+    vanilla, pruned, _ = idefics3
     counts = [sum(runs(r)) for r in pruned[:6]] + [sum(runs(pruned[7]))]
     assert counts == [3 * DEFAULT, 3 * PER_TILE, 3 * 3, 8 * DEFAULT, 48 + 80, 3 * DEFAULT, 3 * kept(0.25)]
     # Per tile: the kept indices the encoder chose, one list per tile, DEFAULT each.
@@ -82,7 +82,7 @@ def test_idefics3_placeholders_per_tile_and_per_request(idefics3):
 
 
 def test_idefics3_full_budget_equals_vllm_without_plugin(idefics3):
-    vanilla, pruned = idefics3
+    vanilla, pruned, _ = idefics3
     for ours, theirs in ((pruned[1], vanilla[0]), (pruned[4], vanilla[1])):
         assert ours["prompt_ids"] == theirs["prompt_ids"]
         assert ours["tokens"] == theirs["tokens"]
@@ -90,7 +90,7 @@ def test_idefics3_full_budget_equals_vllm_without_plugin(idefics3):
 
 
 def test_idefics3_kept_embeddings_are_the_towers_at_the_kept_indices(idefics3):
-    vanilla, pruned = idefics3
+    vanilla, pruned, _ = idefics3
     for ours, full, tiles in ((pruned[0], vanilla[0], TILES[:1]), (pruned[2], vanilla[0], TILES[:1]),
                               (pruned[3], vanilla[1], TILES)):
         assert len(ours["embeddings"]) == len(full["embeddings"]) == len(tiles)
@@ -105,7 +105,24 @@ def test_idefics3_kept_embeddings_are_the_towers_at_the_kept_indices(idefics3):
 
 
 def test_idefics3_positions_are_recompacted(idefics3):
-    _, pruned = idefics3
+    _, pruned, _ = idefics3
     for result in (pruned[0], pruned[3]):
         length = len(result["prompt_ids"])
         assert result["positions"][0][:length] == list(range(length))
+
+
+def test_idefics3_tensor_parallel_ranks_select_the_same_tokens(idefics3):
+    # Two ranks, the tower's heads split between them (vLLM's default mm_encoder_tp_mode "weights"): vLLM's
+    # attention module keeps no tp_size, so the binding reads the sharding from its heads; each rank sums its heads,
+    # one all-reduce gives both the same scores, hence the same tokens as one rank alone.
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("tensor parallelism on vLLM's CPU build needs a core per rank")
+    _, pruned, path = idefics3
+    results = scenario.run(path, NAME, {"requests": [{}], "engine": {"tensor_parallel_size": 2}}, in_process=False,
+                           env={"HIPRUNE_BUDGET": str(DEFAULT), "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+                                # one core per rank: vLLM's automatic binding wants a NUMA node per rank
+                                "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"})
+    assert sum(runs(results[0])) == 3 * DEFAULT
+    first, second = results[0]["kept_per_rank"]
+    assert first == second == pruned[0]["kept"]
