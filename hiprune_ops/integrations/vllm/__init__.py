@@ -40,6 +40,8 @@ _MODELS = {
         "hiprune_ops.integrations.vllm.paligemma:HiPrunePaliGemmaForConditionalGeneration",
     "LlavaNextForConditionalGeneration":
         "hiprune_ops.integrations.vllm.llava_next:HiPruneLlavaNextForConditionalGeneration",
+    "Mistral3ForConditionalGeneration":
+        "hiprune_ops.integrations.vllm.mistral3:HiPruneMistral3ForConditionalGeneration",
 }
 SUPPORTED_ARCHITECTURES = tuple(_MODELS)
 
