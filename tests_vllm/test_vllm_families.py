@@ -27,6 +27,7 @@ QWEN_FAMILIES = {
     "qwen3_5": (32, [list(tiny_families.QWEN3_SIZE), [96, 160]], {"dtype": "bfloat16"}),
 }
 RATIO = 0.25
+QWEN_PATHS: dict = {}  # family -> its tiny model, for tests that start one more engine
 
 
 def kept(ratio, n):
@@ -51,6 +52,7 @@ def qwen(request, tmp_path_factory):
                                                  dict(two, mm_processor_kwargs={"hiprune_budget": 0}),  # 4 off
                                                  {},                                                   # 5 default
                                              ]})
+    QWEN_PATHS[name] = path
     return vanilla, pruned, [(h // unit, w // unit) for h, w in sizes]
 
 
@@ -93,6 +95,26 @@ def test_qwen_kept_embeddings_are_the_towers_at_the_kept_indices(qwen):
         for embedding, whole, indices in zip(ours["embeddings"], full["embeddings"], ours["kept"]):
             assert indices == sorted(indices) and len(set(indices)) == len(indices)
             assert embedding == [whole[i] for i in indices]  # bit for bit: the same tower run, gathered
+
+
+def test_qwen3_vl_tensor_parallel_ranks_select_the_same_tokens(qwen, request):
+    # Two ranks, the ViT's heads split between them: each rank sums its heads, one all-reduce gives both the same
+    # scores, hence the same tokens as one rank alone (the in-process default run).
+    name = request.node.callspec.params["qwen"]
+    if name != "qwen3_vl":
+        pytest.skip("run for Qwen3-VL (LLaVA's is in test_vllm.py)")
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("tensor parallelism on vLLM's CPU build needs a core per rank")
+    _, pruned, _ = qwen
+    engine = {"tensor_parallel_size": 2, "limit_mm_per_prompt": {"image": 2, "video": 0}}
+    results = scenario.run(QWEN_PATHS[name], name, {"engine": engine, "hf_overrides": {"hiprune": {"ratio": RATIO}},
+                                                    "requests": [{}]}, in_process=False,
+                           env={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+                                "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"})
+    first, second = results[0]["kept_per_rank"]
+    assert first == second == pruned[0]["kept"]
+    assert results[0]["prompt_ids"] == pruned[0]["prompt_ids"]
 
 
 def expected_positions(prompt_ids, grids, kept_per_image):
