@@ -39,8 +39,8 @@ def with_kwargs(request, **kwargs):
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
-    """(name, vanilla runs, pruned runs): requests 0-2 shared, then the family's own, each pruned and at full
-    budget."""
+    """(name, vanilla runs, pruned runs, model path): requests 0-3 shared, then the family's own, each pruned and
+    at full budget."""
     name = request.param
     tokens, token, limits, own = FAMILIES[name]
     path = tiny_families.FAMILIES[name].build(str(tmp_path_factory.mktemp("families") / name))
@@ -52,7 +52,7 @@ def family(request, tmp_path_factory):
         {"mm_processor_kwargs": {"hiprune_budget": 5}},       # 2 this request's budget
         {},                                                   # 3 the default again
     ] + [r for request in own for r in (request, with_kwargs(request, hiprune_budget=0))]})
-    return name, vanilla, pruned
+    return name, vanilla, pruned, path
 
 
 def token_runs(result, token):
@@ -68,7 +68,7 @@ def token_runs(result, token):
 
 
 def test_placeholders_per_tile_and_per_request(family):
-    name, _, pruned = family
+    name, _, pruned, _ = family
     tokens, token = FAMILIES[name][:2]
     k = kept(RATIO, tokens)
     expected = [[k], [tokens], [5], [k]]
@@ -82,7 +82,7 @@ def test_placeholders_per_tile_and_per_request(family):
 
 
 def test_full_budget_equals_vllm_without_plugin(family):
-    name, vanilla, pruned = family
+    name, vanilla, pruned, _ = family
     pairs = [(pruned[1], vanilla[0])] + [(pruned[5 + 2 * i], vanilla[1 + i]) for i in range(len(vanilla) - 1)]
     for ours, theirs in pairs:
         assert ours["prompt_ids"] == theirs["prompt_ids"]
@@ -92,7 +92,7 @@ def test_full_budget_equals_vllm_without_plugin(family):
 
 
 def test_kept_embeddings_are_the_projectors_at_the_kept_indices(family):
-    name, vanilla, pruned = family
+    name, vanilla, pruned, _ = family
     tokens = FAMILIES[name][0]
     pairs = [(pruned[0], vanilla[0]), (pruned[2], vanilla[0])]
     pairs += [(pruned[4 + 2 * i], vanilla[1 + i]) for i in range(len(vanilla) - 1)]
@@ -107,8 +107,27 @@ def test_kept_embeddings_are_the_projectors_at_the_kept_indices(family):
 
 def test_kept_tokens_take_consecutive_positions(family):
     # 1-D positions, recompacted: the language model sees the shorter prompt as it is.
-    _, _, pruned = family
+    _, _, pruned, _ = family
     for result in pruned:
         length = len(result["prompt_ids"])
         assert result["positions"][0] == list(range(length))
         assert result["positions"][1] == [length]
+
+
+def test_gemma3_tensor_parallel_ranks_select_the_same_tokens(family):
+    # Two ranks, SigLIP's heads split between them (Gemma 3 has no data-parallel encoder mode): each rank sums its
+    # heads, one all-reduce gives both the same scores, hence the same tokens as one rank alone.
+    name, _, pruned, path = family
+    if name != "gemma3":
+        pytest.skip("run for Gemma 3")
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("tensor parallelism on vLLM's CPU build needs a core per rank")
+    results = scenario.run(path, name, {"requests": [{}], "hf_overrides": {"hiprune": {"ratio": RATIO}},
+                                        "engine": {"tensor_parallel_size": 2}}, in_process=False,
+                           env={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+                                # one core per rank: vLLM's automatic binding wants a NUMA node per rank
+                                "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"})
+    first, second = results[0]["kept_per_rank"]
+    assert first == second == pruned[0]["kept"]
+    assert results[0]["prompt_ids"] == pruned[0]["prompt_ids"]
