@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
+import torch
+
 from .._validation import round_half_even
 
 
@@ -83,6 +85,23 @@ class Geometry:
 LLAVA = Geometry("LLaVA-1.5", num_prefix=1, deep_layer=_feeds_projector)
 # 640 of 2880 (base + 2x2 tiles of 576); a budget counts over the base image and its tiles.
 LLAVA_NEXT = Geometry("LLaVA-NeXT", num_prefix=1, deep_layer=_feeds_projector, default_ratio=2 / 9, sizes_vary=True)
+
+
+def anyres_layout(config: Any, image_size, layout) -> tuple[int, int, int]:
+    """LLaVA-NeXT's AnyRes tiling of an image of (height, width): (rows, cols, tokens), its tile grid besides the
+    base tile ((0, 0) without tiles) and its unpruned token count (base tile, unpadded tiles, one newline per row;
+    base tile and one newline without tiles). layout: the framework's (get_anyres_image_grid_shape,
+    image_size_to_num_patches, unpad_image), transformers' functions (hf/_transformers_api.llava_next_layout)."""
+    get_grid_shape, num_tiles, unpad_image = layout
+    side = config.vision_config.image_size
+    grid = side // config.vision_config.patch_size
+    height, width = (int(v) for v in image_size)
+    if num_tiles(image_size=(height, width), grid_pinpoints=config.image_grid_pinpoints, patch_size=side) == 1:
+        return 0, 0, grid * grid + 1
+    rows, cols = get_grid_shape((height, width), config.image_grid_pinpoints, side)
+    unpadded = unpad_image(torch.empty(1, rows * grid, cols * grid, device="meta"), (height, width))
+    return rows, cols, grid * grid + unpadded.shape[1] * (unpadded.shape[2] + 1)
+
 
 # Qwen-style towers carry their own vision config (transformers' visual.config, vLLM's hf_config.vision_config).
 _QWEN = dict(config_scope="vision", merge=lambda vision_config: vision_config.spatial_merge_size,

@@ -56,6 +56,16 @@ def keep_count(budget: Any, ratio: Any, n: int, default_ratio: float, *, clamp: 
     return min(n, max(1, round_half_even(ratio * n)))
 
 
+def split_over_tiles(budget: int, tiles: int, tile_tokens: int, name: str = "budget") -> int:
+    """Tokens each tile keeps when a budget (> 0) counts over an image's tiles (LLaVA-NeXT and LLaVA-OneVision:
+    the base image and its AnyRes tiles): budget // tiles, at most a tile's tokens; none left is an error. A ratio,
+    or budget 0, applies to each tile as to any item (keep_count). name: what the caller calls the budget."""
+    keep = min(tile_tokens, budget // tiles)
+    if keep < 1:
+        raise ValueError(f"{name}={budget} leaves no token per tile for an image with {tiles} tiles")
+    return keep
+
+
 def check_budget_ratio(budget: Any, ratio: Any, names: tuple[str, str] = ("budget", "ratio")) -> None:
     """Type and range of a budget / ratio pair, without an item size."""
     budget_name, ratio_name = names

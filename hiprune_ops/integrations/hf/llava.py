@@ -18,6 +18,7 @@ import torch
 
 from .. import families
 from ..selection import select_items
+from ..settings import split_over_tiles
 from ..towers import ViTTower
 from ._transformers_api import llava_next_layout
 from .base import Adapter, EncodedImages
@@ -90,22 +91,18 @@ class LlavaNextAdapter(LlavaAdapter):
         """A budget counts over the base image and its tiles: each keeps budget // tiles, at most its own tokens."""
         if self.budget is None or self.budget == 0:
             return self.keep(self.grid_tokens)
-        keep = min(self.grid_tokens, self.budget // tiles)
-        if keep < 1:
-            raise ValueError(f"budget={self.budget} leaves no token per tile for an image with {tiles} tiles")
-        return keep
+        return split_over_tiles(self.budget, tiles, self.grid_tokens)
 
     def encode_images(self, kwargs) -> EncodedImages:
-        get_anyres_image_grid_shape, image_size_to_num_patches, unpad_image = llava_next_layout()
+        layout = llava_next_layout()
         layer, strategy = self.feature_options(kwargs)
         if strategy != "default" or self.num_prefix != 1:
             raise NotImplementedError("hiprune: LLaVA-NeXT is supported with a CLS tower and "
                                       "vision_feature_select_strategy='default'")
         model, config = self.model.model, self.model.config
         pixel_values, image_sizes = kwargs["pixel_values"], kwargs["image_sizes"]
-        tiles_per_image = [image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
-                                                     patch_size=config.vision_config.image_size)
-                           for size in image_sizes]
+        layouts = [families.anyres_layout(config, size, layout) for size in image_sizes]
+        tiles_per_image = [rows * cols + 1 for rows, cols, _ in layouts]
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([pv[:t] for pv, t in zip(pixel_values, tiles_per_image)], dim=0)
         hidden, obj, deep = self._tower_features(pixel_values, layer)
@@ -117,14 +114,7 @@ class LlavaNextAdapter(LlavaAdapter):
             tile_slice = slice(start, start + tiles)
             start += tiles
             projected = self.project(patches[tile_slice])
-            if tiles > 1:
-                rows, cols = get_anyres_image_grid_shape(image_sizes[image], config.image_grid_pinpoints,
-                                                         config.vision_config.image_size)
-                unpadded = unpad_image(torch.empty(1, rows * grid, cols * grid, device="meta"), image_sizes[image])
-                full = self.grid_tokens + unpadded.shape[1] * (unpadded.shape[2] + 1)
-            else:
-                rows = cols = 0
-                full = self.grid_tokens + 1
+            rows, cols, full = layouts[image]
             keep = self.per_tile(tiles)
             if keep == self.grid_tokens:  # nothing pruned: transformers' packing, token for token
                 packed, _ = model.pack_image_features([projected], image_sizes[image:image + 1], strategy,

@@ -15,6 +15,7 @@ import torch
 
 from .. import families
 from ..hf._transformers_api import llava_next_layout
+from ..settings import split_over_tiles
 from . import _vllm_api
 from ._common import ModelMixin, ProcessorMixin, keep_counts
 from .settings import HiPruneSettings
@@ -25,28 +26,17 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 
 def tile_layout(config, image_size) -> tuple[int, int, int]:
-    """(rows, cols, tokens) of an image of (height, width): its tile grid besides the base tile, and its unpruned
-    token count (base, unpadded tiles, one newline per row; base and one newline without tiles)."""
-    get_grid_shape, num_tiles, unpad_image = llava_next_layout()
-    side = config.vision_config.image_size
-    grid = side // config.vision_config.patch_size
-    height, width = (int(v) for v in image_size)
-    if num_tiles(image_size=(height, width), grid_pinpoints=config.image_grid_pinpoints, patch_size=side) == 1:
-        return 0, 0, grid * grid + 1
-    rows, cols = get_grid_shape((height, width), config.image_grid_pinpoints, side)
-    unpadded = unpad_image(torch.empty(1, rows * grid, cols * grid, device="meta"), (height, width))
-    return rows, cols, grid * grid + unpadded.shape[1] * (unpadded.shape[2] + 1)
+    """(rows, cols, tokens) of an image of (height, width): families.anyres_layout, apply_hiprune's rule."""
+    return families.anyres_layout(config, image_size, llava_next_layout())
 
 
 def kept_per_tile(settings: HiPruneSettings, tiles: int, grid_tokens: int, default_ratio: float) -> int:
-    """hf/llava.py LlavaNextAdapter.per_tile's rule: a budget splits evenly over the tiles, a ratio applies to each."""
+    """apply_hiprune's rule (settings.split_over_tiles): a budget splits evenly over the tiles, a ratio applies to
+    each."""
     if not settings.enabled or not settings.budget:
         return settings.keep_count(grid_tokens, clamp=True, default_ratio=default_ratio)
-    keep = min(grid_tokens, settings.budget // tiles)
-    if keep < 1:
-        name = "mm_processor_kwargs: hiprune_budget" if settings.from_request else "hiprune: budget"
-        raise ValueError(f"{name}={settings.budget} leaves no token per tile for an image with {tiles} tiles")
-    return keep
+    name = "mm_processor_kwargs: hiprune_budget" if settings.from_request else "hiprune: budget"
+    return split_over_tiles(settings.budget, tiles, grid_tokens, name)
 
 
 class HiPruneLlavaNextMultiModalProcessor(ProcessorMixin, LlavaNextMultiModalProcessor):
