@@ -9,7 +9,8 @@ a `PruneSettings` and ask it the same questions, so they accept and refuse the s
 - budget 0 or ratio 1.0 keeps every token (pruning off); a negative budget, a ratio outside (0, 1] is an error.
 - a budget above an item's tokens: an error where every item of the family has one size (known before any input:
   LLaVA-1.5, InternVL, Gemma 3, PaliGemma, Idefics3, bare towers), clamped to the item where items differ in size
-  (Qwen-style and GLM images and video slices, Pixtral / Mistral 3 images, LLaVA-NeXT tiles).
+  (Qwen-style and GLM images and video slices, Pixtral / Mistral 3 images, Gemma 4 images and video frames,
+  LLaVA-NeXT and LLaVA-OneVision tiles). Where a budget counts over an image's tiles: split_over_tiles.
 - a value of the wrong type raises `SettingTypeError`, both a TypeError and a ValueError (a vLLM server answers a
   ValueError with HTTP 400), naming the argument.
 - layers: 1-based (the paper's "9th layer"), negative from the end; None: the family's default.
