@@ -113,8 +113,8 @@ def test_idefics3_positions_are_recompacted(idefics3):
 
 def test_idefics3_tensor_parallel_ranks_select_the_same_tokens(idefics3):
     # Two ranks, the tower's heads split between them (vLLM's default mm_encoder_tp_mode "weights"): vLLM's
-    # attention module keeps no tp_size, so the binding reads the sharding from its heads; each rank sums its heads,
-    # one all-reduce gives both the same scores, hence the same tokens as one rank alone.
+    # attention module keeps no tp_size, so the sharding is read from its heads (_vllm_api.tp_all_reduce); each
+    # rank sums its heads, one all-reduce gives both the same scores, hence the same tokens as one rank alone.
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         pytest.skip("tensor parallelism on vLLM's CPU build needs a core per rank")

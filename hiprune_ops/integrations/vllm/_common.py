@@ -129,8 +129,8 @@ class ModelMixin:
     def hiprune_bind(self, settings: HiPruneSettings, attention_modules: Sequence[torch.nn.Module], depth: int,
                      total_heads: int, geometry_config, full_depth: Optional[int] = None) -> None:
         """After vLLM's constructor. attention_modules: the tower's attention modules, first layer first (those vLLM
-        built: depth of them), each holding its MMEncoderAttention as `.attn` (tapped) and its tensor-parallel size
-        as `.tp_size`; full_depth: the checkpoint's depth when vLLM builds fewer layers (LLaVA stops at the layer
+        built: depth of them), each holding its MMEncoderAttention as `.attn` (tapped; with fewer heads than
+        total_heads, the heads are split over tensor-parallel ranks and the scores summed over them); full_depth: the checkpoint's depth when vLLM builds fewer layers (LLaVA stops at the layer
         feeding the projector), for the default layers."""
         self.hiprune_settings = settings
         full_depth = full_depth or depth
@@ -140,7 +140,8 @@ class ModelMixin:
         self.hiprune_deep_layer = resolve_layer(settings.deep_layer, depth, defaults[1], "deep_layer")
         modules = [attention_modules[i - 1] for i in (self.hiprune_object_layer, self.hiprune_deep_layer)]
         self.hiprune_taps = TowerTaps([module.attn for module in modules], total_heads,
-                                      _vllm_api.tp_all_reduce(modules[0]), num_prefix=self.geometry.num_prefix)
+                                      _vllm_api.tp_all_reduce(modules[0].attn, total_heads),
+                                      num_prefix=self.geometry.num_prefix)
         self.hiprune_last: list = []  # per image of the latest pruned encoder call: kept indices, None if all kept
 
     def hiprune_select(self, object_scores: Sequence[torch.Tensor], deep_scores: Sequence[torch.Tensor],

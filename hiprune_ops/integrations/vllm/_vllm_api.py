@@ -97,10 +97,12 @@ def copy_modality(source, data):
     return copy_mm_embedding_modality(source, data)
 
 
-def tp_all_reduce(attn_module) -> Optional[Any]:
-    """A sum over the tensor-parallel group when this tower's heads are sharded across ranks, else None.
-    Checked: vllm 0.32.0, the tp_size attribute of vLLM's ViT attention modules."""
-    if getattr(attn_module, "tp_size", 1) <= 1:
+def tp_all_reduce(encoder_attention, total_heads: int) -> Optional[Any]:
+    """A sum over the tensor-parallel group when this tower's heads are sharded across ranks (the tapped attention
+    holds fewer heads than the config's total), else None. Not every tower's attention module keeps a tp_size
+    (Idefics3's does not); every MMEncoderAttention keeps its rank's heads.
+    Checked: vllm 0.32.0, MMEncoderAttention.num_heads (heads of this rank) and tensor_model_parallel_all_reduce."""
+    if encoder_attention.num_heads >= total_heads:
         return None
     from vllm.distributed import tensor_model_parallel_all_reduce
     return tensor_model_parallel_all_reduce

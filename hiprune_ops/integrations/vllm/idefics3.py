@@ -8,8 +8,8 @@ Processor: each image's kept count per tile goes into its inputs; in its prompt 
 shrinks to that count, the markers (<fake_token_around_image>, <row_i_col_j>, <global-img>, newlines) stay.
 Encoder: every tile is scored and selected on its own shuffled grid; the projected features are gathered at the
 kept indices, tile after tile. Positions are 1-D: the shorter prompt is recompacted, as in transformers.
-Tensor parallelism: the tower's heads are sharded and vLLM's attention module keeps no tp_size, so the sharding is
-read from its heads per partition; the partial scores are summed over the ranks as for the other towers.
+Tensor parallelism: the tower's heads are sharded; the partial scores are summed over the ranks as for the other
+towers (_vllm_api.tp_all_reduce reads the sharding from the tapped attention's heads).
 Refused per request, as apply_hiprune refuses it: a tile with padded patches (a pixel_attention_mask with zeros
 inside a real tile): vLLM's tower attends to them unmasked, transformers' masks them.
 SmolVLM (a subclass in vLLM) is not bound: its processor could not be built in the test environment.
@@ -17,13 +17,10 @@ SmolVLM (a subclass in vLLM) is not bound: its processor could not be built in t
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 
 from .. import families
 from ..selection import merge_scores
-from . import _vllm_api
 from ._common import ModelMixin, ProcessorMixin, keep_counts, kept_count_of
 from vllm.model_executor.models.idefics3 import (Idefics3DummyInputsBuilder, Idefics3ForConditionalGeneration,
                                                  Idefics3MultiModalProcessor, Idefics3ProcessingInfo)
@@ -86,10 +83,6 @@ class HiPruneIdefics3ForConditionalGeneration(ModelMixin, Idefics3ForConditional
         layers = self.model.vision_model.encoder.layers
         self.hiprune_bind(settings, [layer.self_attn for layer in layers], len(layers), vision.num_attention_heads,
                           self.config)
-        attention = layers[0].self_attn
-        if attention.num_heads_per_partition != attention.num_heads:  # heads sharded (mm_encoder_tp_mode "weights")
-            shards = SimpleNamespace(tp_size=attention.num_heads // attention.num_heads_per_partition)
-            self.hiprune_taps.all_reduce = _vllm_api.tp_all_reduce(shards)
         self.hiprune_grid = vision.image_size // vision.patch_size
         self.hiprune_merge = self.geometry.merge_of(self.config)
         self.hiprune_per_tile = self.model.image_seq_len
