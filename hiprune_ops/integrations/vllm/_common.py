@@ -61,6 +61,16 @@ def kept_count_of(out_mm_kwargs, item_idx: int) -> Optional[int]:
     return None if field is None else int(field.data)
 
 
+def shrink_runs(ids, token: int, kept: int) -> list[int]:
+    """ids with every run of `token` cut to its first `kept` (one run per tile; the markers between runs stay)."""
+    out, run = [], 0
+    for t in ids:
+        run = run + 1 if t == token else 0
+        if run <= kept:
+            out.append(t)
+    return out
+
+
 class ProcessorMixin:
     """Writes each image's kept count into its inputs, where the prompt update and the encoder both read it.
 
@@ -152,3 +162,14 @@ class ModelMixin:
         indices, _ = select_items(object_scores, deep_scores, grids, keeps, self.hiprune_settings, skip_full=True)
         self.hiprune_last = list(indices)
         return self.hiprune_last
+
+    def hiprune_select_tiles(self, features, object_scores, deep_scores, grid: tuple[int, int],
+                             keep: Sequence[int], tiles: Sequence[int]) -> list[torch.Tensor]:
+        """Families whose images are tiles of one grid (InternVL, Idefics3, Gemma 3, PaliGemma): every tile selected
+        on its own grid, keeping its image's per-tile count; per image, its tiles' kept features, tile after tile.
+        features: (tiles, tokens, D); object_scores / deep_scores: per tile, merged like the features."""
+        tile_keep = [k for k, count in zip(keep, tiles) for _ in range(count)]
+        indices = self.hiprune_select(object_scores, deep_scores, [grid] * len(features), tile_keep)
+        kept = [tile if index is None else tile[index] for tile, index in zip(features, indices)]
+        starts = [sum(tiles[:i]) for i in range(len(tiles))]
+        return [torch.cat(kept[start:start + count]) for start, count in zip(starts, tiles)]

@@ -17,25 +17,13 @@ SmolVLM (a subclass in vLLM) is not bound: its processor could not be built in t
 
 from __future__ import annotations
 
-import torch
-
 from .. import families
 from ..selection import merge_scores
-from ._common import ModelMixin, ProcessorMixin, keep_counts, kept_count_of
+from ._common import ModelMixin, ProcessorMixin, keep_counts, kept_count_of, shrink_runs
 from vllm.model_executor.models.idefics3 import (Idefics3DummyInputsBuilder, Idefics3ForConditionalGeneration,
                                                  Idefics3MultiModalProcessor, Idefics3ProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
-
-
-def shrink_runs(ids: list[int], token: int, kept: int) -> list[int]:
-    """ids with every run of `token` cut to its first `kept` (one run per tile; the markers between stay)."""
-    out, run = [], 0
-    for t in ids:
-        run = run + 1 if t == token else 0
-        if t != token or run <= kept:
-            out.append(t)
-    return out
 
 
 class HiPruneIdefics3MultiModalProcessor(ProcessorMixin, Idefics3MultiModalProcessor):
@@ -114,13 +102,6 @@ class HiPruneIdefics3ForConditionalGeneration(ModelMixin, Idefics3ForConditional
         features, (object_scores, deep_scores) = self.hiprune_taps.scored(
             lambda: self.model.connector(self.model.image_pixels_to_features(pixel_values, mask)))
         size, k = self.hiprune_grid, self.hiprune_merge
-        tile_keep = [n for n, count in zip(keep, tiles) for _ in range(count)]
-        indices = self.hiprune_select(merge_scores(object_scores, size, size, k).unbind(0),
-                                      merge_scores(deep_scores, size, size, k).unbind(0),
-                                      [(size // k, size // k)] * len(tile_keep), tile_keep)
-        kept = [tile if index is None else tile[index] for tile, index in zip(features, indices)]
-        per_image, start = [], 0
-        for count in tiles:
-            per_image.append(torch.cat(kept[start:start + count]))
-            start += count
-        return per_image
+        return self.hiprune_select_tiles(features, merge_scores(object_scores, size, size, k).unbind(0),
+                                         merge_scores(deep_scores, size, size, k).unbind(0), (size // k, size // k),
+                                         keep, tiles)

@@ -17,8 +17,6 @@ last layer whatever the config says; apply_hiprune would take another).
 
 from __future__ import annotations
 
-import torch
-
 from .. import families
 from ..selection import merge_scores
 from ._common import ModelMixin, ProcessorMixin, keep_counts, kept_count_of
@@ -127,15 +125,7 @@ class HiPruneInternVLForConditionalGeneration(ModelMixin, InternS1ForConditional
         features, (object_scores, deep_scores) = self.hiprune_taps.scored(
             lambda: self.extract_feature(image_input["pixel_values"]))  # (tiles, tokens, C): projected, CLS dropped
         h, w = self.hiprune_grid
-        grid = (h // 2, w // 2)
-        tile_keep = [k for k, n in zip(keep, tiles) for _ in range(n)]
-        indices = self.hiprune_select(merge_scores(object_scores, h, w, 2).unbind(0),
-                                      merge_scores(deep_scores, h, w, 2).unbind(0), [grid] * len(tile_keep),
-                                      tile_keep)
-        kept = [tile if index is None else tile[index] for tile, index in zip(features, indices)]
-        per_image, start = [], 0
-        for n in tiles:
-            per_image.append(torch.cat(kept[start:start + n]))
-            start += n
-        return tuple(per_image)
+        return tuple(self.hiprune_select_tiles(features, merge_scores(object_scores, h, w, 2).unbind(0),
+                                               merge_scores(deep_scores, h, w, 2).unbind(0), (h // 2, w // 2),
+                                               keep, tiles))
 

@@ -18,7 +18,7 @@ import torch
 from .. import families
 from ..selection import merge_scores
 from . import _vllm_api
-from ._common import ModelMixin, ProcessorMixin, keep_counts, kept_count_of
+from ._common import ModelMixin, ProcessorMixin, keep_counts, kept_count_of, shrink_runs
 from vllm.model_executor.models.paligemma import (PaliGemmaDummyInputsBuilder, PaliGemmaForConditionalGeneration,
                                                   PaliGemmaMultiModalProcessor, PaliGemmaProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -28,16 +28,6 @@ from vllm.multimodal.processing import PromptInsertion, PromptUpdateDetails
 def tokens_per_tile(geometry: families.Geometry, config) -> int:
     side = config.vision_config.image_size // config.vision_config.patch_size
     return (side // geometry.merge_of(config)) ** 2
-
-
-def shorten_runs(ids, token: int, kept: int) -> list[int]:
-    """ids with every run of `token` cut to its first `kept` (one run per tile)."""
-    out, run = [], 0
-    for t in ids:
-        run = run + 1 if t == token else 0
-        if run <= kept:
-            out.append(t)
-    return out
 
 
 class SiglipGridProcessorMixin(ProcessorMixin):
@@ -65,7 +55,7 @@ class SiglipGridProcessorMixin(ProcessorMixin):
                 if kept is None:
                     return details
                 full = details.full if isinstance(details, PromptUpdateDetails) else details
-                return PromptUpdateDetails.select_token_id(shorten_runs(full, token, kept), token)
+                return PromptUpdateDetails.select_token_id(shrink_runs(full, token, kept), token)
 
             name = "insertion" if isinstance(update, PromptInsertion) else "replacement"
             updates[i] = dataclasses.replace(update, **{name: content})
@@ -100,13 +90,7 @@ class SiglipGridModelMixin(ModelMixin):
         side, k = self.hiprune_side, self.hiprune_merge
         object_scores, deep_scores = (merge_scores(s.reshape(len(embeddings), -1), side, side, k).unbind(0)
                                       for s in scores)
-        keep_per_tile = [kept for kept, count in zip(keep, tiles) for _ in range(count)]
-        indices = self.hiprune_select(object_scores, deep_scores, [(side // k, side // k)] * len(embeddings),
-                                      keep_per_tile)
-        kept = [tile if index is None else tile[index] for tile, index in zip(embeddings, indices)]
-        per_image = [torch.cat(kept[start:start + count]) for start, count in
-                     zip([sum(tiles[:i]) for i in range(len(tiles))], tiles)]
-        return per_image
+        return self.hiprune_select_tiles(embeddings, object_scores, deep_scores, (side // k, side // k), keep, tiles)
 
 
 class HiPrunePaliGemmaMultiModalProcessor(SiglipGridProcessorMixin, PaliGemmaMultiModalProcessor):
