@@ -126,6 +126,46 @@ class ProcessorMixin:
         return updates
 
 
+class TiledProcessorMixin(ProcessorMixin):
+    """Families whose images are tiles of one size between marker tokens (InternVL, Idefics3): the kept count
+    written is per tile. Subclasses set tiles_field (the processor output counting an image's tiles) and
+    tile_tokens_attr (the Hugging Face processor's tokens per tile), and define _shortened(full, token, kept, item)
+    -> the image's prompt ids with `kept` placeholders per tile (item: its processed inputs)."""
+
+    tiles_field: str
+    tile_tokens_attr: str
+
+    def _image_token_counts(self, processed) -> list[int]:
+        num_patches = processed.get(self.tiles_field)
+        if num_patches is None:
+            return []
+        return [getattr(self.info.get_hf_processor(), self.tile_tokens_attr)] * len(num_patches)
+
+    # Override of BaseMultiModalProcessor._get_prompt_updates (the family's vLLM one, not ProcessorMixin's, whose
+    # plain run of placeholders would drop the tile markers); checked: vllm 0.32.0.
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
+
+        updates = list(super(ProcessorMixin, self)._get_prompt_updates(mm_items, hf_processor_mm_kwargs,
+                                                                         out_mm_kwargs))
+        per_tile = getattr(self.info.get_hf_processor(**hf_processor_mm_kwargs), self.tile_tokens_attr)
+        for i, update in enumerate(updates):
+            if update.modality != "image":
+                continue
+            original, token = update.replacement, update.target[0]
+
+            def replacement(item_idx: int, original=original, token=token):
+                details = original(item_idx)
+                kept = kept_count_of(out_mm_kwargs, item_idx)
+                if kept is None or kept >= per_tile:
+                    return details
+                ids = self._shortened(details.full, token, kept, out_mm_kwargs["image"][item_idx])
+                return PromptUpdateDetails.select_token_id(ids, token)
+
+            updates[i] = PromptReplacement(modality="image", target=update.target, replacement=replacement)
+        return updates
+
+
 class ModelMixin:
     """The model side of a binding: settings, layers, capture and selection, from the family's geometry."""
 

@@ -19,43 +19,18 @@ from __future__ import annotations
 
 from .. import families
 from ..selection import merge_scores
-from ._common import ModelMixin, ProcessorMixin, keep_counts, kept_count_of, shrink_runs
+from ._common import ModelMixin, TiledProcessorMixin, keep_counts, shrink_runs
 from vllm.model_executor.models.idefics3 import (Idefics3DummyInputsBuilder, Idefics3ForConditionalGeneration,
                                                  Idefics3MultiModalProcessor, Idefics3ProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
 
-class HiPruneIdefics3MultiModalProcessor(ProcessorMixin, Idefics3MultiModalProcessor):
+class HiPruneIdefics3MultiModalProcessor(TiledProcessorMixin, Idefics3MultiModalProcessor):
     geometry = families.IDEFICS3
+    tiles_field, tile_tokens_attr = "num_patches", "image_seq_len"
 
-    def _image_token_counts(self, processed) -> list[int]:
-        """Tokens per tile (every tile and the global image has the same): the kept count written is per tile."""
-        num_patches = processed.get("num_patches")
-        if num_patches is None:
-            return []
-        return [self.info.get_hf_processor().image_seq_len] * len(num_patches)
-
-    # Override of BaseMultiModalProcessor._get_prompt_updates (vLLM's Idefics3 one, not the mixin's, whose plain run
-    # of placeholders would drop the tile markers); checked: vllm 0.32.0.
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = list(super(ProcessorMixin, self)._get_prompt_updates(mm_items, hf_processor_mm_kwargs,
-                                                                         out_mm_kwargs))
-        per_tile = self.info.get_hf_processor(**hf_processor_mm_kwargs).image_seq_len
-        for i, update in enumerate(updates):
-            if update.modality != "image":
-                continue
-            original, token = update.replacement, update.target[0]
-
-            def replacement(item_idx: int, original=original, token=token):
-                details = original(item_idx)
-                kept = kept_count_of(out_mm_kwargs, item_idx)
-                if kept is None or kept >= per_tile:
-                    return details
-                return PromptUpdateDetails.select_token_id(shrink_runs(details.full, token, kept), token)
-
-            updates[i] = PromptReplacement(modality="image", target=update.target, replacement=replacement)
-        return updates
+    def _shortened(self, full, token: int, kept: int, item) -> list[int]:
+        return shrink_runs(full, token, kept)  # every tile's run; its markers stay
 
 
 @MULTIMODAL_REGISTRY.register_processor(HiPruneIdefics3MultiModalProcessor, info=Idefics3ProcessingInfo,

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 from .. import families
 from ..selection import merge_scores
-from ._common import ModelMixin, ProcessorMixin, keep_counts, kept_count_of
+from ._common import ModelMixin, TiledProcessorMixin, keep_counts
 from vllm.model_executor.models.interns1 import (InternS1DummyInputsBuilder, InternS1ForConditionalGeneration,
                                                  InternS1MultiModalProcessor, InternS1ProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
 ARCHITECTURE = "InternVLForConditionalGeneration"
 
@@ -43,40 +42,15 @@ def unsupported(config) -> str | None:
     return None
 
 
-class HiPruneInternVLMultiModalProcessor(ProcessorMixin, InternS1MultiModalProcessor):
+class HiPruneInternVLMultiModalProcessor(TiledProcessorMixin, InternS1MultiModalProcessor):
     geometry = families.INTERNVL
+    tiles_field, tile_tokens_attr = "image_num_patches", "image_seq_length"
 
-    def _image_token_counts(self, processed) -> list[int]:
-        """Tokens per tile (every tile and thumbnail has the same): the kept count written is per tile."""
-        num_patches = processed.get("image_num_patches")
-        if num_patches is None:
-            return []
-        return [self.info.get_hf_processor().image_seq_length] * len(num_patches)
-
-    # Override of BaseMultiModalProcessor._get_prompt_updates (vLLM's InternS1 one, not the mixin's, whose plain
-    # run of placeholders would drop <img> / </img>); checked: vllm 0.32.0.
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = list(super(ProcessorMixin, self)._get_prompt_updates(mm_items, hf_processor_mm_kwargs,
-                                                                         out_mm_kwargs))
-        per_tile = self.info.get_hf_processor(**hf_processor_mm_kwargs).image_seq_length
-        for i, update in enumerate(updates):
-            if update.modality != "image":
-                continue
-            original, token = update.replacement, update.target[0]
-
-            def replacement(item_idx: int, original=original, token=token):
-                details = original(item_idx)
-                kept = kept_count_of(out_mm_kwargs, item_idx)
-                if kept is None or kept >= per_tile:
-                    return details
-                tiles = int(out_mm_kwargs["image"][item_idx]["image_num_patches"].data)
-                full = details.full
-                first, last = full.index(token), len(full) - 1 - full[::-1].index(token)
-                return PromptUpdateDetails.select_token_id(full[:first] + [token] * (kept * tiles) + full[last + 1:],
-                                                           token)
-
-            updates[i] = PromptReplacement(modality="image", target=update.target, replacement=replacement)
-        return updates
+    def _shortened(self, full, token: int, kept: int, item) -> list[int]:
+        """One run of placeholders for all tiles between <img> and </img>: tiles x kept of them."""
+        tiles = int(item["image_num_patches"].data)
+        first, last = full.index(token), len(full) - 1 - full[::-1].index(token)
+        return full[:first] + [token] * (kept * tiles) + full[last + 1:]
 
 
 @MULTIMODAL_REGISTRY.register_processor(HiPruneInternVLMultiModalProcessor, info=InternS1ProcessingInfo,
