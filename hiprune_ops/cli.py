@@ -35,8 +35,9 @@ ROLE_NAMES = {0: "anchor", 1: "buffer", 2: "register"}
 PLAIN, OURS = "unpatched SDPA encoder pass", "encoder + q/k scores + selection"
 PASS_LABELS = {PLAIN: "unpatched SDPA pass   ", OURS: "encoder + q/k scores  "}
 DEMO_WARMUP = 1  # one untimed pass of each: the first call's set-up lands on neither side
-# Rounds of the full-size encoder on a 2-core CPU: measured to keep a warm `make demo` well under a minute.
-DEMO_ROUNDS = 5
+# A round of the full-size encoder (one pass of each) took 10.4 s of CPU time on the project's 2-core box, about 5 s
+# of wall time when it is idle: 3 rounds keep a warm `make demo` near 30 s there, and still give a range.
+DEMO_ROUNDS = 3
 
 
 def prefill_flops(tokens: int, layers: int, hidden: int, intermediate: int) -> float:
