@@ -181,9 +181,11 @@ def device_slug(device: str) -> str:
 
 
 def compare(candidates: dict[str, Callable[[], object]], baseline: str, *, device: str = "cpu", rounds: int = 3,
-            warmup: int = 2, repeat: int = 7) -> dict[str, float]:
-    """Median seconds of each candidate, timed side by side (for one-off scripts; the suite uses time_candidates)."""
+            warmup: int = 2, repeat: int = 7) -> tuple[dict[str, float], dict[str, timing.Spread]]:
+    """For one-off scripts (the suite uses time_candidates): each candidate's median seconds, and its time over the
+    baseline's per round, as a median with its range (the baseline left out)."""
     if baseline not in candidates:
         raise KeyError(f"baseline {baseline!r} is not a candidate")
     samples = time_candidates(candidates, device, warmup=warmup, repeat=repeat, rounds=rounds)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    return medians, timing.ratios(samples, baseline, calls_per_round=repeat)

@@ -125,3 +125,16 @@ def test_tables_from_an_older_results_file_say_they_have_no_range():
     measured = {goal.split(" (")[0]: text for goal, text, _ in report.goals(rows, {"device": "cpu"})}
     assert measured["ours <= 1.01x plain SDPA"] == f"{1.92 / 2.0:.3f}x"  # medians' ratio, no range claimed
     assert "predates per-round ratios" in publish._range_caveat(rows)[0]
+
+
+def test_compare_returns_medians_and_per_round_ratios():
+    from benchmarks import harness
+
+    calls = []
+    medians, ratios = harness.compare({"base": lambda: calls.append("base"), "other": lambda: calls.append("other")},
+                                      "base", rounds=3, warmup=1, repeat=2)
+    assert calls == ["base", "other"] + (["base"] * 2 + ["other"] * 2) * 3  # warm-up, then interleaved rounds
+    assert set(medians) == {"base", "other"} and set(ratios) == {"other"} and ratios["other"].rounds == 3
+    assert ratios["other"].low <= ratios["other"].median <= ratios["other"].high
+    with pytest.raises(KeyError, match="baseline 'missing' is not a candidate"):
+        harness.compare({"base": lambda: None}, "missing")
