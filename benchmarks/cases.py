@@ -21,7 +21,7 @@ import hiprune_ops
 from hiprune_ops import reference
 from hiprune_ops.backend import has_cpp_kernel, triton_usable
 
-from . import published
+from hiprune_ops import published
 
 GIB = 2 ** 30
 RATIOS = (0.333, 0.222, 0.111)  # of the merged tokens of a Qwen2.5-VL image
