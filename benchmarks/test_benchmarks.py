@@ -76,3 +76,14 @@ def test_selection_inputs_match_their_shapes(request):
             assert x.budget == case.params["budget"], case.name
             assert x.obj.shape[0] == case.params.get("rows", case.params["B"]), case.name
             assert f"{x.grid_h}x{x.grid_w}" == case.params["grid"], case.name
+
+
+def test_prompt_inputs_match_their_shapes(request):
+    """Each prompt_select case builds the features, kept tokens and count its shape column reports."""
+    for case in all_cases(bench_profile(request.config), bench_device(request.config)):
+        if case.group == "prompt_select" and case.params["B"] <= 2:
+            x = case.setup()
+            params = case.params
+            assert x.features.shape == (params["B"], params["N"], params["C"]), case.name
+            assert x.indices.shape == (params["B"], params["budget"]) and x.extra == params["extra"], case.name
+            assert hasattr(x, "obj_maps") == params["maps"], case.name
