@@ -20,7 +20,7 @@ from ._common import check_device, interpreting, next_pow2
 from . import _selection
 from ._selection import _keys_at, _kth_largest_key
 
-PROMPT = 3
+PROMPT = tl.constexpr(3)  # the role of an added token (a constexpr: read inside the kernels)
 
 
 @triton.jit
