@@ -17,7 +17,7 @@ COMPAT_PY := $(CURDIR)/$(COMPAT_VENV)/bin/python
 COMPAT_DEPS := 'torch==$(COMPAT_TORCH)' numpy pytest expecttest hypothesis ninja 'setuptools>=64' wheel
 OP_TESTS := tests/test_ops.py tests/test_errors.py tests/test_validation.py tests/test_properties.py \
 	tests/test_qk_scores.py tests/test_reference.py tests/test_concurrency.py tests/test_packaging.py \
-	tests/test_select_cpu.py
+	tests/test_select_cpu.py tests/test_prompt_select.py
 
 # make sanitize: the CPU extension built with ASan + UBSan, the op tests run under it. The ASan runtime must be
 # the first library loaded (python is not instrumented), and libstdc++ loaded with it, or ASan cannot intercept
@@ -137,7 +137,7 @@ GPU_PYTHON ?= python3
 GPU_CC ?= /usr/bin/gcc
 GPU_CXX ?= /usr/bin/g++
 GPU_TESTS := tests/test_cuda.py tests/test_triton.py tests/test_qk_scores.py tests/test_compile.py tests/test_ops.py \
-	tests/test_errors.py tests/test_validation.py
+	tests/test_errors.py tests/test_validation.py tests/test_prompt_select.py
 BENCH_GPU_ARGS ?= --quick
 SANITIZER ?= $(firstword $(wildcard /usr/local/cuda/bin/compute-sanitizer) compute-sanitizer)
 

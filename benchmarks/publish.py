@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 USAGE = """Every benchmark times its candidates side by side in one process and reports ratios to a baseline measured
-in the same run: ours against the published recipe (restated in `benchmarks/published.py`), the torch reference
+in the same run: ours against the published recipe (restated in `hiprune_ops/published.py`), the torch reference
 and its `torch.compile`, and against the floors (streaming the maps once, one SDPA forward, the unpruned model).
 
     make bench                                   # python -m benchmarks --quick (BENCH_ARGS= for the full sweeps)

@@ -23,6 +23,7 @@ GROUP_TITLES = {
     "select_maps": "Selection from attention maps (ratio: time over streaming both maps once)",
     "select_scores": "Selection from scores (ratio: time over the published per-image loop)",
     "scoring": "Scoring (ratio: time over one SDPA forward of the same q, k, v)",
+    "prompt_select": "HiPrune++ prompt_select (ratio: time over select from scores on the same images)",
     "encoder": "Encoder end to end (ratio: time over the plain SDPA encoder)",
     "prefill": "LLaVA prefill through apply_hiprune, encoder included (ratio: time over the unpruned prefill)",
 }
@@ -143,6 +144,15 @@ def goals(rows, env: dict) -> list:
             out.append((f"select from scores >= 20x faster than the published loop ({loop.shape})",
                         f"{speedup:.3g}x (loop {_fmt_time(loop.median_s)}, ours {_fmt_time(row.median_s)})"
                         f"{spread_text(spread)}", speedup >= 20))
+    for case_rows in _by_case([r for r in rows if r.group == "prompt_select"]).values():
+        times = {r.candidate: r for r in case_rows if r.median_s}
+        added = times.get(f"prompt_select {op}")
+        for baseline in ("select from scores", "select from maps"):
+            if added and baseline in times:
+                fraction, spread = pair_ratio(added, times[baseline])
+                out.append((f"prompt_select < 10% of {baseline} ({added.shape})",
+                            f"{fraction:.1%} ({_fmt_time(added.median_s)} vs {_fmt_time(times[baseline].median_s)})"
+                            f"{spread_text(spread, '.3f')}", fraction < 0.1))
     for case_rows in _by_case([r for r in rows if r.group == "encoder"]).values():
         times = {r.candidate.split(" ")[0]: r for r in case_rows if r.median_s}
         if not {"plain", "ours", "published"} <= set(times):

@@ -138,3 +138,14 @@ def test_compare_returns_medians_and_per_round_ratios():
     assert ratios["other"].low <= ratios["other"].median <= ratios["other"].high
     with pytest.raises(KeyError, match="baseline 'missing' is not a candidate"):
         harness.compare({"base": lambda: None}, "missing")
+
+
+def test_prompt_inputs_match_their_shapes(request):
+    """Each prompt_select case builds the features, kept tokens and count its shape column reports."""
+    for case in all_cases(bench_profile(request.config), bench_device(request.config)):
+        if case.group == "prompt_select" and case.params["B"] <= 2:
+            x = case.setup()
+            params = case.params
+            assert x.features.shape == (params["B"], params["N"], params["C"]), case.name
+            assert x.indices.shape == (params["B"], params["budget"]) and x.extra == params["extra"], case.name
+            assert hasattr(x, "obj_maps") == params["maps"], case.name
