@@ -24,6 +24,7 @@ import shlex
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -95,7 +96,7 @@ def plot(path, title, names, concurrencies, cells):
         axis.set_xticks(concurrencies, [str(c) for c in concurrencies])
         axis.grid(alpha=0.3)
     left.legend()
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 150), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

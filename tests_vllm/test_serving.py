@@ -47,6 +47,7 @@ CONCURRENCY = 16
 LOAD_REQUESTS = 208   # 13 waves of 16
 LOAD_TOKENS = 4       # generated per request under load
 LONG_TOKENS = 32      # generated per request where the KV cache must fill
+BATCH_TIMEOUT_S = 300  # a batch of concurrent requests (208 take about 4 s here)
 
 
 def expected_kept(arch: str, mm_kwargs: dict) -> int:
@@ -150,8 +151,9 @@ class Asker:
                         self.in_flight -= 1
                 return answer.usage.prompt_tokens, answer.usage.completion_tokens, answer.choices[0].message.content
 
-            try:
-                return await asyncio.gather(*(one(*job) for job in jobs), return_exceptions=True)
+            try:  # each request is bounded by the client's timeout, the whole batch by BATCH_TIMEOUT_S
+                return await asyncio.wait_for(asyncio.gather(*(one(*job) for job in jobs), return_exceptions=True),
+                                              BATCH_TIMEOUT_S)
             finally:
                 await client.close()
 
