@@ -38,13 +38,15 @@ void token_sums(const scalar_t* f, const double* p, int64_t channels, double& do
       s[l] += x * x;
     }
   }
-  for (int l = 0; c < channels; ++c, ++l) {
+  // The tail in scalars of its own: indexing the lanes with a variable would keep them in memory, not registers.
+  double tail_dot = 0.0, tail_ff = 0.0;
+  for (; c < channels; ++c) {
     const double x = static_cast<double>(static_cast<float>(f[c]));
-    d[l] += x * p[c];
-    s[l] += x * x;
+    tail_dot += x * p[c];
+    tail_ff += x * x;
   }
-  dot = lane_total(d);
-  ff = lane_total(s);
+  dot = lane_total(d) + tail_dot;
+  ff = lane_total(s) + tail_ff;
 }
 
 double squared_norm(const double* p, int64_t channels) {
@@ -52,8 +54,9 @@ double squared_norm(const double* p, int64_t channels) {
   int64_t c = 0;
   for (; c + kLanes <= channels; c += kLanes)
     for (int l = 0; l < kLanes; ++l) s[l] += p[c + l] * p[c + l];
-  for (int l = 0; c < channels; ++c, ++l) s[l] += p[c] * p[c];
-  return lane_total(s);
+  double tail = 0.0;
+  for (; c < channels; ++c) tail += p[c] * p[c];
+  return lane_total(s) + tail;
 }
 
 template <typename scalar_t>
