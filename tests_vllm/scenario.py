@@ -44,7 +44,8 @@ def _install_position_spy(model):
         captured.append(positions.detach().cpu().clone())
 
     # The first decoder layer (the language model's own forward is wrapped by vLLM's compile decorator).
-    model.language_model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    language = model.language_model.model if hasattr(model, "language_model") else model.model.text_model  # Idefics3
+    language.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     model._spy_positions = captured
     embedded, kept = [], []
     original = model.embed_multimodal

@@ -130,3 +130,29 @@ def test_glm_kept_tokens_keep_their_positions(glm):
             assert [row[:length] for row in prefill] == expected_positions(result["prompt_ids"], result["kept"]), name
             first_decode = result["positions"][1]
             assert [row[0] for row in first_decode] == [prefill[0][length - 1] + 1] * 3
+
+
+def test_glm_media_items_are_vllms_on_an_unpruned_prompt():
+    # hiprune_media reads the items as vLLM's iter_mm_grid_thw does, without its full-count assertion: on a prompt
+    # that keeps every token (an image, then a video of 2 slices, each slice its own run between markers and
+    # timestamp text) both give the same (offset, t, h, w), video slices one by one.
+    from types import SimpleNamespace
+
+    import torch
+    from hiprune_ops.integrations.vllm.glm4v import Glm4vStyleMixin
+    from vllm.model_executor.models.glm4_1v import Glm4vForConditionalGeneration
+    from vllm.multimodal.inputs import PlaceholderRange
+
+    def feature(modality, grid, offset, is_embed=None):
+        length = len(is_embed) if is_embed is not None else grid[0] * grid[1] * grid[2] // 4
+        mask = None if is_embed is None else torch.tensor(is_embed)
+        data = {f"{modality}_grid_thw": SimpleNamespace(data=torch.tensor(grid))}
+        return SimpleNamespace(modality=modality, data=data,
+                               mm_position=PlaceholderRange(offset=offset, length=length, is_embed=mask))
+
+    slice_run = [False] + [True] * 6 + [False, False, False]  # <|begin_of_image|>, 2 x 3 tokens, end, timestamp
+    features = [feature("video", [2, 4, 6], 40, slice_run * 2), feature("image", [1, 12, 8], 3)]
+    model = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=2)))
+    ours = [item[:4] for item in Glm4vStyleMixin.hiprune_media(model, list(range(80)), features)]
+    assert ours == list(Glm4vForConditionalGeneration.iter_mm_grid_thw(model, features))
+    assert ours == [(3, 1, 6, 4), (41, 1, 2, 3), (51, 1, 2, 3)]

@@ -109,3 +109,12 @@ def test_internvl_positions_are_recompacted(internvl):
     for result in (pruned[0], pruned[3]):
         length = len(result["prompt_ids"])
         assert result["positions"][0][:length] == list(range(length))
+
+
+def test_internvl_refuses_a_feature_layer_vllm_ignores(tmp_path):
+    # vLLM feeds the last layer to the projector whatever vision_feature_layer says; apply_hiprune would score and
+    # feed another, so a HiPrune setting on such a checkpoint fails engine start, naming the model and the reason.
+    path = tiny_families.FAMILIES[NAME].build(str(tmp_path / NAME))
+    output = scenario.run(path, NAME, {"hf_overrides": {"hiprune": {"ratio": 0.5}, "vision_feature_layer": -2},
+                                       "requests": [{}]}, expect_failure=True)
+    assert "InternVLForConditionalGeneration with vision_feature_layer=-2 is not supported" in output

@@ -1,14 +1,17 @@
-"""HiPrune inside vLLM: a general plugin for LLaVA-1.5 and Qwen2.5-VL (pip install hiprune-ops[vllm]).
+"""HiPrune inside vLLM: a general plugin for the families in SUPPORTED_ARCHITECTURES (pip install hiprune-ops[vllm]).
 
     LLM(model, hf_overrides={"hiprune": {"budget": 192}})            # or: vllm serve M --hf-overrides '{...}'
     llm.generate({"prompt": ..., "multi_modal_data": {"image": img},
                   "mm_processor_kwargs": {"hiprune_budget": 64}})    # this request only; 0 or 1.0: no pruning
 
 vLLM calls `register` in every process it starts (entry point group "vllm.general_plugins"). It registers our
-subclasses under vLLM's own architecture names, LlavaForConditionalGeneration and
-Qwen2_5_VLForConditionalGeneration. Without a server default (hf_overrides "hiprune" or HIPRUNE_BUDGET) and without
-a per-request value, they run exactly vLLM's code. Keys of the "hiprune" dict: those of apply_hiprune (budget or
-ratio, alpha, object_layer, deep_layer, neighborhood, official).
+subclasses under vLLM's own architecture names (SUPPORTED_ARCHITECTURES). Without a server default (hf_overrides
+"hiprune" or HIPRUNE_BUDGET) and without a per-request value, they run exactly vLLM's code. Keys of the "hiprune"
+dict: those of apply_hiprune (budget or ratio, alpha, object_layer, deep_layer, neighborhood, official), with the
+same rules (settings.py).
+
+Every other multimodal architecture vLLM ships is pointed at refusal.py: vLLM's own class, which fails engine
+start when a HiPrune setting is given (it would prune nothing), naming the covered architectures.
 
 Importing this package does not import vLLM; register() does, lazily by module path.
 """
@@ -17,21 +20,44 @@ from __future__ import annotations
 
 _MODELS = {
     "LlavaForConditionalGeneration": "hiprune_ops.integrations.vllm.llava:HiPruneLlavaForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "hiprune_ops.integrations.vllm.qwen2_vl:HiPruneQwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration":
         "hiprune_ops.integrations.vllm.qwen2_5_vl:HiPruneQwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "hiprune_ops.integrations.vllm.qwen3_vl:HiPruneQwen3VLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration":
+        "hiprune_ops.integrations.vllm.qwen3_vl:HiPruneQwen3VLMoeForConditionalGeneration",
+    "Qwen3_5ForConditionalGeneration": "hiprune_ops.integrations.vllm.qwen3_5:HiPruneQwen3_5ForConditionalGeneration",
+    "Qwen3_5MoeForConditionalGeneration":
+        "hiprune_ops.integrations.vllm.qwen3_5:HiPruneQwen3_5MoeForConditionalGeneration",
+    "Glm4vForConditionalGeneration": "hiprune_ops.integrations.vllm.glm4v:HiPruneGlm4vForConditionalGeneration",
+    "Glm4vMoeForConditionalGeneration": "hiprune_ops.integrations.vllm.glm4v:HiPruneGlm4vMoeForConditionalGeneration",
+    "InternVLForConditionalGeneration":
+        "hiprune_ops.integrations.vllm.internvl:HiPruneInternVLForConditionalGeneration",
+    "Idefics3ForConditionalGeneration":
+        "hiprune_ops.integrations.vllm.idefics3:HiPruneIdefics3ForConditionalGeneration",
     "Gemma3ForConditionalGeneration": "hiprune_ops.integrations.vllm.gemma3:HiPruneGemma3ForConditionalGeneration",
     "PaliGemmaForConditionalGeneration":
         "hiprune_ops.integrations.vllm.paligemma:HiPrunePaliGemmaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration":
+        "hiprune_ops.integrations.vllm.llava_next:HiPruneLlavaNextForConditionalGeneration",
+    "Mistral3ForConditionalGeneration":
+        "hiprune_ops.integrations.vllm.mistral3:HiPruneMistral3ForConditionalGeneration",
 }
 SUPPORTED_ARCHITECTURES = tuple(_MODELS)
 
 
 def register() -> None:
-    """Registers the HiPrune model classes with vLLM's ModelRegistry (the plugin's entry point)."""
+    """Registers the HiPrune model classes with vLLM's ModelRegistry (the plugin's entry point), and the refusing
+    classes for the multimodal architectures without a binding."""
     from vllm import ModelRegistry
+
+    from ._vllm_api import is_vllm_own, multimodal_architectures
 
     for architecture, target in _MODELS.items():
         ModelRegistry.register_model(architecture, target)
+    for architecture in multimodal_architectures():
+        if architecture not in _MODELS and is_vllm_own(ModelRegistry, architecture):
+            ModelRegistry.register_model(architecture, f"{__name__}.refusal:{architecture}")
 
 
 __all__ = ["register", "SUPPORTED_ARCHITECTURES"]

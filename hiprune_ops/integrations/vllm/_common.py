@@ -79,10 +79,14 @@ class ProcessorMixin:
         processed = super()._apply_hf_processor_main(mm_items, strip_request_keys(hf_kwargs), *args, **kwargs)
         counts = self._image_token_counts(processed)
         if counts:
-            processed[HIPRUNE_KEEP_FIELD] = torch.tensor(
-                [settings.keep_count(n, clamp=self.geometry.sizes_vary, default_ratio=self.geometry.default_ratio)
-                 for n in counts], dtype=torch.int64)
+            processed[HIPRUNE_KEEP_FIELD] = torch.tensor(self._kept_counts(settings, counts, processed),
+                                                         dtype=torch.int64)
         return processed
+
+    def _kept_counts(self, settings: HiPruneSettings, counts: list[int], processed) -> list[int]:
+        """Kept tokens per image out of its `counts`; a family whose budget splits over tiles overrides it."""
+        return [settings.keep_count(n, clamp=self.geometry.sizes_vary, default_ratio=self.geometry.default_ratio)
+                for n in counts]
 
     # Override of BaseMultiModalProcessor._get_mm_fields_config; checked: vllm 0.32.0.
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):

@@ -55,6 +55,18 @@ def llava_image_embeddings(model, image_input) -> Any:
     return model._process_image_input(image_input)
 
 
+def llava_next_tile_features(model, pixel_values) -> Any:
+    """(tiles, patches, C) tower features of LLaVA-NeXT's stacked tiles, CLS dropped, before the projector.
+    Checked: vllm 0.32.0, LlavaNextForConditionalGeneration._image_pixels_to_features(vision_tower, pixel_values)."""
+    return model._image_pixels_to_features(model.vision_tower, pixel_values)
+
+
+def llava_next_packed(model, image_size, tile_embeddings) -> Any:
+    """vLLM's own packing of one LLaVA-NeXT image (base, unpadded tiles, newlines) from its projected tiles.
+    Checked: vllm 0.32.0, LlavaNextForConditionalGeneration._merge_image_patch_embeddings(..., "spatial_unpad")."""
+    return model._merge_image_patch_embeddings(image_size, tile_embeddings, strategy="spatial_unpad")
+
+
 def qwen_window_index(visual, t: int, h: int, w: int):
     """Qwen2.5-VL's window index of one item: the raster index of each merge unit in the tower's order.
     Checked: vllm 0.32.0, Qwen2_5_VisionTransformer.get_rope_by_thw(t, h, w)[2]."""

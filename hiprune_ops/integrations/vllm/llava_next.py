@@ -1,0 +1,132 @@
+"""HiPrune for vLLM's LlavaNextForConditionalGeneration (CLIP tower, vision_feature_select_strategy "default").
+
+Geometry: families.LLAVA_NEXT, as in the transformers integration (hf/llava.py LlavaNextAdapter): CLS prefix, no
+merge; object layer round(depth * 9 / 24) of the full tower, deep layer the one feeding the projector (the last
+vLLM builds). An image is its base tile and its AnyRes tiles; a budget counts over all of them (budget // tiles per
+tile, at most a tile's tokens), a ratio applies per tile. Processor: a pruned image gets tiles x kept placeholders.
+Encoder: each tile's patches are scored and selected on its own; a pruned image is its base tile's kept tokens, then
+the other tiles' kept tokens in raster order of the tiled grid, without unpadding or newline tokens (as
+apply_hiprune packs it). An image that keeps every token is packed by vLLM's own code. 1-D positions, recompacted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import families
+from ..hf._transformers_api import llava_next_layout
+from . import _vllm_api
+from ._common import ModelMixin, ProcessorMixin, keep_counts
+from .settings import HiPruneSettings
+from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
+from vllm.model_executor.models.llava_next import (LlavaNextForConditionalGeneration, LlavaNextMultiModalProcessor,
+                                                   LlavaNextProcessingInfo)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+
+def tile_layout(config, image_size) -> tuple[int, int, int]:
+    """(rows, cols, tokens) of an image of (height, width): its tile grid besides the base tile, and its unpruned
+    token count (base, unpadded tiles, one newline per row; base and one newline without tiles)."""
+    get_grid_shape, num_tiles, unpad_image = llava_next_layout()
+    side = config.vision_config.image_size
+    grid = side // config.vision_config.patch_size
+    height, width = (int(v) for v in image_size)
+    if num_tiles(image_size=(height, width), grid_pinpoints=config.image_grid_pinpoints, patch_size=side) == 1:
+        return 0, 0, grid * grid + 1
+    rows, cols = get_grid_shape((height, width), config.image_grid_pinpoints, side)
+    unpadded = unpad_image(torch.empty(1, rows * grid, cols * grid, device="meta"), (height, width))
+    return rows, cols, grid * grid + unpadded.shape[1] * (unpadded.shape[2] + 1)
+
+
+def kept_per_tile(settings: HiPruneSettings, tiles: int, grid_tokens: int, default_ratio: float) -> int:
+    """hf/llava.py LlavaNextAdapter.per_tile's rule: a budget splits evenly over the tiles, a ratio applies to each."""
+    if not settings.enabled or not settings.budget:
+        return settings.keep_count(grid_tokens, clamp=True, default_ratio=default_ratio)
+    keep = min(grid_tokens, settings.budget // tiles)
+    if keep < 1:
+        name = "mm_processor_kwargs: hiprune_budget" if settings.from_request else "hiprune: budget"
+        raise ValueError(f"{name}={settings.budget} leaves no token per tile for an image with {tiles} tiles")
+    return keep
+
+
+class HiPruneLlavaNextMultiModalProcessor(ProcessorMixin, LlavaNextMultiModalProcessor):
+    geometry = families.LLAVA_NEXT
+
+    def _image_token_counts(self, processed) -> list[int]:
+        if processed.get("pixel_values") is None:
+            return []
+        config = self.info.get_hf_config()
+        return [tile_layout(config, size)[2] for size in processed["image_sizes"]]
+
+    def _kept_counts(self, settings, counts, processed) -> list[int]:
+        config = self.info.get_hf_config()
+        grid_tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+        kept = []
+        for size, full in zip(processed["image_sizes"], counts):
+            rows, cols, _ = tile_layout(config, size)
+            keep = kept_per_tile(settings, rows * cols + 1, grid_tokens, self.geometry.default_ratio)
+            kept.append(full if keep >= grid_tokens else keep * (rows * cols + 1))
+        return kept
+
+
+@MULTIMODAL_REGISTRY.register_processor(HiPruneLlavaNextMultiModalProcessor, info=LlavaNextProcessingInfo,
+                                        dummy_inputs=LlavaDummyInputsBuilder)
+class HiPruneLlavaNextForConditionalGeneration(ModelMixin, LlavaNextForConditionalGeneration):
+    geometry = families.LLAVA_NEXT
+    architecture = "LlavaNextForConditionalGeneration"
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        settings = self.hiprune_start(vllm_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        config = self.config
+        self.hiprune_unsupported = None
+        if (config.vision_config.model_type != "clip_vision_model" or config.vision_feature_select_strategy
+                != "default" or not isinstance(config.vision_feature_layer, int)):
+            self.hiprune_unsupported = ("hiprune: LLaVA-NeXT is supported by the vLLM plugin with a CLIP tower, "
+                                        "vision_feature_select_strategy='default' and one vision_feature_layer")
+            if settings.enabled:
+                raise NotImplementedError(self.hiprune_unsupported)
+            return  # vLLM's own model; a request asking for pruning is refused in embed_multimodal
+        layers = self.vision_tower.vision_model.encoder.layers
+        self.hiprune_bind(settings, [layer.self_attn for layer in layers], len(layers),
+                          config.vision_config.num_attention_heads, config,
+                          full_depth=config.vision_config.num_hidden_layers)
+        self.hiprune_grid = config.vision_config.image_size // config.vision_config.patch_size
+
+    def embed_multimodal(self, **kwargs):
+        keep = keep_counts(kwargs)
+        image_input = _vllm_api.parse_image_input(self, dict(kwargs))
+        if image_input is None or keep is None or image_input["type"] != "pixel_values":
+            return super().embed_multimodal(**kwargs)
+        layouts = [tile_layout(self.config, size) for size in image_input["image_sizes"]]
+        if all(k >= full for k, (_, _, full) in zip(keep, layouts)):
+            return super().embed_multimodal(**kwargs)
+        if self.hiprune_unsupported is not None:
+            raise ValueError(self.hiprune_unsupported)
+        grid = self.hiprune_grid
+        tiles = [rows * cols + 1 for rows, cols, _ in layouts]
+        pixels = torch.cat([images[:count] for images, count in zip(image_input["pixel_values"], tiles)])
+        features, (object_scores, deep_scores) = self.hiprune_taps.scored(
+            lambda: _vllm_api.llava_next_tile_features(self, pixels))  # (tiles, N, C): CLS already dropped
+        per_tile = [k // count if k < full else grid * grid
+                    for k, count, (_, _, full) in zip(keep, tiles, layouts) for _ in range(count)]
+        indices = self.hiprune_select(object_scores.unbind(0), deep_scores.unbind(0),
+                                      [(grid, grid)] * features.shape[0], per_tile)
+        embeddings = self.multi_modal_projector(features).split(tiles)
+        starts = [sum(tiles[:i]) for i in range(len(tiles))]
+        indices = [indices[start:start + count] for start, count in zip(starts, tiles)]
+        out = []
+        for image, size, chosen, (rows, cols, _) in zip(embeddings, image_input["image_sizes"], indices, layouts):
+            if chosen[0] is None:  # keeps every token: vLLM's packing, token for token
+                out.append(_vllm_api.llava_next_packed(self, size, image))
+                continue
+            kept = [image[0, chosen[0]]]
+            if len(chosen) > 1:
+                # Tile t = 1 + r * cols + c; token (y, x) sits at (r * grid + y, c * grid + x) on the tiled grid.
+                index = torch.stack(chosen[1:])
+                t = torch.arange(index.shape[0])[:, None]
+                key = ((t // cols) * grid + index // grid) * (cols * grid) + (t % cols) * grid + index % grid
+                tokens = image[1:].gather(1, index[:, :, None].expand(-1, -1, image.shape[-1]))
+                kept.append(tokens.flatten(0, 1)[key.flatten().argsort()])
+            out.append(torch.cat(kept))
+        return out
