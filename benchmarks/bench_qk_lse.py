@@ -22,7 +22,7 @@ from harness import compare, device_name, format_table  # noqa: E402
 HEADS, DIM = 16, 80
 
 
-def run(length: int, dtype: torch.dtype, backend: str, rounds: int) -> dict[str, float]:
+def run(length: int, dtype: torch.dtype, backend: str, rounds: int):
     import hiprune_ops
 
     g = torch.Generator().manual_seed(length)
@@ -44,18 +44,26 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--backend", default="cpp")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     dtype = getattr(torch, args.dtype)
-    rows = []
+    rows, notes = [], []
     for length in args.lengths:
-        times = run(length, dtype, args.backend, args.rounds)
-        base = times["sdpa"]
+        times, ratios = run(length, dtype, args.backend, args.rounds)
         for name, seconds in times.items():
-            rows.append([str(length), name, f"{seconds * 1e3:.1f}", f"{seconds / base:.2f}x"])
+            ratio = ratios.get(name)
+            rows.append([str(length), name, f"{seconds * 1e3:.1f}", "1x" if ratio is None else f"{ratio.median:.2f}x",
+                         "-" if ratio is None else f"{ratio.low:.2f}x to {ratio.high:.2f}x"])
+            if ratio is not None and ratio.note():
+                notes.append(f"note: L = {length}, {name}: {ratio.note()}")
     title = (f"qk_scores vs one SDPA forward on {device_name('cpu')}, torch {torch.__version__}, "
-             f"B = 1, H = {HEADS}, D = {DIM}, {args.dtype}")
-    print(format_table(title, ["L", "candidate", "ms (median)", "vs SDPA"], rows))
+             f"B = 1, H = {HEADS}, D = {DIM}, {args.dtype}; median and range of {args.rounds} interleaved rounds "
+             "(5 calls each) after 1 warm-up call")
+    print(format_table(title, ["L", "candidate", "ms (median)", "vs SDPA", "range over rounds"], rows))
+    for note in notes:
+        print(note)
 
 
 if __name__ == "__main__":

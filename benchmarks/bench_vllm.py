@@ -4,6 +4,9 @@ The model has full-width layers (CLIP ViT-L/14-336 tower, LLaMA-7B language mode
 weights, built offline into a temporary folder. One engine serves every candidate (the plugin with a server default
 of 0 = dense; each candidate is a per-request hiprune_budget), prefix caching and the processor cache off, so every
 request encodes its image and prefills its whole prompt. TTFT = the wall time of one request generating one token.
+Every candidate is warmed up by one request, then timed in interleaved rounds (dense, 192, 128, 64, dense, ...):
+TTFT is the median over the rounds with its range, a speed-up the median of the per-round speed-ups (dense over
+the candidate in the same round) with its range, and a note flags a range over 10% (hiprune_ops/_timing.py).
 The FLOPs prediction counts the matmuls of the encoder, the projector and the language model's prefill (causal
 attention included) for the same shapes. Runs in the vLLM venv (`make test-vllm` creates it):
     .venv-vllm/bin/python benchmarks/bench_vllm.py [--vision-layers 4] [--text-layers 2] [--dtype bfloat16]
@@ -23,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests_vllm"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-from harness import compare, device_slug, environment, format_table  # noqa: E402
+from harness import device_slug, environment, format_table  # noqa: E402
 
 VISION = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, image_size=336, patch_size=14)
 TEXT = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
@@ -76,16 +79,19 @@ def main() -> None:
     parser.add_argument("--text-layers", type=int, default=2)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     parser.add_argument("--budgets", default="192,128,64")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds after one warm-up request each "
+                        "(default 5)")
     parser.add_argument("--output", default=None, help="results folder (default benchmarks/results/<device>)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
 
     import numpy as np
     from PIL import Image
     import vllm
     from vllm import LLM, SamplingParams
 
+    from hiprune_ops import _timing
     from hiprune_ops._report import device_description
 
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -106,27 +112,33 @@ def main() -> None:
             return run
 
         names = {0: "dense (576)"} | {b: f"HiPrune {b}" for b in budgets}
-        times = compare({names[b]: request(b) for b in names}, names[0], rounds=args.rounds, warmup=1,
-                        repeat=args.repeat)
+        samples = _timing.interleaved_times({names[b]: request(b) for b in names}, rounds=args.rounds, warmup=1)
     dense_len = prompt_lengths[0]
     text_tokens = dense_len - 576
     dense_flops = prefill_flops(576, text_tokens, args.vision_layers, args.text_layers)
-    rows, results = [], []
+    rows, results, notes = [], [], []
     for budget, name in names.items():
         kept = 576 if budget == 0 else budget
-        ttft = times[name]
-        speedup = times[names[0]] / ttft
+        ttft = _timing.Spread.of(samples[name])
+        speedup = _timing.Spread.of([dense / ours for dense, ours in zip(samples[names[0]], samples[name])])
         predicted = dense_flops / prefill_flops(kept, text_tokens, args.vision_layers, args.text_layers)
-        rows.append([name, str(prompt_lengths[budget]), f"{ttft * 1e3:.0f}", f"{prompt_lengths[budget] / ttft:.0f}",
-                     f"{speedup:.2f}", f"{predicted:.2f}", f"{speedup / predicted:.2f}"])
-        results.append(dict(candidate=name, prompt_tokens=prompt_lengths[budget], ttft_s=ttft, speedup=speedup,
-                            flops_speedup=predicted))
+        rows.append([name, str(prompt_lengths[budget]), f"{ttft.median * 1e3:.0f}",
+                     f"{ttft.low * 1e3:.0f} to {ttft.high * 1e3:.0f}", f"{prompt_lengths[budget] / ttft.median:.0f}",
+                     f"{speedup.median:.2f}", "-" if budget == 0 else f"{speedup.low:.2f} to {speedup.high:.2f}",
+                     f"{predicted:.2f}", f"{speedup.median / predicted:.2f}"])
+        results.append(dict(candidate=name, prompt_tokens=prompt_lengths[budget], ttft_s=ttft.median,
+                            ttft_range_s=[ttft.low, ttft.high], speedup=speedup.median,
+                            speedup_range=[speedup.low, speedup.high], rounds=ttft.rounds, flops_speedup=predicted))
+        if budget and speedup.note():
+            notes.append(f"note: {name} speed-up: {speedup.note()}")
     env = environment("cpu")
     env["vllm"] = vllm.__version__
     title = (f"vLLM TTFT, LLaVA-1.5-shaped ({args.vision_layers}-layer ViT-L/14-336 width, {args.text_layers}-layer "
-             f"LLaMA-7B width), {args.dtype}, random weights; device: {device_description('cpu')}")
-    table = format_table(title, ["candidate", "prompt tokens", "TTFT ms", "prefill tok/s", "speed-up",
-                                 "FLOPs speed-up", "speed-up / FLOPs'"], rows)
+             f"LLaMA-7B width), {args.dtype}, random weights; device: {device_description('cpu')}; median and range "
+             f"of {args.rounds} interleaved rounds after 1 warm-up request each")
+    table = format_table(title, ["candidate", "prompt tokens", "TTFT ms", "TTFT range ms", "prefill tok/s",
+                                 "speed-up", "speed-up range", "FLOPs speed-up", "speed-up / FLOPs'"], rows)
+    table = "\n".join([table] + notes)
     print(table)
     folder = args.output or os.path.join(HERE, "results", device_slug("cpu"))
     os.makedirs(folder, exist_ok=True)

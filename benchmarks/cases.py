@@ -21,7 +21,7 @@ import hiprune_ops
 from hiprune_ops import reference
 from hiprune_ops.backend import has_cpp_kernel, triton_usable
 
-from . import published
+from hiprune_ops import published
 
 GIB = 2 ** 30
 RATIOS = (0.333, 0.222, 0.111)  # of the merged tokens of a Qwen2.5-VL image
@@ -46,8 +46,13 @@ class Profile:
     clip: dict                     # CLIP encoder: config overrides and batches
     qwen: dict                     # Qwen tower: config overrides and patch grid
     llava: dict                    # reduced LLaVA: LM depth, tower overrides, budgets
+    prompt: dict                   # prompt_select: models (grid side, channels, budgets), batches
 
 
+# prompt_select: (model, grid side, prefix tokens of its maps (0: selection from merged-token scores only),
+# the width of the language model's embeddings, budgets). LLaVA-1.5: CLIP's 24x24 patches, LLaMA-7B's 4096;
+# Qwen2.5-VL-7B: 32x32 merged tokens (a 896 x 896 image), 3584 wide, 33.4% kept.
+_PROMPT_MODELS = (("LLaVA-1.5", 24, 1, 4096, (192, 64)), ("Qwen2.5-VL", 32, 0, 3584, (342,)))
 _TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                   projection_dim=64)
 PROFILES = {
@@ -59,7 +64,8 @@ PROFILES = {
         qwen=dict(overrides=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
                                  fullatt_block_indexes=[1, 3]), grid=16),
         llava=dict(lm=dict(hidden=64, intermediate=128, layers=1, heads=4), vision=dict(_TINY_CLIP, image_size=84),
-                   budgets=(None, 12, 6), text_tokens=8)),
+                   budgets=(None, 12, 6), text_tokens=8),
+        prompt=dict(models=(("LLaVA-1.5", 8, 1, 32, (21, 7)), ("Qwen2.5-VL", 8, 0, 24, (21,))), batches=(1, 2))),
     "quick": Profile(
         "quick", dict(warmup=2, repeat=3, rounds=3), dict(warmup=0, repeat=1, rounds=2),
         map_batches=(8,), map_grid=24, map_dtypes=(), score_batches=(1, 8, 32, 64), budgets=(64, 128, 192),
@@ -67,7 +73,8 @@ PROFILES = {
         score_heads=16, score_dim=80,
         clip=dict(overrides={}, batches=(1,)),
         qwen=dict(overrides=dict(depth=4, fullatt_block_indexes=[1, 3]), grid=64),
-        llava=dict(lm=dict(layers=2), vision={}, budgets=(None, 192, 128, 64), text_tokens=64)),
+        llava=dict(lm=dict(layers=2), vision={}, budgets=(None, 192, 128, 64), text_tokens=64),
+        prompt=dict(models=_PROMPT_MODELS, batches=(1, 32))),
     "full": Profile(
         "full", dict(warmup=3, repeat=5, rounds=3), dict(warmup=0, repeat=1, rounds=3),
         map_batches=(1, 8, 32), map_grid=24, map_dtypes=("float16", "bfloat16"),
@@ -76,7 +83,8 @@ PROFILES = {
         score_lengths=(577, 1024, 2048, 4096, 8192, 16384), score_heads=16, score_dim=80,
         clip=dict(overrides={}, batches=(1, 8)),
         qwen=dict(overrides={}, grid=64),
-        llava=dict(lm=dict(layers=4), vision={}, budgets=(None, 192, 128, 64), text_tokens=64)),
+        llava=dict(lm=dict(layers=4), vision={}, budgets=(None, 192, 128, 64), text_tokens=64),
+        prompt=dict(models=_PROMPT_MODELS, batches=(1, 8, 32))),
 }
 
 
@@ -392,10 +400,84 @@ def prefill_cases(p: Profile, device: str) -> list:
     return [Case("prefill", "prefill/llava", params, setup, candidates, candidates[0].name, heavy=True)]
 
 
+# -- HiPrune++ --------------------------------------------------------------------------------------------------
+
+PROMPT_BETA = 0.1
+
+
+def _prompt_reference_fits(params, device):
+    # the reference holds the features in float64 and one product of them: 16 bytes per element
+    need = 16 * params["B"] * params["N"] * params["C"]
+    return None if need <= _memory_limit(device) else f"the float64 reference needs {need / GIB:.1f} GiB"
+
+
+def _needs_maps(params, device):
+    return None if params["maps"] else "this model's selection runs on merged-token scores, not on maps"
+
+
+def _prompt_check(x: SimpleNamespace) -> None:
+    """Every backend's prompt_select equals the reference's, bit for bit."""
+    expected = reference.prompt_select(x.features, x.prompt, x.indices, x.roles, x.extra)
+    for backend in ("cpp", "triton"):
+        try:
+            got = hiprune_ops.prompt_select(x.features, x.prompt, x.indices, x.roles, PROMPT_BETA, backend=backend)
+        except RuntimeError:  # backend not available here
+            continue
+        if not (torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])):
+            raise AssertionError(f"prompt_select backend={backend} disagrees with the reference")
+
+
+def prompt_candidates(device: str) -> list:
+    """HiPrune++'s added cost against HiPrune's select on the same images; x from prompt_cases' setup."""
+    def prompt_op(backend):
+        return lambda x: lambda: hiprune_ops.prompt_select(x.features, x.prompt, x.indices, x.roles, PROMPT_BETA,
+                                                           backend=backend)
+
+    return [
+        Candidate("select from scores", lambda x: lambda: hiprune_ops.select(x.obj, x.deep, x.budget, x.grid, x.grid,
+                                                                             0.1)),
+        Candidate("select from maps", lambda x: lambda: hiprune_ops.select(
+            x.obj_maps, x.deep_maps, x.budget, x.grid, x.grid, 0.1, x.prefix), _needs_maps),
+        Candidate(f"prompt_select {backend_label(device)}", prompt_op("cpp"), _needs_cpp("prompt_select")),
+        Candidate("prompt_select Triton op", prompt_op("triton"), _needs_gpu_triton),
+        Candidate("prompt_select torch reference", prompt_op("torch"), _prompt_reference_fits),
+    ]
+
+
+def prompt_cases(p: Profile, device: str) -> list:
+    cases = []
+    for model, grid, prefix, channels, budgets in p.prompt["models"]:
+        n = grid * grid
+        for budget in budgets:
+            for batch in p.prompt["batches"]:
+                extra = hiprune_ops.prompt_extra_count(budget, n, PROMPT_BETA)
+                params = dict(model=model, B=batch, N=n, C=channels, budget=budget, extra=extra, dtype="float32",
+                              maps=prefix > 0)
+
+                def setup(batch=batch, n=n, grid=grid, prefix=prefix, channels=channels, budget=budget,
+                          extra=extra):
+                    g = torch.Generator().manual_seed(n + budget + batch)
+                    obj, deep = _scores(batch, n, device, seed=batch)
+                    indices, roles = hiprune_ops.select_with_roles(obj, deep, budget, grid, grid, 0.1)
+                    x = SimpleNamespace(obj=obj, deep=deep, budget=budget, grid=grid, prefix=prefix,
+                                        indices=indices, roles=roles, extra=extra,
+                                        features=torch.randn(batch, n, channels, generator=g).to(device),
+                                        prompt=torch.randn(batch, channels, generator=g).to(device))
+                    if prefix:
+                        x.obj_maps = _maps(batch, 16, n + prefix, device, seed=1)
+                        x.deep_maps = _maps(batch, 16, n + prefix, device, seed=2)
+                    return x
+
+                cases.append(Case("prompt_select", f"prompt_select/{model.split('-')[0].lower()}-N{n}-C{channels}/"
+                                  f"budget{budget}/B{batch}", params, setup, prompt_candidates(device),
+                                  "select from scores", check=_prompt_check))
+    return cases
+
+
 def all_cases(profile: str, device: str) -> list:
     p = PROFILES[profile]
-    return selection_cases(p, device) + scoring_cases(p, device) + encoder_cases(p, device) + prefill_cases(p,
-                                                                                                            device)
+    return (selection_cases(p, device) + scoring_cases(p, device) + prompt_cases(p, device)
+            + encoder_cases(p, device) + prefill_cases(p, device))
 
 
 def select_cases(cases: list, only: Optional[str]) -> list:

@@ -1,7 +1,8 @@
 """Timing and memory of benchmark candidates, taken side by side in one process, and the run's environment.
 
-Times: every candidate of a case is timed in interleaved rounds (so drift from other jobs hits all alike); the
-samples give the median and the interquartile range. GPU: CUDA events; CPU: perf_counter.
+Times: every candidate of a case is warmed up, then timed in interleaved rounds (so drift from other jobs hits all
+alike), by the rule every printed timing follows (hiprune_ops/_timing.py); the samples give the median and the
+interquartile range, each round's median gives the per-round ratios. GPU: CUDA events; CPU: perf_counter.
 Memory: extra peak of one call = peak during the call minus what was resident (CPU) or allocated (GPU) before it,
 so the inputs and the model are not counted and the output is. CPU: Linux VmHWM after resetting it through
 /proc/self/clear_refs, freed heap first returned to the OS (malloc_trim); GPU: torch.cuda.max_memory_allocated.
@@ -28,6 +29,7 @@ import torch
 
 from hiprune_ops._report import device_description as device_name  # noqa: F401 (for one-off scripts)
 from hiprune_ops._report import format_table  # noqa: F401 (for one-off scripts)
+from hiprune_ops import _timing as timing
 from hiprune_ops._report import synchronize
 
 
@@ -45,19 +47,12 @@ def _time_once(fn: Callable[[], object], device: str) -> float:
 
 
 def time_candidates(candidates: dict[str, Callable[[], object]], device: str, *, warmup: int, repeat: int,
-                    rounds: int, on_sample: Optional[Callable[[], None]] = None) -> dict[str, list[float]]:
-    """Seconds per call of each candidate: `rounds` interleaved rounds of `repeat` calls, after `warmup` calls."""
-    for fn in candidates.values():
-        for _ in range(warmup):
-            fn()
-    synchronize(device)
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            for _ in range(repeat):
-                samples[name].append(_time_once(fn, device))
-            if on_sample is not None:
-                on_sample()
+                    rounds: int, on_round: Optional[Callable[[], None]] = None) -> dict[str, list[float]]:
+    """Seconds per call of each candidate: `rounds` interleaved rounds of `repeat` calls, after `warmup` calls;
+    `on_round()` runs after each round."""
+    samples = timing.interleaved_times(candidates, rounds=rounds, warmup=warmup, calls_per_round=repeat,
+                                       timer=lambda fn: _time_once(fn, device),
+                                       on_round=(lambda *_: on_round()) if on_round is not None else None)
     gc.collect()
     return samples
 
@@ -186,9 +181,11 @@ def device_slug(device: str) -> str:
 
 
 def compare(candidates: dict[str, Callable[[], object]], baseline: str, *, device: str = "cpu", rounds: int = 3,
-            warmup: int = 2, repeat: int = 7) -> dict[str, float]:
-    """Median seconds of each candidate, timed side by side (for one-off scripts; the suite uses time_candidates)."""
+            warmup: int = 2, repeat: int = 7) -> tuple[dict[str, float], dict[str, timing.Spread]]:
+    """For one-off scripts (the suite uses time_candidates): each candidate's median seconds, and its time over the
+    baseline's per round, as a median with its range (the baseline left out)."""
     if baseline not in candidates:
         raise KeyError(f"baseline {baseline!r} is not a candidate")
     samples = time_candidates(candidates, device, warmup=warmup, repeat=repeat, rounds=rounds)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    return medians, timing.ratios(samples, baseline, calls_per_round=repeat)

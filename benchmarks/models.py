@@ -2,7 +2,7 @@
 
 - CLIP ViT-L/14-336 (LLaVA-1.5's tower) and a Qwen2.5-VL-7B-shaped vision tower, each run three ways:
   plain SDPA (no pruning), ours (SDPA + qk_scores of two layers + select), and the published recipe (eager
-  attention with every layer's map, then the per-image loop of benchmarks/published.py);
+  attention with every layer's map, then the per-image loop of hiprune_ops/published.py);
 - a LLaVA-1.5-shaped VLM (CLIP-L tower, 4096-wide LLaMA language model) at reduced depth, for prefill timings
   through apply_hiprune.
 """
@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import hiprune_ops  # noqa: E402
 from hiprune_ops.cli import LLAMA_7B, VIT_L14_336, prefill_flops  # noqa: E402
 
-from . import published  # noqa: E402
+from hiprune_ops import published  # noqa: E402
 
 # Qwen2.5-VL-7B's vision tower (32 blocks, full attention in blocks 8, 16, 24, 32, 2x2 merge).
 QWEN_VISION_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 USAGE = """Every benchmark times its candidates side by side in one process and reports ratios to a baseline measured
-in the same run: ours against the published recipe (restated in `benchmarks/published.py`), the torch reference
+in the same run: ours against the published recipe (restated in `hiprune_ops/published.py`), the torch reference
 and its `torch.compile`, and against the floors (streaming the maps once, one SDPA forward, the unpruned model).
 
     make bench                                   # python -m benchmarks --quick (BENCH_ARGS= for the full sweeps)
@@ -31,8 +31,10 @@ and its `torch.compile`, and against the floors (streaming the maps once, one SD
     python -m benchmarks.publish                 # rewrites this section from the newest results file
 
 Results go to `benchmarks/results/<device>/`: a markdown report, a CSV (shapes, median and IQR time, ratio to
-the case baseline, extra peak memory), a JSON and plots; each records the device, CPU/GPU model, torch, triton,
-thread count and git revision."""
+the case baseline with its range over rounds, extra peak memory), a JSON and plots; each records the device,
+CPU/GPU model, torch, triton, thread count and git revision. Candidates are warmed up, then timed in interleaved
+rounds; a ratio is the median of the per-round ratios, shown with its range, and flagged WIDE when that range is
+over 10% of the median."""
 
 
 def newest_results() -> str:
@@ -63,6 +65,14 @@ def _provenance(env: dict, path: str, link_prefix: str = "") -> str:
             f"[{rel}]({link_prefix}{rel}).")
 
 
+def _range_caveat(rows) -> list:
+    """Results files written before the suite kept each round's time have ratios without a range: say so."""
+    if report.rounds_recorded(rows):
+        return []
+    return ["This run predates per-round ratios: its ratios are the median time over the baseline's median, without "
+            "a range over rounds (rerun the suite for them).", ""]
+
+
 def full_encoder_results(path: str) -> list:
     """The full-profile encoder runs beside a quick results file (`python -m benchmarks --only encoder/...`): the
     full-depth Qwen tower and CLIP-L at batch 8, too slow for the quick profile on a small CPU."""
@@ -75,8 +85,8 @@ def full_encoder_parts(path: str, link_prefix: str = "") -> list:
     parts = []
     for extra in full_encoder_results(path):
         env, rows = load(extra)
-        parts += ["Full profile: " + _provenance(env, extra, link_prefix), "",
-                  report.goals_markdown(rows, env), "", report.markdown_table(rows, "encoder", with_skipped=False),
+        parts += ["Full profile: " + _provenance(env, extra, link_prefix), ""] + _range_caveat(rows)
+        parts += [report.goals_markdown(rows, env), "", report.markdown_table(rows, "encoder", with_skipped=False),
                   ""]
     return parts
 
@@ -84,7 +94,8 @@ def full_encoder_parts(path: str, link_prefix: str = "") -> list:
 def readme_section(env: dict, rows, path: str) -> str:
     stem = os.path.splitext(path)[0]
     plot = f"{stem}-select-time-vs-batch.png"
-    parts = ["## Benchmarks", "", USAGE, "", _provenance(env, path), "", report.goals_markdown(rows, env), ""]
+    parts = ["## Benchmarks", "", USAGE, "", _provenance(env, path), ""] + _range_caveat(rows)
+    parts += [report.goals_markdown(rows, env), ""]
     for group in ("select_maps", "encoder"):
         if any(r.group == group for r in rows):
             parts += [f"{report.GROUP_TITLES[group]}:", "", report.markdown_table(rows, group, with_skipped=False),
@@ -97,7 +108,7 @@ def readme_section(env: dict, rows, path: str) -> str:
 
 
 def hf_section(env: dict, rows, path: str) -> str:
-    parts = ["## Measured", "", _provenance(env, path, link_prefix="../"), ""]
+    parts = ["## Measured", "", _provenance(env, path, link_prefix="../"), ""] + _range_caveat(rows)
     parts += ["Encoders with random weights: plain SDPA with no pruning; ours (every layer keeps SDPA, two layers "
               "scored from q and k, then `select_with_roles`); the published recipe (eager attention with every "
               "layer's map, then its per-image loop).", "",

@@ -76,3 +76,76 @@ def test_selection_inputs_match_their_shapes(request):
             assert x.budget == case.params["budget"], case.name
             assert x.obj.shape[0] == case.params.get("rows", case.params["B"]), case.name
             assert f"{x.grid_h}x{x.grid_w}" == case.params["grid"], case.name
+
+
+def _encoder_rows(plain_rounds, ours_rounds, recipe_rounds):
+    """Encoder rows as the runner writes them (per-round medians), with round times chosen by the test."""
+    from benchmarks.runner import Row
+    from hiprune_ops import _timing
+
+    params = dict(model="CLIP-L/14-336", B=1, layers=24)
+    rows = []
+    for name, rounds in (("plain SDPA, no pruning", plain_rounds), ("ours (SDPA + qk_scores + select)", ours_rounds),
+                         ("published recipe (eager maps + loop)", recipe_rounds)):
+        spread = _timing.Spread.of([r / p for r, p in zip(rounds, plain_rounds)])
+        rows.append(Row("encoder", "encoder/clip/B1", name, "", params, median_s=sorted(rounds)[1], iqr_s=0.0,
+                        ratio=spread.median, extra_peak_bytes=None, samples=3, round_s=list(rounds),
+                        ratio_low=spread.low, ratio_high=spread.high))
+    return rows
+
+
+def test_tables_show_the_ratio_range_and_flag_a_wide_one():
+    from benchmarks import publish, report
+
+    env = {"device": "cpu"}
+    # ours / plain per round: 0.95, 0.96, 0.97 (narrow); recipe / plain: 1.0, 1.5, 1.2 (wide).
+    rows = _encoder_rows([2.0, 2.0, 2.0], [1.9, 1.92, 1.94], [2.0, 3.0, 2.4])
+    table = report.markdown_table(rows, "encoder")
+    assert "| ratio (range over rounds) |" in table
+    assert "| 1x |" in table  # the baseline
+    assert "| 0.96x (0.95 to 0.97) |" in table
+    assert "| 1.2x (1 to 1.5, WIDE) |" in table
+    measured = {goal.split(" (")[0]: text for goal, text, _ in report.goals(rows, env)}
+    assert measured["ours <= 1.01x plain SDPA"] == "0.960x (range 0.950x to 0.970x over 3 rounds)"
+    # recipe / ours per round: 2.0/1.9, 3.0/1.92, 2.4/1.94: the median of those, not a ratio of medians.
+    assert measured["ours >= 1.2x faster than the published recipe"].startswith(
+        f"{2.4 / 1.94:.3f}x (range {2.0 / 1.9:.3f}x to {3.0 / 1.92:.3f}x over 3 rounds; WIDE: the rounds disagree by")
+    assert publish._range_caveat(rows) == []
+
+
+def test_tables_from_an_older_results_file_say_they_have_no_range():
+    from types import SimpleNamespace
+
+    from benchmarks import publish, report
+
+    rows = [SimpleNamespace(**{k: v for k, v in vars(row).items() if k not in ("round_s", "ratio_low", "ratio_high")})
+            for row in _encoder_rows([2.0, 2.0, 2.0], [1.9, 1.92, 1.94], [2.0, 3.0, 2.4])]
+    table = report.markdown_table(rows, "encoder")
+    assert "| ratio |" in table and "| 0.96x |" in table and "range" not in table
+    measured = {goal.split(" (")[0]: text for goal, text, _ in report.goals(rows, {"device": "cpu"})}
+    assert measured["ours <= 1.01x plain SDPA"] == f"{1.92 / 2.0:.3f}x"  # medians' ratio, no range claimed
+    assert "predates per-round ratios" in publish._range_caveat(rows)[0]
+
+
+def test_compare_returns_medians_and_per_round_ratios():
+    from benchmarks import harness
+
+    calls = []
+    medians, ratios = harness.compare({"base": lambda: calls.append("base"), "other": lambda: calls.append("other")},
+                                      "base", rounds=3, warmup=1, repeat=2)
+    assert calls == ["base", "other"] + (["base"] * 2 + ["other"] * 2) * 3  # warm-up, then interleaved rounds
+    assert set(medians) == {"base", "other"} and set(ratios) == {"other"} and ratios["other"].rounds == 3
+    assert ratios["other"].low <= ratios["other"].median <= ratios["other"].high
+    with pytest.raises(KeyError, match="baseline 'missing' is not a candidate"):
+        harness.compare({"base": lambda: None}, "missing")
+
+
+def test_prompt_inputs_match_their_shapes(request):
+    """Each prompt_select case builds the features, kept tokens and count its shape column reports."""
+    for case in all_cases(bench_profile(request.config), bench_device(request.config)):
+        if case.group == "prompt_select" and case.params["B"] <= 2:
+            x = case.setup()
+            params = case.params
+            assert x.features.shape == (params["B"], params["N"], params["C"]), case.name
+            assert x.indices.shape == (params["B"], params["budget"]) and x.extra == params["extra"], case.name
+            assert hasattr(x, "obj_maps") == params["maps"], case.name

@@ -30,4 +30,6 @@ TORCH_LIBRARY(hiprune, m) {
       "prune(Tensor features, Tensor object_attn, Tensor deep_attn, int budget, int grid_h, int grid_w, "
       "float alpha=0.1, int num_prefix=0, str neighborhood=\"cross\", bool official=False) -> (Tensor, Tensor)",
       tags);
+  m.def("prompt_select(Tensor features, Tensor prompt, Tensor indices, Tensor roles, int extra) -> (Tensor, Tensor)",
+        tags);
 }

@@ -2,7 +2,8 @@
 
 from . import reference
 from .backend import extension_loaded
-from .ops import attention_scores, prune, qk_scores, select, select_with_roles
+from .ops import (attention_scores, prompt_extra_count, prompt_select, prune, qk_scores, select,
+                  select_with_roles)
 
 
 def __getattr__(name):
@@ -14,7 +15,8 @@ def __getattr__(name):
 
 
 __all__ = [
-    "attention_scores", "qk_scores", "select", "select_with_roles", "prune", "reference", "extension_loaded",
+    "attention_scores", "qk_scores", "select", "select_with_roles", "prune", "prompt_select", "prompt_extra_count",
+    "reference", "extension_loaded",
     "apply_hiprune", "remove_hiprune", "encode",
 ]
 __version__ = "0.1.0"

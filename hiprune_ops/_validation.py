@@ -162,3 +162,73 @@ def check_qk_args(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: in
             raise ValueError(f"cu_seqlens must start at 0 and end at T = {q.shape[0]}, got {bounds[0]} .. {bounds[-1]}")
         if any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
             raise ValueError("cu_seqlens must be non-decreasing")
+
+
+class PromptArgs(NamedTuple):
+    batch: int
+    n: int
+    channels: int
+    kept: int
+
+
+def check_prompt_args(features, prompt, indices, roles, extra) -> PromptArgs:
+    """Shapes, dtypes, devices and extra of prompt_select, as csrc/include/hiprune/checks.h checks them."""
+    if features.dim() != 3:
+        raise ValueError(f"features must be (B, N, C), got {features.dim()}-D")
+    check_float_dtype(features, "features")
+    if prompt.dim() != 2:
+        raise ValueError(f"prompt must be (B, C), got {prompt.dim()}-D")
+    check_float_dtype(prompt, "prompt")
+    if indices.dim() != 2:
+        raise ValueError(f"indices must be (B, kept), got {indices.dim()}-D")
+    if indices.dtype != torch.int64:
+        raise TypeError(f"indices must be int64, got {indices.dtype}")
+    if roles.dtype != torch.int8:
+        raise TypeError(f"roles must be int8, got {roles.dtype}")
+    batch, n, channels = features.shape
+    if prompt.shape[0] != batch:
+        raise ValueError(f"prompt batch {prompt.shape[0]} does not match features batch {batch}")
+    if prompt.shape[1] != channels:
+        raise ValueError(f"prompt has {prompt.shape[1]} channels but features has {channels}")
+    if indices.shape[0] != batch:
+        raise ValueError(f"indices batch {indices.shape[0]} does not match features batch {batch}")
+    if roles.shape != indices.shape:
+        raise ValueError(f"roles shape {tuple(roles.shape)} must equal indices shape {tuple(indices.shape)}")
+    for name, t in (("prompt", prompt), ("indices", indices), ("roles", roles)):
+        if t.device != features.device:
+            raise ValueError(f"{name} is on {t.device} but features is on {features.device}")
+    if n >= 2**31:
+        raise ValueError(f"features has too many tokens: {n}")
+    kept = indices.shape[1]
+    if kept > n:
+        raise ValueError(f"indices has {kept} kept tokens but features has only N = {n}")
+    if not 0 <= extra <= n - kept:
+        raise ValueError(f"extra must be in [0, N - kept] = [0, {n - kept}], got {extra}")
+    return PromptArgs(batch, n, channels, kept)
+
+
+def check_prompt_index_values(indices: torch.Tensor, n: int) -> None:
+    """Each row of kept indices strictly increasing in [0, N - 1]; read on the CPU only (on a GPU it would sync)."""
+    if indices.device.type != "cpu" or isinstance(indices, torch._subclasses.FakeTensor):
+        return
+    if indices.numel() == 0 or bool((indices[:, 0] >= 0).all() & (indices[:, -1] < n).all()
+                                    & (indices[:, 1:] > indices[:, :-1]).all()):
+        return
+    for r, row in enumerate(indices.tolist()):  # the first offending row, for the message
+        previous = -1
+        for i in row:
+            if not previous < i < n:
+                raise ValueError(f"indices must be strictly increasing in [0, N - 1] = [0, {n - 1}], row {r} has "
+                                 f"{i} after {previous}")
+            previous = i
+
+
+def prompt_extra_count(kept: int, n: int, beta: float = 0.1, has_text: bool = True) -> int:
+    """HiPrune++'s added tokens: round_half_even(beta * kept), at most the n - kept tokens left; 0 without text."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not 0 <= kept <= n:
+        raise ValueError(f"kept must be in [0, n] = [0, {n}], got {kept}")
+    if not has_text:
+        return 0
+    return min(round_half_even(beta * kept), n - kept)

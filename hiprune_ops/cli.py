@@ -7,6 +7,7 @@ downloaded. The image is scikit-image's bundled astronaut photo unless --image i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -14,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from . import _timing as timing
 from ._report import device_description, format_table, synchronize
 
 # CLIP ViT-L/14 at 336 px, the tower of LLaVA-1.5.
@@ -29,6 +31,13 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 LLAMA_7B = dict(layers=32, hidden=4096, intermediate=11008)
 ROLE_COLOURS = {0: (230, 40, 40), 1: (255, 190, 0), 2: (40, 120, 255)}
 ROLE_NAMES = {0: "anchor", 1: "buffer", 2: "register"}
+# The timed passes, in the order each round runs them, with their progress-bar labels.
+PLAIN, OURS = "unpatched SDPA encoder pass", "encoder + q/k scores + selection"
+PASS_LABELS = {PLAIN: "unpatched SDPA pass   ", OURS: "encoder + q/k scores  "}
+DEMO_WARMUP = 1  # one untimed pass of each: the first call's set-up lands on neither side
+# A round of the full-size encoder (one pass of each) took 10.4 s of CPU time on the project's 2-core box, about 5 s
+# of wall time when it is idle: 3 rounds keep a warm `make demo` near 30 s there, and still give a range.
+DEMO_ROUNDS = 3
 
 
 def prefill_flops(tokens: int, layers: int, hidden: int, intermediate: int) -> float:
@@ -163,37 +172,48 @@ def demo(args) -> int:
     pruned = HiPruneVisionTower(encoder, args.budget, alpha=args.alpha, deep_layer=args.deep_layer,
                                 object_layer=args.object_layer, official=args.official)
     layers = pruned.layers
-    unpatched, patched, selection = [], [], []
-    result = None
+    selection, kept = [], {}
+
+    def ours_pass():
+        obj, deep = pruned.scores(pixel_values)
+        synchronize(device)
+        middle = time.perf_counter()
+        indices, roles = pruned.select(obj, deep)
+        synchronize(device)
+        selection.append(time.perf_counter() - middle)
+        kept["indices"], kept["roles"] = indices, roles
+
+    def plain_pass():
+        encoder(pixel_values=pixel_values)
+
+    @contextlib.contextmanager
+    def around(name, round_):
+        # Untimed: the layer progress bar (warm-up passes only) and, for the unpatched pass, the capture taken off.
+        with _LayerProgress(layers, PASS_LABELS[name], round_ is None):
+            if name != PLAIN:
+                yield
+                return
+            with pruned.capture_paused():  # the unpatched pass runs without any capture
+                yield
+
+    def report_round(round_, so_far):
+        plain, ours = so_far[PLAIN][round_], so_far[OURS][round_]
+        print(f"      round {round_ + 1}/{args.rounds}: unpatched {plain * 1e3:.1f} ms, encoder + selection "
+              f"{ours * 1e3:.1f} ms ({ours / plain:.3f}x)", flush=True)
+
     try:
-        rounds = f"{args.repeat} round{'s' if args.repeat > 1 else ''}"
-        t0 = _step(3, total, f"timing: unpatched SDPA pass vs encoder + HiPrune selection ({rounds})")
+        _step(3, total, f"timing: unpatched SDPA pass vs encoder + HiPrune selection ({DEMO_WARMUP} warm-up pass "
+                        f"of each, then {args.rounds} interleaved round{'s' if args.rounds > 1 else ''})")
         with torch.inference_mode():
-            for round_ in range(args.repeat):
-                show = round_ == 0
-                # The patched pass goes first, so any cold-start cost lands on it, not on the baseline.
-                with _LayerProgress(layers, "encoder + q/k scores  ", show):
-                    start = time.perf_counter()
-                    obj, deep = pruned.scores(pixel_values)
-                    synchronize(device)
-                    middle = time.perf_counter()
-                    indices, roles = pruned.select(obj, deep)
-                    synchronize(device)
-                    end = time.perf_counter()
-                patched.append(end - start)
-                selection.append(end - middle)
-                result = (indices[0].cpu(), roles[0].cpu())
-                # The unpatched pass runs without any capture.
-                with pruned.capture_paused(), _LayerProgress(layers, "unpatched SDPA pass   ", show):
-                    start = time.perf_counter()
-                    encoder(pixel_values=pixel_values)
-                    synchronize(device)
-                    unpatched.append(time.perf_counter() - start)
-        times["unpatched SDPA encoder pass"] = min(unpatched)
-        times["encoder + q/k scores + selection"] = min(patched)
-        times["  of which selection"] = min(selection)
+            samples = timing.interleaved_times({PLAIN: plain_pass, OURS: ours_pass}, rounds=args.rounds,
+                                               warmup=DEMO_WARMUP, timer=timing.wall_timer(device), around=around,
+                                               on_round=report_round)
+        result = (kept["indices"][0].cpu(), kept["roles"][0].cpu())
     finally:
         pruned.remove()
+    passes = {name: timing.Spread.of(samples[name]) for name in (PLAIN, OURS)}
+    passes["  of which selection"] = timing.Spread.of(selection[-args.rounds:])  # the warm-up's left out
+    ratio = timing.ratios(samples, PLAIN)[OURS]
 
     t0 = _step(4, total, "writing the overlay")
     _overlay(shown, result[0], result[1], grid, args.output)
@@ -208,10 +228,20 @@ def demo(args) -> int:
                  ["role", "tokens"], [[k, v] for k, v in counts.items()] + [["total", sum(counts.values())]]))
     print()
 
-    print(format_table(f"Stage times (min of {args.repeat}) on {device_description(device)}", ["stage", "ms"],
-                 [[k, f"{v * 1e3:.2f}"] for k, v in times.items()]))
-    ratio = times["encoder + q/k scores + selection"] / times["unpatched SDPA encoder pass"]
-    print(f"encoder + selection / unpatched SDPA pass: {ratio:.3f}x")
+    once = [[stage, f"{seconds * 1e3:.2f}", "once"] for stage, seconds in times.items()]
+    timed = [[stage, f"{spread.median * 1e3:.2f}", f"{spread.low * 1e3:.2f} to {spread.high * 1e3:.2f}"]
+             for stage, spread in passes.items()]
+    rows = once[:-1] + timed + once[-1:]  # in the order the stages ran: the overlay is written last
+    print(format_table(f"Stage times on {device_description(device)}; encoder passes: median and range of "
+                       f"{args.rounds} interleaved round{'s' if args.rounds > 1 else ''} after {DEMO_WARMUP} warm-up "
+                       "pass of each", ["stage", "ms", "range ms"], rows))
+    print(f"encoder + selection / unpatched SDPA pass: {ratio.ratio_text()}")
+    if ratio.note() is not None:
+        print(f"note: {ratio.note()}")
+    last = max(pruned.object_layer, pruned.deep_layer)
+    if last < config.num_hidden_layers:  # then part of the ratio is layers not run, not faster layers
+        print(f"      (the patched pass stops at layer {last} of {config.num_hidden_layers}, the deepest it scores; "
+              "the unpatched pass runs them all)")
     print()
     text = args.text_tokens
     full = prefill_flops(n_tokens + text, **LLAMA_7B)
@@ -245,11 +275,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                           "feeding LLaVA-1.5's projector)")
     run.add_argument("--size", choices=sorted(SIZES), default="vit-l-336",
                      help="random encoder shape (default vit-l-336; tiny: 4 narrow layers, same 24x24 grid)")
-    run.add_argument("--repeat", type=int, default=1, help="timing rounds, the minimum is reported (default 1)")
+    run.add_argument("--rounds", "--repeat", dest="rounds", type=int, default=DEMO_ROUNDS,
+                     help=f"timed rounds (unpatched, then patched) after one warm-up pass of each; the ratio is the "
+                          f"median over the rounds, shown with its range (default {DEMO_ROUNDS})")
     run.add_argument("--text-tokens", type=int, default=64, help="text tokens assumed in the FLOPs table")
     args = parser.parse_args(argv)
-    if args.repeat < 1:
-        parser.error("--repeat must be >= 1")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.budget == 0:  # the library reads 0 as "keep every token"; the demo is there to show a pruning
         print("error: --budget must be >= 1 (budget 0 keeps every token: nothing to draw)", file=sys.stderr)
         return 2

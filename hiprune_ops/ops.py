@@ -79,6 +79,28 @@ def prune(features: torch.Tensor, object_attn: torch.Tensor, deep_attn: torch.Te
         features, object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix, neighborhood, official)
 
 
+def prompt_extra_count(kept: int, n: int, beta: float = 0.1, has_text: bool = True) -> int:
+    """How many tokens HiPrune++ adds to an image whose HiPrune selection keeps `kept` of its `n` tokens:
+    round_half_even(beta * kept), at most the n - kept tokens left, 0 when the prompt has no text. The language
+    model then sees kept + this many tokens of the image, a number known before the encoder runs."""
+    return v.prompt_extra_count(kept, n, beta, has_text)
+
+
+def prompt_select(features: torch.Tensor, prompt: Optional[torch.Tensor], indices: torch.Tensor,
+                  roles: torch.Tensor, beta: float = 0.1, *,
+                  backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """HiPrune++: select's (indices, roles) plus the prompt_extra_count(kept, N, beta) tokens not kept whose
+    features (B, N, C) have the highest cosine similarity to the prompt embedding (B, C).
+
+    Returns int64 indices and int8 roles (B, kept + extra), indices strictly increasing; added tokens have role 3.
+    prompt=None (a prompt without text) adds nothing. Ties go to the lower index; NaN (a zero vector) ranks last.
+    """
+    extra = prompt_extra_count(indices.shape[1], features.shape[1], beta, has_text=prompt is not None)
+    if prompt is None:  # not read when nothing is added
+        prompt = features.new_zeros((features.shape[0], features.shape[2]))
+    return _implementation("prompt_select", backend, features.device)(features, prompt, indices, roles, extra)
+
+
 # Fake kernels: output shapes from the arguments alone, and the same argument errors as the real kernels. The
 # Triton ops (hiprune_ops.triton_kernels) register these same functions as their fakes.
 
@@ -115,23 +137,32 @@ def prune_fake(features, object_attn, deep_attn, budget, grid_h, grid_w, alpha=0
     return (features.new_empty((args.batch, budget, features.shape[2])),
             object_attn.new_empty((args.batch, budget), dtype=torch.int64))
 
+def prompt_select_fake(features, prompt, indices, roles, extra):
+    args = v.check_prompt_args(features, prompt, indices, roles, extra)
+    shape = (args.batch, args.kept + extra)
+    return indices.new_empty(shape), roles.new_empty(shape)
+
+
 FAKES = {"attention_scores": attention_scores_fake, "qk_scores": qk_scores_fake, "select": select_fake,
-         "select_with_roles": select_with_roles_fake, "prune": prune_fake}
+         "select_with_roles": select_with_roles_fake, "prune": prune_fake, "prompt_select": prompt_select_fake}
+
+
+# prune is differentiable in its features (a gather); the indices are discrete, so the maps get no gradient. The
+# C++ op (below) and the Triton op (triton_kernels/prune.py) register this same backward.
+def prune_setup_context(ctx, inputs, output):
+    features = inputs[0]
+    ctx.feature_shape = features.shape
+    ctx.save_for_backward(output[1])
+
+
+def prune_backward(ctx, grad_kept, grad_indices):
+    (indices,) = ctx.saved_tensors
+    grad_features = grad_kept.new_zeros(ctx.feature_shape)
+    grad_features.scatter_add_(1, indices.unsqueeze(-1).expand_as(grad_kept), grad_kept)
+    return (grad_features,) + (None,) * 9
+
 
 if extension_loaded():
     for _op, _fake in FAKES.items():
         torch.library.register_fake(f"hiprune::{_op}", _fake)
-
-    # prune is differentiable in its features (a gather); the indices are discrete, so the maps get no gradient.
-    def _prune_setup_context(ctx, inputs, output):
-        features = inputs[0]
-        ctx.feature_shape = features.shape
-        ctx.save_for_backward(output[1])
-
-    def _prune_backward(ctx, grad_kept, grad_indices):
-        (indices,) = ctx.saved_tensors
-        grad_features = grad_kept.new_zeros(ctx.feature_shape)
-        grad_features.scatter_add_(1, indices.unsqueeze(-1).expand_as(grad_kept), grad_kept)
-        return (grad_features,) + (None,) * 9
-
-    torch.library.register_autograd("hiprune::prune", _prune_backward, setup_context=_prune_setup_context)
+    torch.library.register_autograd("hiprune::prune", prune_backward, setup_context=prune_setup_context)

@@ -13,6 +13,7 @@ import torch
 from . import _validation as v
 
 ANCHOR, BUFFER, REGISTER = 0, 1, 2
+PROMPT = 3  # a token HiPrune++ adds because it matches the prompt (prompt_select)
 
 # Neighbour offsets (row, col): up, down, left, right, then the diagonals of "square".
 _OFFSETS = [(-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1)]
@@ -130,3 +131,36 @@ def prune(features: torch.Tensor, object_attn: torch.Tensor, deep_attn: torch.Te
     v.check_prune_features(features, args, object_attn)
     indices = select(object_attn, deep_attn, budget, grid_h, grid_w, alpha, num_prefix, neighborhood, official)
     return features.gather(1, indices.unsqueeze(-1).expand(-1, -1, features.shape[2])), indices
+
+
+def prompt_cosines(features: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) features, (B, C) prompt -> float32 (B, N) cosine similarities: float64 sums (the products of the
+    inputs are exact there), the quotient rounded once. A zero vector on either side gives 0 / 0 = NaN."""
+    f, p = features.double(), prompt.double()
+    dot = torch.einsum("bnc,bc->bn", f, p)
+    ff = torch.einsum("bnc,bnc->bn", f, f)
+    pp = torch.einsum("bc,bc->b", p, p)
+    return (dot / torch.sqrt(ff * pp[:, None])).to(torch.float32)
+
+
+def prompt_select(features: torch.Tensor, prompt: torch.Tensor, indices: torch.Tensor, roles: torch.Tensor,
+                  extra: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HiPrune++: the kept tokens plus the `extra` tokens not kept whose features are most similar to the prompt,
+    (B, kept + extra) in increasing index order; roles are the kept tokens' own, PROMPT for the added ones."""
+    args = v.check_prompt_args(features, prompt, indices, roles, extra)
+    v.check_prompt_index_values(indices, args.n)
+    batch, n = args.batch, args.n
+    # Values outside [0, N) (unchecked off the CPU) land in a spare column n, never out of bounds.
+    safe = torch.where((indices >= 0) & (indices < n), indices, n)
+    kept = torch.zeros(batch, n + 1, dtype=torch.bool, device=features.device)
+    kept.scatter_(1, safe, True)
+    role = torch.full((batch, n + 1), -1, dtype=torch.int8, device=features.device)
+    role.scatter_(1, safe, roles)
+    kept, role = kept[:, :n], role[:, :n]
+    added = torch.zeros_like(kept)
+    if extra > 0:
+        added = ~kept & (rank_positions(prompt_cosines(features, prompt), excluded=kept) < extra)
+    role = torch.where(added, PROMPT, role).to(torch.int8)
+    # Chosen tokens first, each in increasing index order.
+    out = torch.sort((~(kept | added)).to(torch.int8), dim=1, stable=True).indices[:, :args.kept + extra]
+    return out, role.gather(1, out)

@@ -14,7 +14,7 @@ from hiprune_ops.backend import built_for_torch, has_cpp_kernel
 assert "site-packages" in hiprune_ops.__file__, f"imported from the source tree: {hiprune_ops.__file__}"
 assert hiprune_ops.extension_loaded(), "hiprune_ops._C was not built or does not load"
 assert built_for_torch() == torch.__version__, (built_for_torch(), torch.__version__)
-for op in ("attention_scores", "qk_scores", "select", "select_with_roles", "prune"):
+for op in ("attention_scores", "qk_scores", "select", "select_with_roles", "prune", "prompt_select"):
     assert has_cpp_kernel(op, "cpu"), f"no CPU kernel of hiprune::{op}"
 attn = torch.softmax(torch.randn(2, 3, 17, 17), dim=-1)
 expected = hiprune_ops.reference.select(attn, attn.flip(-1), 6, 4, 4, 0.5, 1)

@@ -15,7 +15,7 @@ from hiprune_ops.backend import extension_loaded, has_cpp_kernel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_SOURCES = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))}
 COMPARED_DEVICES = ("cpu", "cuda")  # the CPU kernel is the truth the CUDA kernel is held to
-OPS = ("attention_scores", "qk_scores", "select", "select_with_roles", "prune")
+OPS = ("attention_scores", "qk_scores", "select", "select_with_roles", "prune", "prompt_select")
 
 
 def _cuda_build_expected() -> bool:

@@ -5,6 +5,7 @@ import torch
 
 import hiprune_ops
 from conftest import assert_selection_invariants, backend_params, random_maps, random_scores
+from hiprune_ops import published
 from hiprune_ops import reference as ref
 
 GRIDS = [(1, 1), (4, 4), (5, 7), (14, 14), (24, 24)]
@@ -19,16 +20,41 @@ def budgets_for(n):
     return sorted({b for b in (1, n, 64, 128, 192, max(1, n // 3)) if b <= n})
 
 
+def independent_scores(t, num_prefix):
+    """float32 scores as the ops rank them, not through the reference: maps reduced by a float64 mean, NaN mapped
+    below every number (the inputs here hold no -inf)."""
+    scores = t.double()[..., num_prefix:].mean(dim=(1, 2)).float() if t.dim() == 4 else t.float()
+    return torch.nan_to_num(scores, nan=float("-inf"))
+
+
+def assert_reference_selection(obj, deep, idx, roles, budget, grid_h, grid_w, alpha, num_prefix, neighborhood,
+                               official):
+    """The reference is the others' truth, so it is checked against what does not share its code: the spec's
+    invariants from first principles, or (official=True) the restatement of the authors' release."""
+    obj_scores, deep_scores = independent_scores(obj, num_prefix), independent_scores(deep, num_prefix)
+    if not official:
+        assert_selection_invariants(obj_scores, deep_scores, idx, roles, budget, grid_h, grid_w, alpha, neighborhood)
+        return
+    # The release ranks by topk, whose order among equal scores is unspecified: distinct finite scores only.
+    for scores in (obj_scores, deep_scores):
+        assert bool(torch.isfinite(scores).all()), "official cases of the reference need finite scores"
+        assert all(len(set(row.tolist())) == row.numel() for row in scores), "official cases need distinct scores"
+    mask = published.select_mask(obj_scores, deep_scores, budget, grid_w, alpha)
+    assert torch.equal(idx, published.mask_to_indices(mask))
+
+
 def assert_same_selection(backend, device, obj, deep, budget, grid_h, grid_w, alpha, num_prefix=0,
                           neighborhood="cross", official=False):
     args = (budget, grid_h, grid_w, alpha, num_prefix, neighborhood, official)
-    expected_idx, expected_roles = ref.select_with_roles(obj, deep, *args)
-    obj, deep = obj.to(device), deep.to(device)
-    idx, roles = hiprune_ops.select_with_roles(obj, deep, *args, backend=backend)
+    idx, roles = hiprune_ops.select_with_roles(obj.to(device), deep.to(device), *args, backend=backend)
     assert idx.device.type == device
+    assert torch.equal(hiprune_ops.select(obj.to(device), deep.to(device), *args, backend=backend), idx)
+    if (backend, device) == ("torch", "cpu"):
+        assert_reference_selection(obj, deep, idx, roles, *args)
+        return
+    expected_idx, expected_roles = ref.select_with_roles(obj, deep, *args)
     assert torch.equal(idx.cpu(), expected_idx), args
     assert torch.equal(roles.cpu(), expected_roles), args
-    assert torch.equal(hiprune_ops.select(obj, deep, *args, backend=backend).cpu(), expected_idx)
 
 
 @pytest.mark.parametrize("backend,device", backend_params("select_with_roles"))
@@ -118,7 +144,9 @@ def test_attention_scores_bitwise(backend, device, dtype):
         if (backend, device) == ("triton", "cpu") and length > 50:
             continue
         attn = random_maps(batch, heads, length, dtype=dtype, seed=length)
-        expected = ref.attention_scores(attn, prefix)
+        # The reference itself (torch-cpu) against a float64 mean, not its own code.
+        expected = (attn.double()[..., prefix:].mean(dim=(1, 2)).float() if (backend, device) == ("torch", "cpu")
+                    else ref.attention_scores(attn, prefix))
         got = hiprune_ops.attention_scores(attn.to(device), prefix, backend=backend)
         assert got.dtype == torch.float32 and got.shape == (batch, length - prefix)
         assert torch.equal(got.cpu(), expected)
@@ -138,6 +166,24 @@ def test_prune_gathers_the_selected_features(backend, device, dtype):
     assert torch.equal(idx.cpu(), expected_idx)
     assert kept.dtype == dtype and kept.shape == (3, 9, 8)
     assert torch.equal(kept.cpu(), torch.stack([features[b, expected_idx[b]] for b in range(3)]))
+
+
+@pytest.mark.parametrize("backend,device", backend_params("prune"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prune_gradient_on_every_backend(backend, device, dtype):
+    """prune is differentiable in features, with the same backward whichever backend ran: a scatter of the kept
+    rows' gradient, zero elsewhere; the maps get none."""
+    obj, deep = random_maps(3, 2, 26, seed=5).to(device), random_maps(3, 2, 26, seed=6).to(device)
+    obj.requires_grad_(True)
+    features = torch.randn(3, 25, 4).to(device, dtype).requires_grad_(True)
+    weights = torch.randn(3, 9, 4).to(device, dtype)
+    kept, idx = hiprune_ops.prune(features, obj, deep, 9, 5, 5, 0.5, 1, backend=backend)
+    (kept * weights).sum().backward()
+    expected = torch.zeros(3, 25, 4, dtype=dtype)
+    for b in range(3):
+        expected[b, idx[b].cpu()] = weights[b].cpu()
+    assert features.grad.dtype == dtype and torch.equal(features.grad.cpu(), expected)
+    assert obj.grad is None or not bool(obj.grad.any())
 
 
 @pytest.mark.parametrize("backend,device", backend_params("select_with_roles"))

@@ -1,9 +1,11 @@
-"""The torch reference against hand-worked cases, the spec's invariants and a restatement of the authors' release."""
+"""The torch reference against hand-worked cases, the spec's invariants and the restatement of the authors' release
+(hiprune_ops/published.py, which the benchmarks use too)."""
 
 import pytest
 import torch
 
 from conftest import ANCHOR, BUFFER, REGISTER, assert_selection_invariants, random_maps, random_scores
+from hiprune_ops import published
 from hiprune_ops import reference as ref
 from hiprune_ops._validation import anchor_count
 
@@ -75,26 +77,6 @@ def test_anchor_count(budget, alpha, neighborhood, official, expected):
     assert anchor_count(budget, alpha, neighborhood, official) == expected
 
 
-def official_release_restatement(object_scores, deep_scores, budget, grid_w, alpha):
-    """Our own restatement of the authors' released LLaVA selection (Danielement321/HiPrune, llava_arch.py),
-    generalised from the hard-coded 24x24 grid: a per-image loop with topk, clamped flat neighbours, unique, and
-    registers found by pushing kept tokens down by 1 (scores are probabilities in [0, 1])."""
-    batch, n = object_scores.shape
-    n_shallow = round(budget * alpha / 5)
-    rows = []
-    for b in range(batch):
-        anchors = torch.topk(object_scores[b], k=n_shallow).indices
-        kept = torch.cat([anchors, anchors - 1, anchors + 1, anchors - grid_w, anchors + grid_w]).clamp(0, n - 1)
-        kept = torch.unique(kept)
-        deep = deep_scores[b].clone()
-        deep[kept] -= 1
-        if kept.numel() > budget:
-            return None  # the release's topk fails here; the spec asks for a clear error
-        registers = torch.topk(deep, k=budget - kept.numel()).indices
-        rows.append(torch.sort(torch.cat([kept, registers])).values)
-    return torch.stack(rows)
-
-
 @pytest.mark.parametrize("grid", [(24, 24), (14, 14), (5, 7)])
 @pytest.mark.parametrize("budget", [192, 128, 64, 17])
 @pytest.mark.parametrize("alpha", [0.1, 0.5, 1.0])
@@ -106,8 +88,10 @@ def test_official_mode_reproduces_the_release(grid, budget, alpha):
     obj = random_maps(2, 2, n + 1, seed=budget)
     deep = random_maps(2, 2, n + 1, seed=budget + 1)
     obj_scores, deep_scores = ref.attention_scores(obj, 1), ref.attention_scores(deep, 1)
-    expected = official_release_restatement(obj_scores, deep_scores, budget, grid_w, alpha)
-    if expected is None:
+    try:
+        expected = published.mask_to_indices(published.select_mask(obj_scores, deep_scores, budget, grid_w, alpha))
+    except ValueError as release_error:  # anchors and buffers above the budget: the release fails, we raise
+        assert "more than budget" in str(release_error)
         with pytest.raises(ValueError, match="more than budget"):
             ref.select(obj, deep, budget, grid_h, grid_w, alpha, num_prefix=1, official=True)
         return

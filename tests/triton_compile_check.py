@@ -13,12 +13,14 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from hiprune_ops.triton_kernels import _selection, attention_scores, prune, qk_scores  # noqa: E402
+from hiprune_ops.triton_kernels import _selection, attention_scores, prompt_select, prune, qk_scores  # noqa: E402
 
 SELECT_POINTERS = {"obj_ptr": "*fp32", "deep_ptr": "*bf16", "role_scratch_ptr": "*i8", "indices_ptr": "*i64",
                    "roles_ptr": "*i8", "kept_ptr": "*i32"}
 QK_POINTERS = {"lse_ptr": "*fp32", "colsum_ptr": "*fp32", "cu_ptr": "*i32", "scale_log2": "fp32",
                "lse_to_log2": "fp32"}
+PROMPT_POINTERS = {"indices_ptr": "*i64", "slots_ptr": "*i32", "out_ptr": "*fp32", "cos_ptr": "*fp32",
+                   "roles_ptr": "*i8", "out_indices_ptr": "*i64", "out_roles_ptr": "*i8"}
 # Ints equal to 1 are specialised to constants by Triton: compile one variant that way too.
 ONES = {"n": 1, "budget": 1, "grid_h": 1, "grid_w": 1, "n_anchor": 1, "obj_sn": 1, "deep_sn": 1}
 
@@ -46,6 +48,14 @@ CASES = [
      dict(VARLEN=True, BLOCK_D0=64, BLOCK_D1=32, PRECISION="ieee", UPCAST=False, BLOCK_M=32, BLOCK_N=64)),
     (prune._gather_rows_kernel, {"features_ptr": "*fp16", "indices_ptr": "*i64", "out_ptr": "*fp16"},
      dict(BLOCK_K=16, BLOCK_C=128)),
+    (prompt_select._mark_kept_kernel, PROMPT_POINTERS, dict(CHUNK=256)),
+    (prompt_select._cosine_kernel, {**PROMPT_POINTERS, "f_ptr": "*bf16", "p_ptr": "*fp16"},
+     dict(BLOCK_N=16, BLOCK_C=128)),
+    (prompt_select._cosine_kernel, {**PROMPT_POINTERS, "f_ptr": "*fp32", "p_ptr": "*fp32"},
+     dict(BLOCK_N=16, BLOCK_C=128)),
+    (prompt_select._merge_kernel, PROMPT_POINTERS, dict(CHUNK=64, SINGLE=True, PAIRWISE=True)),
+    (prompt_select._merge_kernel, PROMPT_POINTERS, dict(CHUNK=1024, SINGLE=True, PAIRWISE=False)),
+    (prompt_select._merge_kernel, PROMPT_POINTERS, dict(CHUNK=1024, SINGLE=False, PAIRWISE=False)),
 ]
 
 

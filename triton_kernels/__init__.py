@@ -4,4 +4,5 @@ They run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (set befor
 a torch.library.triton_op, so torch.compile(fullgraph=True) traces through its kernel launches.
 """
 
-from . import attention_scores, prune, qk_scores, select, select_with_roles  # noqa: F401  (registrations)
+# Imported for their registrations.
+from . import attention_scores, prompt_select, prune, qk_scores, select, select_with_roles  # noqa: F401

@@ -49,3 +49,5 @@ def prune(features: torch.Tensor, object_attn: torch.Tensor, deep_attn: torch.Te
 
 # Shapes only, the same fake as torch.ops.hiprune.prune (the interpreter cannot trace the op itself).
 prune.register_fake(ops.prune_fake)
+# The same backward as torch.ops.hiprune.prune: differentiable in features, whichever backend ran.
+prune.register_autograd(ops.prune_backward, setup_context=ops.prune_setup_context)

@@ -156,4 +156,62 @@ inline void check_qk_args(const at::Tensor& q, const at::Tensor& k, double scale
   }
 }
 
+struct PromptArgs {
+  int64_t batch;
+  int64_t n;         // visual tokens
+  int64_t channels;
+  int64_t kept;      // tokens HiPrune kept (columns of indices)
+};
+
+// Validates the arguments of prompt_select (shapes, dtypes, devices, extra); the values of indices are checked by
+// check_prompt_index_values, on the CPU only.
+inline PromptArgs check_prompt_args(const at::Tensor& features, const at::Tensor& prompt, const at::Tensor& indices,
+                                    const at::Tensor& roles, int64_t extra) {
+  TORCH_CHECK_VALUE(features.dim() == 3, "features must be (B, N, C), got ", features.dim(), "-D");
+  check_float_dtype(features, "features");
+  TORCH_CHECK_VALUE(prompt.dim() == 2, "prompt must be (B, C), got ", prompt.dim(), "-D");
+  check_float_dtype(prompt, "prompt");
+  TORCH_CHECK_VALUE(indices.dim() == 2, "indices must be (B, kept), got ", indices.dim(), "-D");
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "indices must be int64, got ", indices.scalar_type());
+  TORCH_CHECK_TYPE(roles.scalar_type() == at::kChar, "roles must be int8, got ", roles.scalar_type());
+  const int64_t batch = features.size(0), n = features.size(1), channels = features.size(2);
+  TORCH_CHECK_VALUE(prompt.size(0) == batch, "prompt batch ", prompt.size(0), " does not match features batch ", batch);
+  TORCH_CHECK_VALUE(prompt.size(1) == channels, "prompt has ", prompt.size(1), " channels but features has ", channels);
+  TORCH_CHECK_VALUE(indices.size(0) == batch, "indices batch ", indices.size(0), " does not match features batch ",
+                    batch);
+  TORCH_CHECK_VALUE(roles.sizes() == indices.sizes(), "roles shape ", shape_str(roles.sizes()),
+                    " must equal indices shape ", shape_str(indices.sizes()));
+  const auto check_device = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK_VALUE(t.device() == features.device(), name, " is on ", t.device(), " but features is on ",
+                      features.device());
+  };
+  check_device(prompt, "prompt");
+  check_device(indices, "indices");
+  check_device(roles, "roles");
+  TORCH_CHECK_VALUE(n < (int64_t(1) << 31), "features has too many tokens: ", n);
+  const int64_t kept = indices.size(1);
+  TORCH_CHECK_VALUE(kept <= n, "indices has ", kept, " kept tokens but features has only N = ", n);
+  TORCH_CHECK_VALUE(extra >= 0 && extra <= n - kept, "extra must be in [0, N - kept] = [0, ", n - kept, "], got ",
+                    extra);
+  return PromptArgs{batch, n, channels, kept};
+}
+
+// The kept indices of each image must be strictly increasing in [0, N - 1]: read on the CPU only (reading a GPU
+// tensor would synchronise; the GPU kernels trust the values and never index out of bounds with them).
+inline void check_prompt_index_values(const at::Tensor& indices, int64_t n) {
+  if (!indices.device().is_cpu()) return;
+  const at::Tensor values = indices.contiguous();
+  const int64_t* v = values.const_data_ptr<int64_t>();
+  const int64_t rows = values.size(0), cols = values.size(1);
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t previous = -1;
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t i = v[r * cols + c];
+      TORCH_CHECK_VALUE(i > previous && i < n, "indices must be strictly increasing in [0, N - 1] = [0, ", n - 1,
+                        "], row ", r, " has ", i, " after ", previous);
+      previous = i;
+    }
+  }
+}
+
 }  // namespace hiprune

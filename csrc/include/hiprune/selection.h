@@ -14,7 +14,8 @@
 
 namespace hiprune {
 
-enum Role : int8_t { kAnchor = 0, kBuffer = 1, kRegister = 2 };
+// kPrompt: a token HiPrune++ adds because it matches the prompt (csrc/include/hiprune/prompt.h).
+enum Role : int8_t { kAnchor = 0, kBuffer = 1, kRegister = 2, kPrompt = 3 };
 
 enum Neighborhood : int { kCross = 0, kSquare = 1 };
 

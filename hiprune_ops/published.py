@@ -1,4 +1,5 @@
-"""The authors' released HiPrune recipe, restated for comparison (written from its description, not its code).
+"""The authors' released HiPrune recipe, restated for comparison (written from its description, not its code):
+the one restatement, used by tests/test_reference.py (against official=True) and the benchmarks (as a baseline).
 
 What the release does, per batch of images:
 1. the vision tower runs with eager attention and returns every layer's attention map;
@@ -35,6 +36,8 @@ def select_mask(object_scores: torch.Tensor, deep_scores: torch.Tensor, budget: 
     for image in range(batch):
         anchors = torch.topk(object_scores[image], n_anchor).indices
         around = torch.unique((anchors[None, :] + steps[:, None]).clamp(0, n - 1))
+        if around.numel() > budget:  # the release's topk fails here, on a negative count
+            raise ValueError(f"the release keeps {around.numel()} anchors and buffers, more than budget {budget}")
         taken = torch.zeros(n, dtype=torch.bool, device=device)
         taken[around] = True
         lowered = deep_scores[image] - taken.to(deep_scores.dtype)
