@@ -80,7 +80,7 @@ $(VLLM_EDITABLE_STAMP): $(VLLM_DEPS_STAMP) pyproject.toml
 	touch $@
 
 # Tier 2 of the vLLM plugin: tiny random models built offline, vLLM's CPU build, in-process and multiprocess,
-# and behind its OpenAI server (test_serving.py, about 6 minutes on 2 cores: six server starts).
+# and behind its OpenAI server (test_serving.py: six server starts, 4.5 to 9.5 minutes on a shared 2-core box).
 test-vllm: build $(VLLM_EDITABLE_STAMP)
 	HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest -q tests_vllm
 
