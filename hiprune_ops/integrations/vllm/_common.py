@@ -79,8 +79,23 @@ class ProcessorMixin:
 
     geometry: families.Geometry
 
+    _hiprune_profiling = False  # set while vLLM processes its dummy inputs
+
     def _hiprune_settings(self, mm_kwargs: Mapping[str, object]) -> HiPruneSettings:
+        if self._hiprune_profiling:
+            return HiPruneSettings()  # off: every image keeps all its tokens
         return HiPruneSettings.from_hf_config(self.info.get_hf_config()).for_request(mm_kwargs)
+
+    # Override of BaseMultiModalProcessor.get_dummy_mm_inputs; checked: vllm 0.32.0. vLLM sizes the encoder cache
+    # and profiles memory from these inputs: they keep every token, since a request may ask for all of them
+    # (pruned by the server default, a larger per-request budget would not fit the cache). No processor cache:
+    # an unpruned entry must not answer a real request for the same image.
+    def get_dummy_mm_inputs(self, mm_counts, *, cache=None, **kwargs):
+        self._hiprune_profiling = True
+        try:
+            return super().get_dummy_mm_inputs(mm_counts, cache=None, **kwargs)
+        finally:
+            self._hiprune_profiling = False
 
     # Override of BaseMultiModalProcessor._apply_hf_processor_main (every processor's path to the Hugging Face
     # processor; Qwen3-VL's does not go through _call_hf_processor); checked: vllm 0.32.0.
