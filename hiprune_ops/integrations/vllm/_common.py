@@ -228,3 +228,25 @@ class ModelMixin:
         kept = [tile if index is None else tile[index] for tile, index in zip(features, indices)]
         starts = [sum(tiles[:i]) for i in range(len(tiles))]
         return [torch.cat(kept[start:start + count]) for start, count in zip(starts, tiles)]
+
+
+class TiledModelMixin(ModelMixin):
+    """Families whose processor writes a kept count per image that vLLM's tower call, made inside embed_multimodal,
+    needs (InternVL, Idefics3): embed_multimodal stashes the counts for it. Subclasses set hiprune_per_tile."""
+
+    _hiprune_keep: Optional[list[int]] = None
+    hiprune_per_tile: int
+
+    def embed_multimodal(self, **kwargs):
+        self._hiprune_keep = keep_counts(kwargs)
+        try:
+            return super().embed_multimodal(**kwargs)
+        finally:
+            self._hiprune_keep = None
+
+    def hiprune_pending_keep(self, image_input) -> Optional[list[int]]:
+        """The stashed kept counts when this input has a tile to prune, else None (vLLM's own path runs)."""
+        keep = self._hiprune_keep
+        if keep is None or image_input["type"] != "pixel_values" or all(k >= self.hiprune_per_tile for k in keep):
+            return None
+        return keep

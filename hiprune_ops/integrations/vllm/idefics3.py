@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from .. import families
 from ..selection import merge_scores
-from ._common import ModelMixin, TiledProcessorMixin, keep_counts, shrink_runs
+from ._common import TiledModelMixin, TiledProcessorMixin, shrink_runs
 from vllm.model_executor.models.idefics3 import (Idefics3DummyInputsBuilder, Idefics3ForConditionalGeneration,
                                                  Idefics3MultiModalProcessor, Idefics3ProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -35,7 +35,7 @@ class HiPruneIdefics3MultiModalProcessor(TiledProcessorMixin, Idefics3MultiModal
 
 @MULTIMODAL_REGISTRY.register_processor(HiPruneIdefics3MultiModalProcessor, info=Idefics3ProcessingInfo,
                                         dummy_inputs=Idefics3DummyInputsBuilder)
-class HiPruneIdefics3ForConditionalGeneration(ModelMixin, Idefics3ForConditionalGeneration):
+class HiPruneIdefics3ForConditionalGeneration(TiledModelMixin, Idefics3ForConditionalGeneration):
     geometry = families.IDEFICS3
     architecture = "Idefics3ForConditionalGeneration"
 
@@ -49,22 +49,13 @@ class HiPruneIdefics3ForConditionalGeneration(ModelMixin, Idefics3ForConditional
         self.hiprune_grid = vision.image_size // vision.patch_size
         self.hiprune_merge = self.geometry.merge_of(self.config)
         self.hiprune_per_tile = self.model.image_seq_len
-        self._hiprune_keep = None
         # Every tile has the same tokens: a budget above them is refused now, not per request.
         settings.keep_count(self.hiprune_per_tile, default_ratio=self.geometry.default_ratio)
 
-    def embed_multimodal(self, **kwargs):
-        self._hiprune_keep = keep_counts(kwargs)
-        try:
-            return super().embed_multimodal(**kwargs)
-        finally:
-            self._hiprune_keep = None
-
     # Override of Idefics3ForConditionalGeneration._process_image_input; checked: vllm 0.32.0.
     def _process_image_input(self, image_input):
-        keep = self._hiprune_keep
-        if (keep is None or image_input["type"] != "pixel_values"
-                or all(k >= self.hiprune_per_tile for k in keep)):
+        keep = self.hiprune_pending_keep(image_input)
+        if keep is None:
             return super()._process_image_input(image_input)
         tiles = [int(n) for n in image_input["num_patches"]]
         if len(keep) != len(tiles):

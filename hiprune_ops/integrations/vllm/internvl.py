@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from .. import families
 from ..selection import merge_scores
-from ._common import ModelMixin, TiledProcessorMixin, keep_counts
+from ._common import TiledModelMixin, TiledProcessorMixin
 from vllm.model_executor.models.interns1 import (InternS1DummyInputsBuilder, InternS1ForConditionalGeneration,
                                                  InternS1MultiModalProcessor, InternS1ProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -55,7 +55,7 @@ class HiPruneInternVLMultiModalProcessor(TiledProcessorMixin, InternS1MultiModal
 
 @MULTIMODAL_REGISTRY.register_processor(HiPruneInternVLMultiModalProcessor, info=InternS1ProcessingInfo,
                                         dummy_inputs=InternS1DummyInputsBuilder)
-class HiPruneInternVLForConditionalGeneration(ModelMixin, InternS1ForConditionalGeneration):
+class HiPruneInternVLForConditionalGeneration(TiledModelMixin, InternS1ForConditionalGeneration):
     geometry = families.INTERNVL
     architecture = ARCHITECTURE
 
@@ -65,7 +65,6 @@ class HiPruneInternVLForConditionalGeneration(ModelMixin, InternS1ForConditional
         config = self.config
         self.hiprune_unsupported = unsupported(config)
         self.hiprune_per_tile = self.num_image_token  # vLLM's tokens per tile
-        self._hiprune_keep = None
         if self.hiprune_unsupported is not None:
             if settings.enabled:
                 raise NotImplementedError(self.hiprune_unsupported)
@@ -78,18 +77,10 @@ class HiPruneInternVLForConditionalGeneration(ModelMixin, InternS1ForConditional
         # Every tile has the same tokens: a budget above them is refused now, not per request.
         settings.keep_count(self.hiprune_per_tile, default_ratio=self.geometry.default_ratio)
 
-    def embed_multimodal(self, **kwargs):
-        self._hiprune_keep = keep_counts(kwargs)
-        try:
-            return super().embed_multimodal(**kwargs)
-        finally:
-            self._hiprune_keep = None
-
     # Override of InternS1ForConditionalGeneration._process_vision_input (images and videos); checked: vllm 0.32.0.
     def _process_vision_input(self, image_input):
-        keep = self._hiprune_keep
-        if (keep is None or image_input["type"] != "pixel_values"
-                or all(k >= self.hiprune_per_tile for k in keep)):
+        keep = self.hiprune_pending_keep(image_input)
+        if keep is None:
             return super()._process_vision_input(image_input)
         if self.hiprune_unsupported is not None:
             raise ValueError(self.hiprune_unsupported)
