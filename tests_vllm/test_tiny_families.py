@@ -1,5 +1,6 @@
-"""Every tiny family of tiny_families.py loads in vLLM's CPU build without the plugin and answers an image prompt
-(and a video prompt where the family takes video), with the placeholder count its geometry gives.
+"""Every tiny family of tiny_families.py loads in vLLM's CPU build with the plugin installed but no HiPrune setting,
+and answers an image prompt (and a video prompt where the family takes video) with the placeholder count its
+geometry gives: vLLM's own counts, so the plugin changes nothing until a setting asks for pruning.
 
 The engines run one after another in a few processes (`tiny_families.py run-many`), so the file costs a few engine
 starts' worth of imports, not one per family. Expected counts are computed here from the builders' sizes.
@@ -63,7 +64,7 @@ def root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def results(root):
     environ = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_PLUGINS="none")
+                   VLLM_ENABLE_V1_MULTIPROCESSING="0")
     environ.pop("HIPRUNE_BUDGET", None)
     out = {}
     for group in GROUPS:
