@@ -1,8 +1,7 @@
 """Tier 2 for Idefics3 (Idefics3ForConditionalGeneration) in real vLLM.
 
-Tiny random model from tiny_families.py (112 px tiles of 8 x 8 patches, pixel_shuffle 2: 16 tokens per tile); one
-engine without the plugin and one with it, shared by all cases (scenario.run). Expected counts are computed here
-from the tiles and the budget rule, not read from the engine.
+Tiny random model from tiny_families.py (112 px tiles of 8 x 8 patches, pixel_shuffle 2: 16 tokens per tile);
+requests, engines and expected counts shared with the other tiled family (tiled_cases.py).
 """
 
 import os
@@ -17,37 +16,12 @@ import tiny_families  # noqa: E402
 
 NAME = "idefics3"
 CONTEXT, GLOBAL = 151, 153  # <image>, <global-img>
-PER_TILE = 16
-# 112 x 224: 1 x 2 tiles and the global image; 224 x 224: 2 x 2 tiles and the global image.
-SIZES = [[112, 224], [224, 224]]
-TILES = [3, 5]
-DEFAULT = round(PER_TILE / 3)  # families.IDEFICS3's ratio 1/3: 5 of 16 per tile
-
-
-def kept(ratio, n=PER_TILE):
-    return min(n, max(1, round(ratio * n)))
-
-
-TWO = {"images": SIZES, "image_seed": 10}  # other images than the one-image requests': no cache hit
-REQUESTS = [
-    {},                                                    # 0 the server default: the family's defaults
-    {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},       # 1 off for this request
-    {"mm_processor_kwargs": {"hiprune_budget": 3}},        # 2 another budget for this request
-    dict(TWO),                                             # 3 two sizes in one prompt
-    dict(TWO, mm_processor_kwargs={"hiprune_budget": 0}),  # 4 off
-    {},                                                    # 5 the default again
-    {"mm_processor_kwargs": {"hiprune_budget": 17}},       # 6 above a tile's 16: refused, the server goes on
-    {"mm_processor_kwargs": {"hiprune_ratio": 0.25}},      # 7 a ratio for this request
-]
+from tiled_cases import DEFAULT, PER_TILE, TILES, engines, kept  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def idefics3(tmp_path_factory):
-    path = tiny_families.FAMILIES[NAME].build(str(tmp_path_factory.mktemp("idefics3") / NAME))
-    engine = {"limit_mm_per_prompt": {"image": 2, "video": 0}}
-    vanilla = scenario.run(path, NAME, {"engine": engine, "requests": [{}, TWO]}, plugin=False)
-    pruned = scenario.run(path, NAME, {"engine": engine, "hf_overrides": {"hiprune": {}}, "requests": REQUESTS})
-    return vanilla, pruned, path
+    return engines(NAME, tmp_path_factory)
 
 
 def runs(result, token=CONTEXT):
