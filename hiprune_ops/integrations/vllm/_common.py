@@ -250,3 +250,15 @@ class TiledModelMixin(ModelMixin):
         if keep is None or image_input["type"] != "pixel_values" or all(k >= self.hiprune_per_tile for k in keep):
             return None
         return keep
+
+
+def clip_tower_unsupported(config, family: str):
+    """Why the plugin cannot prune this LLaVA-style checkpoint (it needs a CLIP tower, the "default" select
+    strategy and one feature layer), or None."""
+    if config.vision_config.model_type != "clip_vision_model":
+        return (f"hiprune: {family} with a {config.vision_config.model_type} tower is not supported by the vLLM "
+                "plugin (CLIP only)")
+    if config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
+        return (f"hiprune: {family} is supported with vision_feature_select_strategy='default' and one "
+                "vision_feature_layer")
+    return None

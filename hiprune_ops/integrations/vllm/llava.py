@@ -13,7 +13,7 @@ import torch
 
 from .. import families
 from . import _vllm_api
-from ._common import ModelMixin, ProcessorMixin, keep_counts
+from ._common import ModelMixin, ProcessorMixin, clip_tower_unsupported, keep_counts
 from .settings import HiPruneSettings
 from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForConditionalGeneration,
                                               LlavaMultiModalProcessor, LlavaProcessingInfo)
@@ -51,13 +51,7 @@ class HiPruneLlavaForConditionalGeneration(ModelMixin, LlavaForConditionalGenera
         settings = self.hiprune_start(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = self.config
-        self.hiprune_unsupported = None
-        if config.vision_config.model_type != "clip_vision_model":
-            self.hiprune_unsupported = (f"hiprune: LLaVA with a {config.vision_config.model_type} tower is not "
-                                        "supported by the vLLM plugin (CLIP only)")
-        elif config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
-            self.hiprune_unsupported = ("hiprune: LLaVA is supported with vision_feature_select_strategy='default' "
-                                        "and one vision_feature_layer")
+        self.hiprune_unsupported = clip_tower_unsupported(config, "LLaVA")
         if self.hiprune_unsupported is not None:
             if settings.enabled:
                 raise NotImplementedError(self.hiprune_unsupported)

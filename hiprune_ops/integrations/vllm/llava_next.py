@@ -17,7 +17,7 @@ from .. import families
 from ..hf._transformers_api import llava_next_layout
 from ..settings import split_over_tiles
 from . import _vllm_api
-from ._common import ModelMixin, ProcessorMixin, keep_counts
+from ._common import ModelMixin, ProcessorMixin, clip_tower_unsupported, keep_counts
 from .settings import HiPruneSettings
 from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
 from vllm.model_executor.models.llava_next import (LlavaNextForConditionalGeneration, LlavaNextMultiModalProcessor,
@@ -69,11 +69,8 @@ class HiPruneLlavaNextForConditionalGeneration(ModelMixin, LlavaNextForCondition
         settings = self.hiprune_start(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = self.config
-        self.hiprune_unsupported = None
-        if (config.vision_config.model_type != "clip_vision_model" or config.vision_feature_select_strategy
-                != "default" or not isinstance(config.vision_feature_layer, int)):
-            self.hiprune_unsupported = ("hiprune: LLaVA-NeXT is supported by the vLLM plugin with a CLIP tower, "
-                                        "vision_feature_select_strategy='default' and one vision_feature_layer")
+        self.hiprune_unsupported = clip_tower_unsupported(config, "LLaVA-NeXT")
+        if self.hiprune_unsupported is not None:
             if settings.enabled:
                 raise NotImplementedError(self.hiprune_unsupported)
             return  # vLLM's own model; a request asking for pruning is refused in embed_multimodal
