@@ -262,3 +262,25 @@ def clip_tower_unsupported(config, family: str):
         return (f"hiprune: {family} is supported with vision_feature_select_strategy='default' and one "
                 "vision_feature_layer")
     return None
+
+
+class ClipLlavaModelMixin(ModelMixin):
+    """LLaVA-style models whose CLIP tower vLLM builds up to the layer feeding the projector (LLaVA-1.5,
+    LLaVA-NeXT): a checkpoint the plugin cannot prune runs as vLLM's own, refused only with a setting."""
+
+    family_label: str  # the family's name in errors
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        settings = self.hiprune_start(vllm_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        config = self.config
+        self.hiprune_unsupported = clip_tower_unsupported(config, self.family_label)
+        if self.hiprune_unsupported is not None:
+            if settings.enabled:
+                raise NotImplementedError(self.hiprune_unsupported)
+            return  # vLLM's own model; a request asking for pruning is refused in embed_multimodal
+        layers = self.vision_tower.vision_model.encoder.layers
+        self.hiprune_bind(settings, [layer.self_attn for layer in layers], len(layers),
+                          config.vision_config.num_attention_heads, config,
+                          full_depth=config.vision_config.num_hidden_layers)
+        self.hiprune_grid = config.vision_config.image_size // config.vision_config.patch_size

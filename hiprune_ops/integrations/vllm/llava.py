@@ -13,7 +13,7 @@ import torch
 
 from .. import families
 from . import _vllm_api
-from ._common import ModelMixin, ProcessorMixin, clip_tower_unsupported, keep_counts
+from ._common import ClipLlavaModelMixin, ProcessorMixin, keep_counts
 from .settings import HiPruneSettings
 from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForConditionalGeneration,
                                               LlavaMultiModalProcessor, LlavaProcessingInfo)
@@ -43,26 +43,16 @@ def _build_processor(info, dummy_inputs):
 
 @MULTIMODAL_REGISTRY.register_processor(_build_processor, info=_vllm_api.llava_processing_info_factory(),
                                         dummy_inputs=LlavaDummyInputsBuilder)
-class HiPruneLlavaForConditionalGeneration(ModelMixin, LlavaForConditionalGeneration):
+class HiPruneLlavaForConditionalGeneration(ClipLlavaModelMixin, LlavaForConditionalGeneration):
     geometry = families.LLAVA
     architecture = "LlavaForConditionalGeneration"
+    family_label = "LLaVA"
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        settings = self.hiprune_start(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        config = self.config
-        self.hiprune_unsupported = clip_tower_unsupported(config, "LLaVA")
-        if self.hiprune_unsupported is not None:
-            if settings.enabled:
-                raise NotImplementedError(self.hiprune_unsupported)
-            return  # vLLM's own model; a request asking for pruning is refused in embed_multimodal
-        layers = self.vision_tower.vision_model.encoder.layers
-        self.hiprune_bind(settings, [layer.self_attn for layer in layers], len(layers),
-                          config.vision_config.num_attention_heads, config,
-                          full_depth=config.vision_config.num_hidden_layers)
-        self.hiprune_grid = config.vision_config.image_size // config.vision_config.patch_size
-        # Every image has the grid's tokens: a budget above them is refused now, not per request.
-        settings.keep_count(self.hiprune_grid ** 2, default_ratio=self.geometry.default_ratio)
+        if self.hiprune_unsupported is None:
+            # Every image has the grid's tokens: a budget above them is refused now, not per request.
+            self.hiprune_settings.keep_count(self.hiprune_grid ** 2, default_ratio=self.geometry.default_ratio)
 
     def embed_multimodal(self, **kwargs):
         keep = keep_counts(kwargs)

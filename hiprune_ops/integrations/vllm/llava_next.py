@@ -17,7 +17,7 @@ from .. import families
 from ..hf._transformers_api import llava_next_layout
 from ..settings import split_over_tiles
 from . import _vllm_api
-from ._common import ModelMixin, ProcessorMixin, clip_tower_unsupported, keep_counts
+from ._common import ClipLlavaModelMixin, ProcessorMixin, keep_counts
 from .settings import HiPruneSettings
 from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
 from vllm.model_executor.models.llava_next import (LlavaNextForConditionalGeneration, LlavaNextMultiModalProcessor,
@@ -61,24 +61,10 @@ class HiPruneLlavaNextMultiModalProcessor(ProcessorMixin, LlavaNextMultiModalPro
 
 @MULTIMODAL_REGISTRY.register_processor(HiPruneLlavaNextMultiModalProcessor, info=LlavaNextProcessingInfo,
                                         dummy_inputs=LlavaDummyInputsBuilder)
-class HiPruneLlavaNextForConditionalGeneration(ModelMixin, LlavaNextForConditionalGeneration):
+class HiPruneLlavaNextForConditionalGeneration(ClipLlavaModelMixin, LlavaNextForConditionalGeneration):
     geometry = families.LLAVA_NEXT
     architecture = "LlavaNextForConditionalGeneration"
-
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        settings = self.hiprune_start(vllm_config)
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        config = self.config
-        self.hiprune_unsupported = clip_tower_unsupported(config, "LLaVA-NeXT")
-        if self.hiprune_unsupported is not None:
-            if settings.enabled:
-                raise NotImplementedError(self.hiprune_unsupported)
-            return  # vLLM's own model; a request asking for pruning is refused in embed_multimodal
-        layers = self.vision_tower.vision_model.encoder.layers
-        self.hiprune_bind(settings, [layer.self_attn for layer in layers], len(layers),
-                          config.vision_config.num_attention_heads, config,
-                          full_depth=config.vision_config.num_hidden_layers)
-        self.hiprune_grid = config.vision_config.image_size // config.vision_config.patch_size
+    family_label = "LLaVA-NeXT"
 
     def embed_multimodal(self, **kwargs):
         keep = keep_counts(kwargs)
