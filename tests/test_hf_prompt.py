@@ -243,3 +243,21 @@ def test_encode_with_a_prompt_embedding():
         hiprune_ops.encode(tower, pixels, 10, prompt_embedding=torch.randn(3, 32))
     with pytest.raises(ValueError, match="prompt_projection needs a prompt_embedding"):
         hiprune_ops.encode(tower, pixels, 10, prompt_projection=projection)
+
+
+def test_demo_prompt_draws_the_prompt_tokens_in_their_own_colour(tmp_path, capsys):
+    pytest.importorskip("skimage")
+    from PIL import Image
+
+    from hiprune_ops import cli
+
+    out = tmp_path / "prompt.png"
+    assert cli.main(["demo", "--size", "tiny", "--rounds", "1", "--budget", "100", "--prompt", "the flag",
+                     "--prompt-beta", "0.2", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "prompt    20" in text and "total     120" in text  # round(0.2 * 100) on top of the budget
+    assert "random-weight CLIP text tower" in text and "green: prompt matches" in text
+    with Image.open(out) as image:
+        green = sum(count for count, colour in image.convert("RGB").getcolors(1 << 24)
+                    if colour == cli.ROLE_COLOURS[3])
+    assert green > 13 * 13  # outlines of the 20 tokens, besides the legend's square
