@@ -14,8 +14,9 @@ a `PruneSettings` and ask it the same questions, so they accept and refuse the s
 - a value of the wrong type raises `SettingTypeError`, both a TypeError and a ValueError (a vLLM server answers a
   ValueError with HTTP 400), naming the argument.
 - layers: 1-based (the paper's "9th layer"), negative from the end; None: the family's default.
-- prompt_beta (HiPrune++): a number in [0, 1] (the op's range, docs/ops.md); each item whose prompt has text gets prompt_extra_count(kept, n,
-  prompt_beta) more tokens, the not-kept ones most similar to the prompt. 0 (the default here) is HiPrune exactly.
+- prompt_beta (HiPrune++): a number in [0, 1] (the op's range, docs/ops.md); each item whose prompt has text gets
+  prompt_extra_count(kept, n, prompt_beta) more tokens, the not-kept ones most similar to the prompt. 0 (the
+  default here) is HiPrune exactly.
 
 No framework import here.
 """
