@@ -17,27 +17,21 @@ import hiprune_ops  # noqa: E402
 from hiprune_ops import integrations  # noqa: E402
 from hiprune_ops.integrations import prompt  # noqa: E402
 from hf_testing import TEXT, left_pad, spied_forward, unpatch  # noqa: E402
-from test_hf_pooled_grid import (BREAK, IMAGE_END, INPUTS, START, END, _all_features,  # noqa: E402
+from test_hf_pooled_grid import (BREAK, IMAGE_END, INPUTS, START, END, _all_features,  # noqa: E402, F401
                                  gemma3, internvl, mistral3)
 from test_hf_pooled_grid import IMAGE as GRID_IMAGE  # noqa: E402
 from test_hf_qwen_vl import IMG, VID, _model, make_inputs  # noqa: E402
-from test_integrations import IMAGE, N, _clip, _llama  # noqa: E402
+from test_integrations import IMAGE, N, _clip, llava, llava_next, next_inputs  # noqa: E402, F401
+from test_hf_gemma4_onevision import VIDEO, _gemma4_all_features, gemma4, gemma4_inputs  # noqa: E402, F401
+from test_hf_gemma4_onevision import IMAGE as GEMMA4_IMAGE  # noqa: E402
 
 BETA = 0.25
-
-
-@pytest.fixture(scope="module")
-def llava():
-    torch.manual_seed(0)
-    config = transformers.LlavaConfig(vision_config=_clip(), text_config=_llama(), image_token_id=IMAGE,
-                                      attn_implementation="sdpa")
-    return transformers.LlavaForConditionalGeneration(config).eval()
 
 
 @pytest.fixture(autouse=True)
 def _unpatch(request):
     yield
-    unpatch(*(request.getfixturevalue(n) for n in ("llava", "internvl", "gemma3", "mistral3")
+    unpatch(*(request.getfixturevalue(n) for n in ("llava", "llava_next", "internvl", "gemma3", "mistral3", "gemma4")
               if n in request.fixturenames))
 
 
@@ -83,10 +77,12 @@ def expected_indices(base, features, text_embedding, beta):
     return torch.cat([base, torch.tensor(order, dtype=base.dtype)]).sort().values
 
 
-def assert_prompt_tokens(model, inputs, budget, features, placeholders, special, kind="image", **options):
+def assert_prompt_tokens(model, inputs, budget, features, placeholders, special, kind="image", visual=None,
+                         **options):
     """apply_hiprune(budget) vs apply_hiprune(budget, prompt_beta=BETA): the second keeps HiPrune's tokens plus the
     independently computed prompt matches, and the language model gets exactly those rows. features: per item,
-    every token (n, D) as the language model receives it. Returns the per-item added indices."""
+    every token (n, D) as the language model receives it; placeholders: the ids of the items' kind; visual: every
+    visual placeholder id (default: placeholders). Returns the per-item added indices."""
     attr = "last" if kind == "image" else "last_video"
     hiprune_ops.apply_hiprune(model, budget=budget, **({"video_budget": budget} if kind == "video" else {}))
     with torch.no_grad():
@@ -98,7 +94,7 @@ def assert_prompt_tokens(model, inputs, budget, features, placeholders, special,
     _, (spy,) = spied_forward(model, inputs, model.model)  # the shrunk prompt
     state = getattr(integrations.hiprune_state(model), attr)
     table = model.get_input_embeddings().weight.double()
-    texts = expected_texts(inputs["input_ids"], inputs["attention_mask"], placeholders, special)
+    texts = expected_texts(inputs["input_ids"], inputs["attention_mask"], visual or placeholders, special)
     prompts = [table[text].mean(0) if text else None for text in texts]
     rows = item_rows(inputs["input_ids"], placeholders, state.full_counts)
     added = []
@@ -191,6 +187,28 @@ def test_pooled_grid_families(request, name, markers):
     special = prompt.config_token_ids(model.config, model.config.text_config) | {0, 1, 2, *markers}
     features = _all_features(name, model, inputs)
     assert_prompt_tokens(model, inputs, 4, list(features), {GRID_IMAGE}, special, prompt_special_ids=markers)
+
+
+def test_gemma4_images_of_their_own_sizes_before_a_video(gemma4):
+    inputs = gemma4_inputs()
+    images, _ = _gemma4_all_features(gemma4, inputs)
+    special = prompt.config_token_ids(gemma4.config, gemma4.config.text_config) | {0, 1, 2}
+    added = assert_prompt_tokens(gemma4, inputs, 4, images, {GEMMA4_IMAGE}, special, visual={GEMMA4_IMAGE, VIDEO})
+    assert [a.numel() for a in added] == [1, 1, 1]
+
+
+def test_llava_next_every_tile_gets_its_prompt_tokens(llava_next):
+    inputs = next_inputs(llava_next)
+    hiprune_ops.apply_hiprune(llava_next, budget=20, prompt_beta=0.5)
+    _, (outer,) = spied_forward(llava_next, inputs, llava_next.model)
+    state = integrations.hiprune_state(llava_next).last
+    assert [i.shape[0] for i in state.indices] == [3, 5]  # base + tiles of each image
+    for indices, roles, features in zip(state.indices, state.roles, state.features):
+        keep = 20 // indices.shape[0]
+        extra = min(round(0.5 * keep), 16 - keep)  # 4x4 patches per tile
+        assert indices.shape[1] == keep + extra and features.shape[0] == indices.numel()
+        assert ((roles == 3).sum(1) == extra).all() and bool((indices.diff(dim=1) > 0).all())
+    assert (outer.calls[0]["input_ids"] == IMAGE).sum(1).tolist() == [f.shape[0] for f in state.features]
 
 
 def test_prompt_text_rule_on_a_chat_template():
