@@ -359,7 +359,8 @@ def encoder_cases(p: Profile, device: str) -> list:
                       layers=config.num_hidden_layers, width=config.hidden_size, tokens=grid * grid + 1,
                       budget=grid * grid // 3, dtype="float32")
         cases.append(Case("encoder", f"encoder/clip/B{batch}", params, setup,
-                          _e2e_candidates(lambda x: x.versions, E2E_NAMES), E2E_NAMES[0], heavy=True))
+                          _e2e_candidates(lambda x: x.versions, E2E_NAMES + (models.PROMPT_CANDIDATE,)),
+                          E2E_NAMES[0], heavy=True))
 
     q = p.qwen
 

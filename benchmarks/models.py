@@ -82,8 +82,20 @@ def clip_versions(encoder, pixels: torch.Tensor, budget: int) -> dict:
         features = out.hidden_states[deep_layer][:, 1:]
         return features[mask].view(features.shape[0], budget, -1)
 
+    # HiPrune++ at the paper's beta: a fixed random prompt embedding in the features' own space (a bare tower has
+    # no language model); the cost is the same for any prompt: every patch's cosine, then the extra tokens.
+    prompt = torch.randn(encoder.config.hidden_size, generator=torch.Generator().manual_seed(7)).to(pixels.device)
+
+    def ours_prompt():
+        with torch.inference_mode():
+            return hiprune_ops.encode(encoder, pixels, budget, object_layer=object_layer, deep_layer=deep_layer,
+                                      prompt_embedding=prompt, prompt_beta=0.1).features
+
     return {"plain SDPA, no pruning": plain, "ours (SDPA + qk_scores + select)": ours,
-            "published recipe (eager maps + loop)": recipe}
+            "published recipe (eager maps + loop)": recipe, PROMPT_CANDIDATE: ours_prompt}
+
+
+PROMPT_CANDIDATE = "HiPrune++ (ours + prompt_select, prompt_beta 0.1)"
 
 
 # -- Qwen2.5-VL vision tower ------------------------------------------------------------------------------------

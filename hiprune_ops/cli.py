@@ -2,6 +2,11 @@
 
 The encoder has random weights unless --model points at local weights (a CLIPVisionModel directory); nothing is
 downloaded. The image is scikit-image's bundled astronaut photo unless --image is given.
+--prompt adds HiPrune++'s prompt-matched tokens (encode's prompt_embedding), compared in CLIP's joint space: the
+patch features through the tower's post-layernorm and a visual projection, the prompt through a CLIP text tower.
+Both come from --model when it is a full CLIP checkpoint with its tokenizer; otherwise (offline, no weights) they
+are random-weight layers of CLIP-L/14-336's text shape, fed the prompt's UTF-8 bytes as token ids, so the matches
+show the pipeline, not the prompt's meaning.
 """
 
 from __future__ import annotations
@@ -25,12 +30,16 @@ VIT_L14_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=2
 TINY_336 = dict(VIT_L14_336, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                 projection_dim=64)
 SIZES = {"vit-l-336": VIT_L14_336, "tiny": TINY_336}
+# CLIP-L/14-336's text tower, and a narrow one for the tiny encoder: the demo's random prompt encoders.
+TEXT_SIZES = {"vit-l-336": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+              "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # LLaVA-1.5-7B's language model (Vicuna-7B, LLaMA architecture).
 LLAMA_7B = dict(layers=32, hidden=4096, intermediate=11008)
-ROLE_COLOURS = {0: (230, 40, 40), 1: (255, 190, 0), 2: (40, 120, 255)}
-ROLE_NAMES = {0: "anchor", 1: "buffer", 2: "register"}
+ROLE_COLOURS = {0: (230, 40, 40), 1: (255, 190, 0), 2: (40, 120, 255), 3: (40, 210, 90)}
+ROLE_NAMES = {0: "anchor", 1: "buffer", 2: "register", 3: "prompt"}
+COLOUR_NAMES = {0: "red: anchors", 1: "yellow: buffers", 2: "blue: registers", 3: "green: prompt matches"}
 # The timed passes, in the order each round runs them, with their progress-bar labels.
 PLAIN, OURS = "unpatched SDPA encoder pass", "encoder + q/k scores + selection"
 PASS_LABELS = {PLAIN: "unpatched SDPA pass   ", OURS: "encoder + q/k scores  "}
@@ -121,7 +130,7 @@ def _overlay(image, indices, roles, grid: int, path: str) -> None:
         draw.rectangle(box, fill=ROLE_COLOURS[role] + (90,), outline=ROLE_COLOURS[role] + (255,))
     out = Image.alpha_composite(base, layer).convert("RGB")
     legend = ImageDraw.Draw(out)
-    for i, role in enumerate((0, 1, 2)):
+    for i, role in enumerate(sorted(set(roles.tolist()) | {0, 1, 2})):
         y = 6 + 16 * i
         legend.rectangle((6, y, 18, y + 12), fill=ROLE_COLOURS[role])
         legend.text((24, y), ROLE_NAMES[role], fill=(255, 255, 255))
@@ -142,6 +151,37 @@ def _build_encoder(model_path: Optional[str], device: str, size: str):
         model = CLIPVisionModel(config)
         source = f"random weights ({size} shape)"
     return model.to(device=device, dtype=torch.float32).eval(), source
+
+
+def _prompt_encoder(text: str, model_path: Optional[str], encoder, size: str, device: str):
+    """(prompt embedding (D,), the map of patch features into its space, where both come from) for --prompt."""
+    from transformers import CLIPModel, CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    post_layernorm = getattr(encoder, "vision_model", encoder).post_layernorm  # the layer's place varies by version
+    if model_path:
+        try:
+            clip = CLIPModel.from_pretrained(model_path, local_files_only=True).to(device).eval()
+            tokens = CLIPTokenizer.from_pretrained(model_path, local_files_only=True)(text, return_tensors="pt")
+        except (OSError, ValueError) as error:  # a vision-only checkpoint, or no tokenizer files
+            print(f"      --model has no CLIP text tower and tokenizer ({type(error).__name__}): random prompt "
+                  "encoder", flush=True)
+        else:
+            with torch.no_grad():
+                embedding = clip.get_text_features(**tokens.to(device))
+            embedding = getattr(embedding, "pooler_output", embedding)[0]
+            return (embedding, lambda f: clip.visual_projection(post_layernorm(f)),
+                    f"{model_path}'s CLIP text tower and tokenizer")
+    torch.manual_seed(1)
+    width = encoder.config.projection_dim
+    config = CLIPTextConfig(**TEXT_SIZES.get(size, TEXT_SIZES["vit-l-336"]), projection_dim=width)
+    tower = CLIPTextModelWithProjection(config).to(device).eval()
+    projection = torch.nn.Linear(encoder.config.hidden_size, width, bias=False).to(device)
+    ids = torch.tensor([list(text.encode("utf-8"))], device=device)
+    with torch.no_grad():
+        embedding = tower(input_ids=ids).text_embeds[0]
+    return (embedding, lambda f: projection(post_layernorm(f)),
+            "a random-weight CLIP text tower fed the prompt's UTF-8 bytes (the matches show the pipeline, not the "
+            "prompt's meaning)")
 
 
 def demo(args) -> int:
@@ -211,6 +251,8 @@ def demo(args) -> int:
         result = (kept["indices"][0].cpu(), kept["roles"][0].cpu())
     finally:
         pruned.remove()
+    if args.prompt is not None:
+        result = _prompt_tokens(args, encoder, pixel_values, result)
     passes = {name: timing.Spread.of(samples[name]) for name in (PLAIN, OURS)}
     passes["  of which selection"] = timing.Spread.of(selection[-args.rounds:])  # the warm-up's left out
     ratio = timing.ratios(samples, PLAIN)[OURS]
@@ -220,7 +262,8 @@ def demo(args) -> int:
     times["overlay PNG"] = time.perf_counter() - t0
 
     _step(5, total, "report")
-    counts = {name: int((result[1] == role).sum()) for role, name in ROLE_NAMES.items()}
+    counts = {name: int((result[1] == role).sum()) for role, name in ROLE_NAMES.items()
+              if role < 3 or args.prompt is not None}
     print()
     print(format_table(f"Tokens kept (budget {pruned.budget} of {n_tokens}, alpha {pruned.alpha}, object layer "
                  f"{pruned.object_layer}, deep layer {pruned.deep_layer}, official={pruned.official}), "
@@ -253,8 +296,26 @@ def demo(args) -> int:
                  f"{full / 1e12:.2f} TFLOPs; {text} text tokens)",
                  ["visual tokens", "TFLOPs", "saved TFLOPs", "saved"], rows))
     print()
-    print(f"overlay written to {os.path.abspath(args.output)} (red: anchors, yellow: buffers, blue: registers)")
+    drawn = ", ".join(COLOUR_NAMES[role] for role in sorted(set(result[1].tolist()) | {0, 1, 2}))
+    print(f"overlay written to {os.path.abspath(args.output)} ({drawn})")
     return 0
+
+
+def _prompt_tokens(args, encoder, pixel_values, hiprune):
+    """HiPrune++ on the demo's image: encode with the prompt embedding; its HiPrune part is the timed selection."""
+    from .integrations import encode
+
+    embedding, projection, source = _prompt_encoder(args.prompt, args.model, encoder, args.size, args.device)
+    with torch.inference_mode():
+        out = encode(encoder, pixel_values, args.budget, alpha=args.alpha, object_layer=args.object_layer,
+                     deep_layer=args.deep_layer, official=args.official, prompt_embedding=embedding,
+                     prompt_beta=args.prompt_beta, prompt_projection=projection)
+    indices, roles = out.indices[0].cpu(), out.roles[0].cpu()
+    if not torch.equal(indices[roles != 3], hiprune[0]):
+        raise RuntimeError("hiprune demo: encode's HiPrune selection differs from the timed one")
+    print(f"      --prompt {args.prompt!r}: {int((roles == 3).sum())} prompt-matched tokens (prompt_beta "
+          f"{args.prompt_beta}) on top of the budget; prompt embedding from {source}", flush=True)
+    return indices, roles
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -279,6 +340,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                      help=f"timed rounds (unpatched, then patched) after one warm-up pass of each; the ratio is the "
                           f"median over the rounds, shown with its range (default {DEMO_ROUNDS})")
     run.add_argument("--text-tokens", type=int, default=64, help="text tokens assumed in the FLOPs table")
+    run.add_argument("--prompt", default=None,
+                     help="HiPrune++: also keep the tokens that match this prompt (drawn green); the prompt "
+                          "embedding comes from --model's CLIP text tower and tokenizer when it is a full CLIP "
+                          "checkpoint, else from a random-weight CLIP text tower of the same shape fed the "
+                          "prompt's UTF-8 bytes, offline (the matches then show the pipeline, not the meaning)")
+    run.add_argument("--prompt-beta", type=float, default=0.1,
+                     help="HiPrune++'s share: round(beta * budget) prompt tokens on top of the budget (default 0.1)")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")

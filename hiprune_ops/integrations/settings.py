@@ -14,6 +14,9 @@ a `PruneSettings` and ask it the same questions, so they accept and refuse the s
 - a value of the wrong type raises `SettingTypeError`, both a TypeError and a ValueError (a vLLM server answers a
   ValueError with HTTP 400), naming the argument.
 - layers: 1-based (the paper's "9th layer"), negative from the end; None: the family's default.
+- prompt_beta (HiPrune++): a number in [0, 1] (the op's range, docs/ops.md); each item whose prompt has text gets
+  prompt_extra_count(kept, n, prompt_beta) more tokens, the not-kept ones most similar to the prompt. 0 (the
+  default here) is HiPrune exactly.
 
 No framework import here.
 """
@@ -86,6 +89,15 @@ def check_budget_ratio(budget: Any, ratio: Any, names: tuple[str, str] = ("budge
             raise ValueError(f"{ratio_name} must be a number in (0, 1] (1.0 keeps every token), got {ratio!r}")
 
 
+def check_prompt_beta(beta: Any) -> None:
+    """prompt_beta: a number in [0, 1] (0: HiPrune exactly, no prompt tokens)."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise SettingTypeError(f"prompt_beta must be a number in [0, 1] (0: no prompt tokens), got "
+                               f"{type(beta).__name__} {beta!r}")
+    if not 0.0 <= float(beta) <= 1.0:  # NaN fails too
+        raise ValueError(f"prompt_beta must be a number in [0, 1] (0: no prompt tokens), got {beta!r}")
+
+
 def resolve_layer(layer: Optional[int], depth: int, default: int, name: str) -> int:
     """1-based layer number (negative counts from the end), or None for `default` -> 1-based layer, validated."""
     if layer is None:
@@ -112,6 +124,7 @@ class PruneSettings:
     deep_layer: Optional[int] = None
     neighborhood: str = "cross"
     official: bool = False
+    prompt_beta: float = 0.0
 
     def validated(self, takes_video: bool = True, model: str = "this model") -> "PruneSettings":
         """Checks every value (types, ranges, pairs); returns self. takes_video False: video values are refused."""
@@ -130,6 +143,7 @@ class PruneSettings:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise SettingTypeError(f"{name} must be an int (1-based layer number), got {type(value).__name__}")
         check_selection_options(float(self.alpha), self.neighborhood, self.official)
+        check_prompt_beta(self.prompt_beta)
         return self
 
     def pair(self, kind: str = "image") -> tuple[Any, Any, tuple[str, str]]:

@@ -9,17 +9,18 @@ their projector instead). Budgets follow settings.py (0 or ratio 1.0 keeps every
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from . import capture, families
 from .selection import select_items
-from .settings import PruneSettings, resolve_layer
+from .settings import PruneSettings, check_prompt_beta, resolve_layer
 
 
 class EncodeOutput(NamedTuple):
-    """Kept patch features (B, budget, C), their indices into the grid (B, budget) and roles (B, budget) int8."""
+    """Kept patch features (B, budget, C), their indices into the grid (B, budget) and roles (B, budget) int8
+    (with a prompt embedding: budget + t, the t added tokens of role 3)."""
     features: torch.Tensor
     indices: torch.Tensor
     roles: torch.Tensor
@@ -139,12 +140,26 @@ def _resolve(tower: ViTTower, settings: PruneSettings) -> _Resolved:
     return _Resolved(settings, obj, deep, budget)
 
 
-def _select(tower: ViTTower, resolved: _Resolved, obj_scores, deep_scores):
-    """(indices (B, budget), roles (B, budget)) of every image: the one selection step."""
+def _select(tower: ViTTower, resolved: _Resolved, obj_scores, deep_scores, features=None, prompts=None):
+    """(indices (B, budget [+ t]), roles) of every image: the one selection step (HiPrune++ given the prompts)."""
     batch = obj_scores.shape[0]
     indices, roles = select_items(obj_scores.unbind(0), deep_scores.unbind(0), [(tower.grid, tower.grid)] * batch,
-                                  [resolved.budget] * batch, resolved.settings)
+                                  [resolved.budget] * batch, resolved.settings, features=features, prompts=prompts)
     return torch.stack(indices), torch.stack(roles)
+
+
+def _image_prompts(prompt_embedding: Optional[torch.Tensor], batch: int) -> Optional[list[torch.Tensor]]:
+    """A caller's prompt embedding, (C,) for every image or (B, C) one per image, as one (C,) per image."""
+    if prompt_embedding is None:
+        return None
+    if not isinstance(prompt_embedding, torch.Tensor) or prompt_embedding.dim() not in (1, 2):
+        raise ValueError(f"prompt_embedding must be a tensor (C,) or (B, C), got "
+                         f"{getattr(prompt_embedding, 'shape', type(prompt_embedding).__name__)}")
+    if prompt_embedding.dim() == 1:
+        return [prompt_embedding] * batch
+    if prompt_embedding.shape[0] != batch:
+        raise ValueError(f"prompt_embedding has {prompt_embedding.shape[0]} rows for {batch} images")
+    return list(prompt_embedding.unbind(0))
 
 
 def _gather(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -153,7 +168,9 @@ def _gather(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 def encode(vision_model: torch.nn.Module, pixel_values: torch.Tensor, budget: Optional[int] = None, *,
            ratio: Optional[float] = None, alpha: float = 0.1, object_layer: Optional[int] = None,
-           deep_layer: Optional[int] = None, neighborhood: str = "cross", official: bool = False) -> EncodeOutput:
+           deep_layer: Optional[int] = None, neighborhood: str = "cross", official: bool = False,
+           prompt_embedding: Optional[torch.Tensor] = None, prompt_beta: float = 0.1,
+           prompt_projection: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> EncodeOutput:
     """Runs a bare tower (CLIPVisionModel / SiglipVisionModel) and keeps `budget` patch tokens per image.
 
     Scores come from q and k of the object and deep layers (see capture.py); every layer keeps its attention
@@ -161,17 +178,33 @@ def encode(vision_model: torch.nn.Module, pixel_values: torch.Tensor, budget: Op
     post-layernorm is included), prefix tokens removed, gathered at the kept indices: (B, budget, C).
     budget 0 or ratio 1.0 keeps every token (settings.py). Returns EncodeOutput(features, indices, roles), a tuple:
     `features, _, _ = encode(...)` or `.features`.
+
+    HiPrune++: with prompt_embedding ((D,) for every image or (B, D), e.g. a paired CLIP text encoder's output),
+    each image also keeps prompt_extra_count(budget, N, prompt_beta) more tokens (prompt_beta in [0, 1], default
+    0.1, the paper's): the not-kept patches whose features are most similar to it, role 3. prompt_projection maps
+    the patch features (B, N, C) into the prompt embedding's space first (for CLIP: the vision model's
+    post_layernorm, then CLIPModel.visual_projection); default: the features themselves (D = C).
     """
+    if prompt_embedding is None and prompt_projection is not None:
+        raise ValueError("prompt_projection needs a prompt_embedding")
     tower = ViTTower(vision_model)
     resolved = _resolve(tower, PruneSettings(budget, ratio, alpha=alpha, object_layer=object_layer,
-                                             deep_layer=deep_layer, neighborhood=neighborhood, official=official))
+                                             deep_layer=deep_layer, neighborhood=neighborhood, official=official,
+                                             prompt_beta=prompt_beta if prompt_embedding is not None else 0.0))
+    if prompt_embedding is None:
+        check_prompt_beta(prompt_beta)
     scores = tower.capture(resolved.object_layer, resolved.deep_layer).attach()
     try:
         features, obj_scores, deep_scores = _deep_features(tower, pixel_values, resolved.object_layer,
                                                            resolved.deep_layer)
     finally:
         scores.detach()
-    indices, roles = _select(tower, resolved, obj_scores, deep_scores)
+    prompts = _image_prompts(prompt_embedding, features.shape[0])
+    ranked = None
+    if prompts is not None:
+        with torch.no_grad():
+            ranked = features if prompt_projection is None else prompt_projection(features)
+    indices, roles = _select(tower, resolved, obj_scores, deep_scores, ranked, prompts)
     return EncodeOutput(_gather(features, indices), indices, roles)
 
 

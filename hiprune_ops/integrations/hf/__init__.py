@@ -6,7 +6,7 @@ registers its classes in base.FAMILIES, where apply_hiprune finds the family fro
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -31,7 +31,8 @@ def _supported_message() -> str:
 def apply_hiprune(model: torch.nn.Module, budget: Optional[int] = None, ratio: Optional[float] = None,
                   alpha: float = 0.1, object_layer: Optional[int] = None, deep_layer: Optional[int] = None,
                   neighborhood: str = "cross", official: bool = False, *, video_budget: Optional[int] = None,
-                  video_ratio: Optional[float] = None) -> torch.nn.Module:
+                  video_ratio: Optional[float] = None, prompt_beta: float = 0.0,
+                  prompt_special_ids: Sequence[int] = ()) -> torch.nn.Module:
     """Patches a supported VLM in place so its language model only sees the HiPrune-kept visual tokens.
 
     Supported classes (docs/huggingface.md has each one's defaults):
@@ -53,8 +54,13 @@ def apply_hiprune(model: torch.nn.Module, budget: Optional[int] = None, ratio: O
     192/576, LLaVA-NeXT 640/2880, Qwen-style and GLM 0.334, the others 1/3). video_budget / video_ratio: the same
     per temporal slice of a video (default: budget / ratio); only for families that take pixel_values_videos
     (InternVL's frames arrive as images: budget applies). object_layer / deep_layer: 1-based layer numbers
-    (negative from the end); None: the model's default scaled to its depth. Returns the model. Undo with
-    remove_hiprune(model).
+    (negative from the end); None: the model's default scaled to its depth.
+    prompt_beta (HiPrune++, in [0, 1]; default 0: HiPrune exactly): every image or video slice whose prompt has
+    text also keeps prompt_extra_count(kept, n, prompt_beta) more tokens, on top of the budget: the not-kept ones
+    whose features (as the language model receives them) are most similar to the mean input embedding of the
+    prompt's text (integrations/prompt.py: the text after the row's last visual placeholder, up to the next special
+    token). prompt_special_ids: token ids that are never prompt text, besides the config's token ids (pass
+    processor.tokenizer.all_special_ids for chat templates). Returns the model. Undo with remove_hiprune(model).
     """
     name = type(model).__name__
     refused = refusal(model)
@@ -69,7 +75,8 @@ def apply_hiprune(model: torch.nn.Module, budget: Optional[int] = None, ratio: O
     if _STATE_ATTR in model.__dict__:
         raise RuntimeError("apply_hiprune: the model is already patched; call remove_hiprune(model) first")
     adapter = family(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official,
-                     video_budget=video_budget, video_ratio=video_ratio)
+                     video_budget=video_budget, video_ratio=video_ratio, prompt_beta=prompt_beta,
+                     prompt_special_ids=prompt_special_ids)
     adapter.attach()
     model.__dict__[_STATE_ATTR] = adapter
     model.forward = make_forward(adapter, type(model).forward.__get__(model))

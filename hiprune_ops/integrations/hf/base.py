@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .. import capture, families
+from .. import capture, families, prompt
 from ..sequence import Placeholders, ShrinkPlan, plan_shrink
 from ..settings import PruneSettings, resolve_layer
 
@@ -63,12 +63,16 @@ class Adapter:
             FAMILIES[name] = cls
 
     def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official,
-                 video_budget=None, video_ratio=None):
+                 video_budget=None, video_ratio=None, prompt_beta=0.0, prompt_special_ids=()):
         self.model = model
         # Every value checked now (settings.py), not mid-generate.
         self.settings = PruneSettings(budget, ratio, video_budget, video_ratio, alpha, object_layer, deep_layer,
-                                      neighborhood, official).validated("video" in self.media_keys,
-                                                                        type(model).__name__)
+                                      neighborhood, official, prompt_beta).validated("video" in self.media_keys,
+                                                                                     type(model).__name__)
+        configs = (model.config, getattr(model.config, "text_config", None), getattr(model, "generation_config", None))
+        self.special_ids = prompt.config_token_ids(*configs) | {int(i) for i in prompt_special_ids}
+        self.end_ids = prompt.config_token_ids(*configs, names=("eos_token_id",))
+        self.prompts: Optional[tuple[list, dict]] = None  # HiPrune++: per row prompt embeddings, of this call
         self.budget, self.ratio, self.alpha = budget, ratio, float(alpha)
         self.video_budget, self.video_ratio = video_budget, video_ratio
         self.neighborhood, self.official = neighborhood, bool(official)
@@ -137,6 +141,26 @@ class Adapter:
     def placeholder_mask(self, kind: str, kwargs: dict) -> torch.Tensor:
         return kwargs["input_ids"] == getattr(self.model.config, f"{kind}_token_id")
 
+    def prompt_embeddings(self, kwargs: dict) -> list[Optional[torch.Tensor]]:
+        """HiPrune++: per prompt row, the mean input embedding of its text (prompt.py's rule), or None (no text)."""
+        input_ids = kwargs["input_ids"]
+        visual = torch.zeros_like(input_ids, dtype=torch.bool)
+        for kind, key in self.media_keys.items():
+            if kwargs.get(key) is not None:
+                visual |= self.placeholder_mask(kind, kwargs)
+        text = prompt.text_mask(input_ids, visual, self.special_ids, kwargs.get("attention_mask"), self.end_ids)
+        with torch.no_grad():
+            return prompt.mean_embeddings(self.model.get_input_embeddings()(input_ids), text)
+
+    def item_prompts(self, kind: str, counts) -> Optional[list[Optional[torch.Tensor]]]:
+        """HiPrune++: the prompt embedding of each item of a kind, the items owning the next `counts[i]`
+        placeholders of that kind in prompt order (unpruned counts); None when prompt_beta is 0."""
+        if self.prompts is None:
+            return None
+        embeddings, kwargs = self.prompts
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        return [embeddings[row] for row in prompt.item_rows(self.placeholder_mask(kind, kwargs), starts)]
+
     def encoder_outputs(self, encoded: dict[str, EncodedImages], new: dict) -> dict:
         """What the class's forward takes as mm_encoder_outputs."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -157,8 +181,13 @@ class Adapter:
                              "inputs_embeds")
         if kwargs.get("position_ids") is not None:
             raise ValueError("hiprune: explicit position_ids cannot follow the pruned prompt; leave them out")
-        with torch.no_grad() if for_generate else contextlib.nullcontext():
-            encoded = self.encode(kwargs)
+        if self.settings.prompt_beta > 0:
+            self.prompts = self.prompt_embeddings(kwargs), kwargs
+        try:
+            with torch.no_grad() if for_generate else contextlib.nullcontext():
+                encoded = self.encode(kwargs)
+        finally:
+            self.prompts = None
         self.last, self.last_video = encoded.get("image"), encoded.get("video")
         mask = kwargs.get("attention_mask")
         plan = plan_shrink(input_ids, [Placeholders(self.placeholder_mask(kind, kwargs), e.full_counts,

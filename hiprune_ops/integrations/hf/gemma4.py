@@ -32,8 +32,8 @@ class Gemma4Adapter(Adapter):
     media_keys = {"image": "pixel_values", "video": "pixel_values_videos"}
     position_keys = {"image": "image_position_ids", "video": "video_position_ids"}
 
-    def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **video):
-        super().__init__(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **video)
+    def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **options):
+        super().__init__(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **options)
         self.layers = model.model.vision_tower.encoder.layers
         self.resolve_layers(len(self.layers))
 
@@ -91,7 +91,8 @@ class Gemma4Adapter(Adapter):
             k = self.merge()
             counts = [(h // k) * (w // k) for h, w in grids]
             keeps = [self.keep(n, kind) for n in counts]
-            indices, roles = select_items(obj, deep, grids, keeps, self.settings, merge=k)
+            indices, roles = select_items(obj, deep, grids, keeps, self.settings, merge=k, features=features,
+                                          prompts=self.item_prompts(kind, counts))
             kept = [item[index] for item, index in zip(features, indices)]
             encoded[kind] = EncodedImages(kept, counts, list(indices), list(indices), list(roles))
         return encoded

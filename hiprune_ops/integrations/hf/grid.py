@@ -53,8 +53,8 @@ class PooledGridAdapter(Adapter):
         raise NotImplementedError
 
     # -- shared ----------------------------------------------------------------------------------------------------
-    def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **video):
-        super().__init__(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **video)
+    def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **options):
+        super().__init__(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **options)
         self.attentions = self.attention_modules()
         self.resolve_layers(len(self.attentions))
         grid, k = self.fixed_grid(), self.pool_size()
@@ -84,9 +84,11 @@ class PooledGridAdapter(Adapter):
             self.capture.disarm()
         k = self.pool_size()
         keeps = [self.per_tile or self.keep((h // k) * (w // k)) for h, w in grids]
-        indices, roles = select_items(obj, deep, grids, keeps, self.settings, merge=k)
+        counts = [(h // k) * (w // k) for h, w in grids]
+        indices, roles = select_items(obj, deep, grids, keeps, self.settings, merge=k, features=features,
+                                      prompts=self.item_prompts("image", counts))
         kept = [tile_features[index] for tile_features, index in zip(features, indices)]
-        return EncodedImages(kept, [(h // k) * (w // k) for h, w in grids], list(indices), indices, roles)
+        return EncodedImages(kept, counts, list(indices), indices, roles)
 
     def encoder_outputs(self, encoded, new):
         outputs = super().encoder_outputs(encoded, new)

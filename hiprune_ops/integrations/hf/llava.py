@@ -28,8 +28,8 @@ class LlavaAdapter(Adapter):
     model_classes = ("LlavaForConditionalGeneration",)
     geometry = families.LLAVA
 
-    def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **video):
-        super().__init__(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **video)
+    def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **options):
+        super().__init__(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **options)
         self.tower = ViTTower(model.model.vision_tower)
         self.resolve_layers(self.tower.depth)
         self.grid_tokens = self.tower.grid * self.tower.grid  # patch tokens of one image or tile
@@ -52,12 +52,12 @@ class LlavaAdapter(Adapter):
         hidden = [kept[i] for i in layers]
         return (hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=-1)), obj, deep
 
-    def _select(self, obj, deep, budget):
-        """(indices, roles), each (images, budget): the one selection step over the images (or tiles)."""
+    def _select(self, obj, deep, budget, features=None, prompts=None):
+        """(indices, roles) per image (or tile): the one selection step; HiPrune++ given every token's features
+        (images, tokens, D) and the prompts."""
         grid, count = self.tower.grid, obj.shape[0]
-        indices, roles = select_items(obj.unbind(0), deep.unbind(0), [(grid, grid)] * count, [budget] * count,
-                                      self.settings)
-        return torch.stack(indices), torch.stack(roles)
+        return select_items(obj.unbind(0), deep.unbind(0), [(grid, grid)] * count, [budget] * count, self.settings,
+                            features=features, prompts=prompts)
 
     def encode_images(self, kwargs) -> EncodedImages:
         if kwargs.get("image_sizes") is not None:
@@ -68,19 +68,18 @@ class LlavaAdapter(Adapter):
             raise NotImplementedError("hiprune: vision_feature_select_strategy='default' drops a CLS token this "
                                       "tower does not have")
         hidden, obj, deep = self._tower_features(kwargs["pixel_values"], layer)
-        indices, roles = self._select(obj, deep, self.per_image)
         patches = hidden[:, prefix:]
-        kept = patches.gather(1, indices.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        slots = indices
         keep_prefix = strategy == "full" and prefix > 0
-        if keep_prefix:
-            kept = torch.cat([hidden[:, :prefix], kept], dim=1)
-            slots = torch.cat([torch.arange(prefix, device=indices.device).expand(indices.shape[0], -1),
-                               indices + prefix], dim=1)
-        features = self.project(kept)
         full = self.grid_tokens + (prefix if keep_prefix else 0)
-        return EncodedImages(list(features.unbind(0)), [full] * features.shape[0], list(slots.unbind(0)),
-                             list(indices.unbind(0)), list(roles.unbind(0)))
+        prompts = self.item_prompts("image", [full] * hidden.shape[0])
+        # HiPrune++ ranks every patch as the language model would receive it (the projector is token-wise).
+        indices, roles = self._select(obj, deep, self.per_image, None if prompts is None else self.project(patches),
+                                      prompts)
+        slots = [torch.cat([torch.arange(prefix, device=index.device), index + prefix]) if keep_prefix else index
+                 for index in indices]
+        kept = torch.cat([rows[slot] for rows, slot in zip(hidden if keep_prefix else patches, slots)])
+        features = self.project(kept).split([slot.shape[0] for slot in slots])
+        return EncodedImages(list(features), [full] * len(features), slots, list(indices), list(roles))
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -108,6 +107,7 @@ class LlavaNextAdapter(LlavaAdapter):
         hidden, obj, deep = self._tower_features(pixel_values, layer)
         patches = hidden[:, 1:]
         grid = self.tower.grid
+        prompts = self.item_prompts("image", [full for _, _, full in layouts])
         result = EncodedImages([], [], [])
         start = 0
         for image, tiles in enumerate(tiles_per_image):
@@ -123,7 +123,8 @@ class LlavaNextAdapter(LlavaAdapter):
                 indices = torch.arange(self.grid_tokens, device=hidden.device).expand(tiles, -1)
                 roles = torch.full_like(indices, 2, dtype=torch.int8)
             else:
-                indices, roles = self._select(obj[tile_slice], deep[tile_slice], keep)
+                indices, roles = (torch.stack(v) for v in self._select(
+                    obj[tile_slice], deep[tile_slice], keep, projected, prompts and [prompts[image]] * tiles))
                 base = projected[0, indices[0]]
                 if tiles > 1:
                     # Tile t = 1 + r * cols + c; token (y, x) -> (r * grid + y, c * grid + x) on the tiled grid.

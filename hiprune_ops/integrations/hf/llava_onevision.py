@@ -90,7 +90,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 indices = torch.arange(self.grid_tokens, device=hidden.device).expand(tiles, -1)
                 roles = torch.full_like(indices, 2, dtype=torch.int8)
             else:
-                indices, roles = self._select(obj[tile_slice], deep[tile_slice], keep)
+                prompts = self.item_prompts("image", result.full_counts + [full])
+                indices, roles = (torch.stack(v) for v in self._select(
+                    obj[tile_slice], deep[tile_slice], keep, projected, prompts and [prompts[-1]] * tiles))
                 base = projected[0, indices[0]]
                 features = base
                 if tiles > 1:
@@ -126,8 +128,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         tokens = pooled_h * pooled_w
         keep = self.keep(tokens, "video")
         obj, deep = bilinear_pool(obj, grid, grid), bilinear_pool(deep, grid, grid)
+        prompts = self.item_prompts("video", [frames * tokens + 1] * count)
         indices, roles = select_items(obj.unbind(0), deep.unbind(0), [(pooled_h, pooled_w)] * obj.shape[0],
-                                      [keep] * obj.shape[0], self.settings)
+                                      [keep] * obj.shape[0], self.settings, features=pooled,
+                                      prompts=prompts and [p for p in prompts for _ in range(frames)])
         result = EncodedImages([], [], [], list(indices), list(roles))
         newline = model.image_newline[None].to(pooled.dtype)
         for video in range(count):

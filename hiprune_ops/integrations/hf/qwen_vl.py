@@ -37,10 +37,8 @@ class QwenVLAdapter(Adapter):
     geometry = families.QWEN2_VL
     one_call = False  # the tower calls a block's attention per segment or window group
 
-    def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official,
-                 video_budget=None, video_ratio=None):
-        super().__init__(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official,
-                         video_budget, video_ratio)
+    def __init__(self, model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **options):
+        super().__init__(model, budget, ratio, alpha, object_layer, deep_layer, neighborhood, official, **options)
         self.visual = model.model.visual
         self.resolve_layers(len(self.visual.blocks))
 
@@ -112,7 +110,8 @@ class QwenVLAdapter(Adapter):
         spans = [slice(s, s + gh * gw) for s, (gh, gw) in zip(starts, grids)]
         keeps = [self.keep(gh * gw, kind) for gh, gw in grids]
         indices, roles = select_items([obj[span] for span in spans], [deep[span] for span in spans], grids, keeps,
-                                      self.settings)
+                                      self.settings, features=[merged[span] for span in spans],
+                                      prompts=self.item_prompts(kind, [gh * gw for gh, gw in grids]))
         result = EncodedImages([], [gh * gw for gh, gw in grids], list(indices), list(indices), roles,
                                deepstack=[[] for _ in extras])
         for span, index in zip(spans, indices):
