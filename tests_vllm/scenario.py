@@ -35,6 +35,19 @@ PROMPTS = {
     "llava": ("user : <image> describe the picture please", (112, 112)),
     "qwen": ("user : <|vision_start|><|image_pad|><|vision_end|> describe the picture please", (168, 112)),
 }
+VIDEO_PROMPTS = {"qwen": "user : <|vision_start|><|video_pad|><|vision_end|> describe the picture please"}
+
+
+def token_runs(prompt_ids, token: int) -> list[int]:
+    """Lengths of the runs of `token` in a prompt (placeholders per image, tile or video slice)."""
+    runs, previous = [], None
+    for t in prompt_ids:
+        if t == token:
+            if previous != token:
+                runs.append(0)
+            runs[-1] += 1
+        previous = t
+    return runs
 
 
 def _install_position_spy(model):
@@ -96,7 +109,8 @@ def _inputs(prompt: str, size, request: dict, arch: str = "") -> dict:
         import tiny_families
 
         head, image_part, tail = _media_part(prompt)
-        _, video_part, _ = _media_part(tiny_families.FAMILIES[arch].video_prompt)
+        video_prompt = VIDEO_PROMPTS.get(arch) or tiny_families.FAMILIES[arch].video_prompt
+        _, video_part, _ = _media_part(video_prompt)
         seed, videos = request.get("image_seed", 0), request["videos"]
         data = {"video": [tiny_families.video(seed + 100 + i, v[0], v[1:]) for i, v in enumerate(videos)]}
         if sizes:

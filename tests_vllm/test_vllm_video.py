@@ -1,9 +1,10 @@
 """Tier 2: videos pruned per temporal slice by the Qwen-style and GLM bindings, in real vLLM.
 
-Three layouts of a video's placeholders, one tiny family each (tiny_families.py): Qwen2-VL (one run per video; Qwen2.5-VL,
-whose binding only adds the window order, shares it), Qwen3-VL (one run per slice, a timestamp before each, deepstack
-rows) and GLM-4.1V (one run per slice, in the image placeholder id). Per family two engines, one without the plugin
-and one with it, each serving every request; a third start checks the refusal with vLLM's own video pruning (EVS).
+Three layouts of a video's placeholders (tiny models of tiny_families.py and tiny_models.py): Qwen2-VL and
+Qwen2.5-VL (one run per video; Qwen2.5-VL's tower runs in window order and its slices are 4 position steps apart:
+second_per_grid_ts x tokens_per_second), Qwen3-VL (one run per slice, a timestamp before each, deepstack rows) and
+GLM-4.1V (one run per slice, in the image placeholder id). Per family two engines, one without the plugin and one
+with it, each serving every request; one more start checks the refusal with vLLM's own video pruning (EVS).
 Expected counts come from the budget rule and the videos' sizes; positions and embeddings from the unpruned run.
 """
 
@@ -16,15 +17,27 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import scenario  # noqa: E402
 import tiny_families  # noqa: E402
+import tiny_models  # noqa: E402
 
 FRAMES = 4  # 2 temporal slices (temporal_patch_size 2)
 SLICES = FRAMES // 2
 # family -> (its frame size, whether each slice has its own run of placeholders, its merged tokens per slice)
 VIDEO_FAMILIES = {
     "qwen2_vl": (list(tiny_families.QWEN2_SIZE), False, 24),
+    "qwen2_5_vl": (list(tiny_models.QWEN_IMAGE_SIZE), False, 24),
     "qwen3_vl": (list(tiny_families.QWEN3_SIZE), True, 24),
     "glm4v": (list(tiny_families.QWEN2_SIZE), True, 24),
 }
+# scenario's name, builder, image and video placeholder ids of the one family outside tiny_families
+QWEN2_5_VL = ("qwen", tiny_models.build_qwen, tiny_models.QWEN_IMAGE, tiny_models.QWEN_VIDEO)
+
+
+def family_of(name):
+    """(scenario's name, builder, image placeholder id, video placeholder id) of a family."""
+    if name == "qwen2_5_vl":
+        return QWEN2_5_VL
+    family = tiny_families.FAMILIES[name]
+    return name, family.build, family.image_token, family.video_token
 RATIO, VIDEO_BUDGET = 0.25, 5
 ENGINE = {"limit_mm_per_prompt": {"image": 1, "video": 1}}
 PATHS: dict = {}
@@ -39,12 +52,13 @@ def video_runs(request, tmp_path_factory):
     """(family name, vanilla runs, pruned runs) of one family."""
     name = request.param
     size, _, _ = VIDEO_FAMILIES[name]
-    path = tiny_families.FAMILIES[name].build(str(tmp_path_factory.mktemp("video") / name))
+    arch, build, _, _ = family_of(name)
+    path = build(str(tmp_path_factory.mktemp("video") / name))
     PATHS[name] = path
     video = {"videos": [[FRAMES, *size]]}
     both = dict(video, images=[size], image_seed=20)  # an image, then a video, in one prompt
-    vanilla = scenario.run(path, name, {"engine": ENGINE, "requests": [video, both]}, plugin=False)
-    pruned = scenario.run(path, name, {"engine": ENGINE,
+    vanilla = scenario.run(path, arch, {"engine": ENGINE, "requests": [video, both]}, plugin=False)
+    pruned = scenario.run(path, arch, {"engine": ENGINE,
                                        "hf_overrides": {"hiprune": {"ratio": RATIO, "video_budget": VIDEO_BUDGET}},
                                        "requests": [
                                            video,                                                        # 0 default
@@ -60,15 +74,7 @@ def video_runs(request, tmp_path_factory):
 
 
 def runs_of(result, token):
-    """Lengths of the runs of `token` in the prompt."""
-    runs, previous = [], None
-    for t in result["prompt_ids"]:
-        if t == token:
-            if previous != token:
-                runs.append(0)
-            runs[-1] += 1
-        previous = t
-    return runs
+    return scenario.token_runs(result["prompt_ids"], token)
 
 
 def video_runs_expected(name, per_slice):
@@ -78,8 +84,7 @@ def video_runs_expected(name, per_slice):
 
 def test_video_placeholders_per_slice_and_per_request(video_runs):
     name, vanilla, pruned = video_runs
-    family, (_, _, n) = tiny_families.FAMILIES[name], VIDEO_FAMILIES[name]
-    token = family.video_token
+    (_, _, image_token, token), (_, _, n) = family_of(name), VIDEO_FAMILIES[name]
     assert runs_of(vanilla[0], token) == video_runs_expected(name, n)
     assert runs_of(pruned[0], token) == video_runs_expected(name, VIDEO_BUDGET)
     assert runs_of(pruned[1], token) == video_runs_expected(name, n)
@@ -89,10 +94,10 @@ def test_video_placeholders_per_slice_and_per_request(video_runs):
     assert [len(k) for k in pruned[2]["kept"]] == [3] * SLICES
     # Image and video in one prompt: the image keeps its ratio, each video slice the video budget.
     image = [kept(RATIO, n)]
-    if token == family.image_token:  # GLM: video frames use the image placeholder id
+    if token == image_token:  # GLM: video frames use the image placeholder id
         assert runs_of(pruned[3], token) == image + video_runs_expected(name, VIDEO_BUDGET)
     else:
-        assert runs_of(pruned[3], family.image_token) == image
+        assert runs_of(pruned[3], image_token) == image
         assert runs_of(pruned[3], token) == video_runs_expected(name, VIDEO_BUDGET)
     assert [len(k) for k in pruned[3]["kept"]] == image + [VIDEO_BUDGET] * SLICES
 
@@ -168,8 +173,11 @@ def expected_positions(pruned, vanilla, placeholders, kept_per_slice):
 
 def test_video_kept_tokens_keep_their_positions(video_runs):
     name, vanilla, pruned = video_runs
-    family = tiny_families.FAMILIES[name]
-    placeholders = {family.image_token, family.video_token}
+    placeholders = set(family_of(name)[2:])
+    if name == "qwen2_5_vl":  # the slices' t positions are scaled (1 s per slice x 4 tokens per second): exercised
+        video, full = family_of(name)[3], vanilla[0]
+        t_row = {full["positions"][0][0][i] for i, token in enumerate(full["prompt_ids"]) if token == video}
+        assert max(t_row) - min(t_row) == 4
     for ours, theirs in ((pruned[0], vanilla[0]), (pruned[2], vanilla[0]), (pruned[3], vanilla[1])):
         length, full_length = len(ours["prompt_ids"]), len(theirs["prompt_ids"])
         assert length < full_length

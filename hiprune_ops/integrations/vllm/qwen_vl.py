@@ -81,7 +81,9 @@ class QwenModelMixin(ModelMixin):
         name = self.architecture
         settings = self.hiprune_start(vllm_config)
         if vllm_config.model_config.multimodal_config.is_multimodal_pruning_enabled():
-            raise ValueError(f"hiprune: {name} with video_pruning_rate (EVS) is not supported; use one or the other")
+            # vLLM's EVS fails on its CPU build anyway (0.32.0: the CPU runner keeps its EVS path off, docs/vllm.md).
+            raise ValueError(f"hiprune: {name} with vLLM's own video pruning (video_pruning_rate, EVS) is not "
+                             "supported: the HiPrune plugin prunes videos itself; use one or the other")
         if vllm_config.parallel_config.pipeline_parallel_size > 1:
             raise NotImplementedError(f"hiprune: {name} with pipeline parallelism is not supported (later stages "
                                       "would not get the kept tokens' M-RoPE positions)")
