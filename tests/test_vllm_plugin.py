@@ -92,6 +92,81 @@ def test_bad_server_config_names_itself():
     assert HiPruneSettings(enabled=True, budget=600).keep_count(576, clamp=True) == 576
 
 
+# -- video slices: video_budget / video_ratio, server and request ----------------------------------------------------
+def test_video_settings_default_to_the_image_setting():
+    class Config:
+        pass
+
+    config = Config()
+    config.hiprune = {"ratio": 0.25, "video_budget": 5}
+    server = HiPruneSettings.from_hf_config(config, environ={})
+    assert server.keep_count(24, clamp=True) == 6 and server.keep_count(24, clamp=True, kind="video") == 5
+    assert server.keep_count(24, clamp=True, kind="video") == 5
+    # A budget above a slice keeps it whole (Qwen-style and GLM slices differ in size); 0 / 1.0 keep every token.
+    assert server.for_request({"hiprune_video_budget": 99}).keep_count(24, clamp=True, kind="video") == 24
+    assert server.for_request({"hiprune_video_budget": 0}).keep_count(24, clamp=True, kind="video") == 24
+    assert server.for_request({"hiprune_video_ratio": 1.0}).keep_count(24, clamp=True, kind="video") == 24
+    # A request's video value replaces the server's video pair, not the image setting.
+    request = server.for_request({"hiprune_video_ratio": 0.5})
+    assert request.keep_count(24, clamp=True, kind="video") == 12 and request.keep_count(24, clamp=True) == 6
+    # Without a video setting, a video slice takes the image setting, the server's or the request's.
+    image_only = HiPruneSettings(enabled=True, budget=7)
+    assert image_only.keep_count(24, clamp=True, kind="video") == 7
+    assert image_only.for_request({"hiprune_budget": 3}).keep_count(24, clamp=True, kind="video") == 3
+    assert HiPruneSettings().for_request({"hiprune_video_budget": 4}).keep_count(24, clamp=True, kind="video") == 4
+    assert HiPruneSettings().for_request({"hiprune_video_budget": 4}).keep_count(24, clamp=True) == 24
+    assert HiPruneSettings(enabled=True).keep_count(24, clamp=True, default_ratio=0.334, kind="video") == 8
+
+
+@pytest.mark.parametrize("request_kwargs,match", [
+    ({"hiprune_video_budget": -1}, "hiprune_video_budget"),
+    ({"hiprune_video_budget": 2.5}, "hiprune_video_budget"),
+    ({"hiprune_video_ratio": 1.5}, "hiprune_video_ratio"),
+    ({"hiprune_video_budget": 4, "hiprune_video_ratio": 0.5}, "hiprune_video_budget or hiprune_video_ratio"),
+    ({"hiprune_video_budgte": 4}, "hiprune_video_budgte"),
+])
+def test_bad_video_request_values_name_themselves(request_kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HiPruneSettings(enabled=True, budget=64).for_request(request_kwargs)
+
+
+def test_video_budget_above_a_fixed_size_item_names_the_request_key():
+    settings = HiPruneSettings(enabled=True, budget=8).for_request({"hiprune_video_budget": 30})
+    with pytest.raises(ValueError, match="mm_processor_kwargs: hiprune_video_budget must be in"):
+        settings.keep_count(24, kind="video")
+    with pytest.raises(ValueError, match="^hiprune_video_budget|video_budget must be in"):
+        HiPruneSettings(enabled=True, video_budget=30).keep_count(24, kind="video")
+
+
+def test_bad_video_server_values_name_themselves():
+    class Config:
+        pass
+
+    config = Config()
+    for bad, error, match in (({"video_budget": "5"}, TypeError, "video_budget"),
+                              ({"video_budget": 5, "video_ratio": 0.5}, ValueError, "video_budget or video_ratio"),
+                              ({"video_ratio": 0}, ValueError, "video_ratio")):
+        config.hiprune = bad
+        with pytest.raises(error, match=match):
+            HiPruneSettings.from_hf_config(config, environ={})
+
+
+def test_video_setting_refused_at_start_where_videos_are_not_pruned():
+    from types import SimpleNamespace
+
+    from hiprune_ops.integrations.vllm._common import prepare_vllm_config
+
+    def vllm_config(hiprune):
+        hf_config = SimpleNamespace(hiprune=hiprune)
+        return SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config),
+                               compilation_config=SimpleNamespace())
+
+    with pytest.raises(ValueError, match="video_budget / video_ratio: the vLLM plugin prunes no video of Llava"):
+        prepare_vllm_config(vllm_config({"video_ratio": 0.5}), "Llava")
+    assert prepare_vllm_config(vllm_config({"video_ratio": 0.5}), "Qwen", video_pruned=True).video_ratio == 0.5
+    assert prepare_vllm_config(vllm_config({"ratio": 0.5}), "Llava").ratio == 0.5
+
+
 # -- M-RoPE of kept tokens -----------------------------------------------------------------------------------------
 def _unpruned_positions_transformers(ids, grids):
     """Positions of the unpruned prompt from transformers' own Qwen2.5-VL (the truth)."""

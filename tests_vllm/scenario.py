@@ -6,10 +6,11 @@ and without the plugin never share a ModelRegistry.
 
 ARCH: a key of PROMPTS, or a family of tiny_families.FAMILIES (its prompt and image size). Each request is generated
 on its own (greedy). A request may give "images": [[h, w], ...] for several images of those sizes in one prompt
-(the prompt's image part repeated). Per request: prompt token ids, generated ids, or the error text. Runs that can
-spy on the workers (in-process, or VLLM_ALLOW_INSECURE_SERIALIZATION=1) also report the positions the language
-model received in each step, the kept indices of each image, per tensor-parallel rank, and the image embeddings
-the encoder returned (per image, without channels the plugin adds).
+(the prompt's image part repeated), and "videos": [[frames, h, w], ...] for videos (the family's video part once
+per video, after the images; frames from tiny_families.video). Per request: prompt token ids, generated ids, or the
+error text. Runs that can spy on the workers (in-process, or VLLM_ALLOW_INSECURE_SERIALIZATION=1) also report the
+positions the language model received in each step, the kept indices of each image (of each video slice), per
+tensor-parallel rank, and the embeddings the encoder returned (per image or video, without channels the plugin adds).
 """
 
 from __future__ import annotations
@@ -34,6 +35,19 @@ PROMPTS = {
     "llava": ("user : <image> describe the picture please", (112, 112)),
     "qwen": ("user : <|vision_start|><|image_pad|><|vision_end|> describe the picture please", (168, 112)),
 }
+VIDEO_PROMPTS = {"qwen": "user : <|vision_start|><|video_pad|><|vision_end|> describe the picture please"}
+
+
+def token_runs(prompt_ids, token: int) -> list[int]:
+    """Lengths of the runs of `token` in a prompt (placeholders per image, tile or video slice)."""
+    runs, previous = [], None
+    for t in prompt_ids:
+        if t == token:
+            if previous != token:
+                runs.append(0)
+            runs[-1] += 1
+        previous = t
+    return runs
 
 
 def _install_position_spy(model):
@@ -82,14 +96,31 @@ def _prompt_and_size(arch: str):
     return family.image_prompt, family.image_size
 
 
-def _inputs(prompt: str, size, request: dict) -> dict:
+def _media_part(prompt: str):
+    """(head, the placeholder words from the first to the last non-text word, tail) of a prompt."""
+    words = prompt.split(" ")
+    marked = [i for i, w in enumerate(words) if w.startswith("<") or w.startswith("[")]
+    return words[:marked[0]], words[marked[0]:marked[-1] + 1], words[marked[-1] + 1:]
+
+
+def _inputs(prompt: str, size, request: dict, arch: str = "") -> dict:
     sizes = request.get("images")
+    if request.get("videos") is not None:
+        import tiny_families
+
+        head, image_part, tail = _media_part(prompt)
+        video_prompt = VIDEO_PROMPTS.get(arch) or tiny_families.FAMILIES[arch].video_prompt
+        _, video_part, _ = _media_part(video_prompt)
+        seed, videos = request.get("image_seed", 0), request["videos"]
+        data = {"video": [tiny_families.video(seed + 100 + i, v[0], v[1:]) for i, v in enumerate(videos)]}
+        if sizes:
+            data["image"] = [image(seed + i, s) for i, s in enumerate(sizes)]
+        text = " ".join(head + image_part * len(sizes or []) + video_part * len(videos) + tail)
+        return {"prompt": text, "multi_modal_data": data}
     if sizes is None:
         return {"prompt": prompt, "multi_modal_data": {"image": image(request.get("image_seed", 0), size)}}
     # The prompt's image part (from its first to its last non-text word) once per image.
-    words = prompt.split(" ")
-    marked = [i for i, w in enumerate(words) if w.startswith("<") or w.startswith("[")]
-    head, part, tail = words[:marked[0]], words[marked[0]:marked[-1] + 1], words[marked[-1] + 1:]
+    head, part, tail = _media_part(prompt)
     text = " ".join(head + part * len(sizes) + tail)
     seed = request.get("image_seed", 0)
     return {"prompt": text, "multi_modal_data": {"image": [image(seed + i, s) for i, s in enumerate(sizes)]}}
@@ -148,7 +179,7 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     results = []
     for request in spec["requests"]:
-        inputs = _inputs(prompt, size, request)
+        inputs = _inputs(prompt, size, request, arch)
         if request.get("mm_processor_kwargs") is not None:
             inputs["mm_processor_kwargs"] = request["mm_processor_kwargs"]
         try:

@@ -40,6 +40,8 @@ PAIRS = (("budget", "ratio"), ("video_budget", "video_ratio"))
 REQUEST_KEYS: dict[str, str] = {
     "hiprune_budget": "budget",
     "hiprune_ratio": "ratio",
+    "hiprune_video_budget": "video_budget",
+    "hiprune_video_ratio": "video_ratio",
 }
 
 

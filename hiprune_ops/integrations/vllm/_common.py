@@ -1,8 +1,9 @@
 """What every vLLM binding shares (imports vLLM: loaded by register() only).
 
 A binding is two subclasses of vLLM's own classes, reading the family's geometry (families.py):
-- its processor mixes in ProcessorMixin and says how many tokens each image has unpruned (_image_token_counts);
-  the mixin writes each image's kept count into the prompt (that many placeholders) and into the image's inputs;
+- its processor mixes in ProcessorMixin and says how many tokens each image has unpruned (_image_token_counts)
+  and, if it prunes videos, each video's temporal slices and tokens per slice (_video_slice_counts); the mixin
+  writes each item's kept count (a video's: per slice) into the prompt (that many placeholders) and its inputs;
 - its model mixes in ModelMixin: `hiprune_start` before vLLM's constructor (the server default, the vLLM features
   the taps cannot run with), `hiprune_bind` after it (layers from the geometry, the capture), and per encoder call
   `hiprune_select` (the one selection step of selection.py).
@@ -19,7 +20,7 @@ from ..selection import select_items
 from ..settings import resolve_layer
 from . import _vllm_api
 from .scores import TowerTaps
-from .settings import HIPRUNE_KEEP_FIELD, HiPruneSettings, strip_request_keys
+from .settings import HIPRUNE_KEEP_FIELD, KEEP_FIELDS, HiPruneSettings, strip_request_keys
 
 
 def logger():
@@ -27,12 +28,14 @@ def logger():
     return init_logger("hiprune_ops.integrations.vllm")
 
 
-def prepare_vllm_config(vllm_config, model_name: str) -> HiPruneSettings:
+def prepare_vllm_config(vllm_config, model_name: str, video_pruned: bool = False) -> HiPruneSettings:
     """The server default, and the vLLM features that cannot run with the q/k taps, turned off or refused.
 
     Called before the parent constructor builds the tower, so a compiled encoder is never built.
     """
     settings = HiPruneSettings.from_hf_config(vllm_config.model_config.hf_config)
+    if settings.video_given and not video_pruned:
+        raise ValueError(f"hiprune: video_budget / video_ratio: the vLLM plugin prunes no video of {model_name}")
     compilation = vllm_config.compilation_config
     # Checked: vllm 0.32.0, CompilationConfig.compile_mm_encoder / cudagraph_mm_encoder.
     if getattr(compilation, "compile_mm_encoder", False):
@@ -44,9 +47,10 @@ def prepare_vllm_config(vllm_config, model_name: str) -> HiPruneSettings:
     return settings
 
 
-def keep_counts(kwargs: dict) -> Optional[list[int]]:
-    """Pops the per-image kept counts the processor wrote; None for inputs that did not go through it."""
-    keep = kwargs.pop(HIPRUNE_KEEP_FIELD, None)
+def keep_counts(kwargs: dict, modality: str = "image") -> Optional[list[int]]:
+    """Pops the per-item kept counts the processor wrote (a video's: per slice); None for inputs that did not go
+    through it."""
+    keep = kwargs.pop(KEEP_FIELDS[modality], None)
     if keep is None:
         return None
     if isinstance(keep, (list, tuple)):
@@ -54,10 +58,11 @@ def keep_counts(kwargs: dict) -> Optional[list[int]]:
     return [int(k) for k in keep.reshape(-1).tolist()]
 
 
-def kept_count_of(out_mm_kwargs, item_idx: int) -> Optional[int]:
-    """The kept count the processor wrote for image item_idx, or None (image embeddings given directly)."""
-    item = out_mm_kwargs["image"][item_idx]
-    field = item.get(HIPRUNE_KEEP_FIELD) if hasattr(item, "get") else None
+def kept_count_of(out_mm_kwargs, item_idx: int, modality: str = "image") -> Optional[int]:
+    """The kept count the processor wrote for item item_idx (a video's: per slice), or None (embeddings given
+    directly)."""
+    item = out_mm_kwargs[modality][item_idx]
+    field = item.get(KEEP_FIELDS[modality]) if hasattr(item, "get") else None
     return None if field is None else int(field.data)
 
 
@@ -74,17 +79,36 @@ def shrink_runs(ids, token: int, kept: int) -> list[int]:
 class ProcessorMixin:
     """Writes each image's kept count into its inputs, where the prompt update and the encoder both read it.
 
-    Subclasses set `geometry` and define _image_token_counts(processed) -> full token count per image.
+    Subclasses set `geometry` and define _image_token_counts(processed) -> full token count per image; those that
+    prune videos set video_pruned and define _video_slice_counts, _video_item_slices and, if their video placeholder
+    is not the config's video_token_id, _video_embed_token.
     """
 
     geometry: families.Geometry
+    video_pruned = False
 
     _hiprune_profiling = False  # set while vLLM processes its dummy inputs
 
     def _hiprune_settings(self, mm_kwargs: Mapping[str, object]) -> HiPruneSettings:
         if self._hiprune_profiling:
             return HiPruneSettings()  # off: every image keeps all its tokens
-        return HiPruneSettings.from_hf_config(self.info.get_hf_config()).for_request(mm_kwargs)
+        settings = HiPruneSettings.from_hf_config(self.info.get_hf_config()).for_request(mm_kwargs)
+        if settings.video_given and not self.video_pruned:
+            raise ValueError("mm_processor_kwargs: hiprune_video_budget / hiprune_video_ratio: the vLLM plugin prunes "
+                             "no video of this model")
+        return settings
+
+    def _video_slice_counts(self, processed) -> list[tuple[int, int]]:
+        """Per video: (temporal slices, merged tokens per slice) unpruned; [] without videos."""
+        return []
+
+    def _video_item_slices(self, item) -> int:
+        """Temporal slices of one processed video item (out_mm_kwargs["video"][i])."""
+        raise NotImplementedError
+
+    def _video_embed_token(self) -> int:
+        """The placeholder id a video's embeddings take in the prompt."""
+        return self.info.get_hf_config().video_token_id
 
     # Override of BaseMultiModalProcessor.get_dummy_mm_inputs; checked: vllm 0.32.0. vLLM sizes the encoder cache
     # and profiles memory from these inputs: they keep every token, since a request may ask for all of them
@@ -106,6 +130,12 @@ class ProcessorMixin:
         if counts:
             processed[HIPRUNE_KEEP_FIELD] = torch.tensor(self._kept_counts(settings, counts, processed),
                                                          dtype=torch.int64)
+        videos = self._video_slice_counts(processed) if self.video_pruned else []
+        if videos:
+            per_slice = [settings.keep_count(n, clamp=self.geometry.sizes_vary,
+                                             default_ratio=self.geometry.default_ratio, kind="video")
+                         for _, n in videos]
+            processed[KEEP_FIELDS["video"]] = torch.tensor(per_slice, dtype=torch.int64)
         return processed
 
     def _kept_counts(self, settings: HiPruneSettings, counts: list[int], processed) -> list[int]:
@@ -118,27 +148,49 @@ class ProcessorMixin:
         from vllm.multimodal.inputs import MultiModalFieldConfig
 
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        fields[HIPRUNE_KEEP_FIELD] = MultiModalFieldConfig.batched("image")
+        for modality in ("image", "video") if self.video_pruned else ("image",):
+            fields[KEEP_FIELDS[modality]] = MultiModalFieldConfig.batched(modality)
         return fields
 
     # Override of BaseMultiModalProcessor._get_prompt_updates; checked: vllm 0.32.0. Every image update's
-    # replacement becomes its kept count of the target's placeholder token.
+    # replacement becomes its kept count of the target's placeholder token; every video update's keeps its markers
+    # (timestamps, frame starts and ends) and cuts its runs of the video placeholder to their kept share.
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         from vllm.multimodal.processing import PromptReplacement
 
         updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
         for i, update in enumerate(updates):
-            if update.modality != "image":
+            if update.modality == "video" and self.video_pruned:
+                replacement = self._video_replacement(update.replacement, out_mm_kwargs)
+            elif update.modality == "image":
+                def replacement(item_idx: int, original=update.replacement, token=update.target[0]):
+                    kept = kept_count_of(out_mm_kwargs, item_idx)
+                    return original(item_idx) if kept is None else [token] * kept
+            else:
                 continue
-            original, target = update.replacement, update.target
-            token = target[0]
-
-            def replacement(item_idx: int, original=original, token=token):
-                kept = kept_count_of(out_mm_kwargs, item_idx)
-                return original(item_idx) if kept is None else [token] * kept
-
-            updates[i] = PromptReplacement(modality="image", target=target, replacement=replacement)
+            updates[i] = PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
         return updates
+
+    def _video_replacement(self, original, out_mm_kwargs):
+        """A video's prompt update (vLLM's: one run of placeholders per video, or per slice between markers) with
+        each slice's kept count of placeholders: a run holding s slices keeps s times the per-slice count."""
+        from vllm.multimodal.processing import PromptUpdateDetails
+
+        token = self._video_embed_token()
+
+        def replacement(item_idx: int):
+            details = original(item_idx)
+            kept = kept_count_of(out_mm_kwargs, item_idx, "video")
+            if kept is None:
+                return details
+            full = details.full if isinstance(details, PromptUpdateDetails) else list(details)
+            slices = self._video_item_slices(out_mm_kwargs["video"][item_idx])
+            runs = sum(1 for j, t in enumerate(full) if t == token and (j == 0 or full[j - 1] != token))
+            if runs == 0 or slices % runs:
+                raise RuntimeError(f"hiprune: a video of {slices} slices has {runs} runs of placeholders")
+            return PromptUpdateDetails.select_token_id(shrink_runs(full, token, kept * (slices // runs)), token)
+
+        return replacement
 
 
 class TiledProcessorMixin(ProcessorMixin):
@@ -187,9 +239,11 @@ class ModelMixin:
     geometry: families.Geometry
     architecture: str  # vLLM's name of the class this binding subclasses
 
+    video_pruned = False  # the binding prunes videos (video_budget / video_ratio are refused otherwise)
+
     def hiprune_start(self, vllm_config) -> HiPruneSettings:
         """Before vLLM's constructor: the server default, checked, and vLLM's options the taps cannot run with."""
-        return prepare_vllm_config(vllm_config, self.architecture)
+        return prepare_vllm_config(vllm_config, self.architecture, self.video_pruned)
 
     def hiprune_bind(self, settings: HiPruneSettings, attention_modules: Sequence[torch.nn.Module], depth: int,
                      total_heads: int, geometry_config, full_depth: Optional[int] = None) -> None:

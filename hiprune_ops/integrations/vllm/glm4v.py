@@ -4,7 +4,8 @@ GLM-4.6V checkpoints that name these classes): the Qwen-style binding (qwen_vl.p
 Geometry: families.GLM4V, as in the transformers integration (object block round(depth / 2), deep block the last;
 ratio 0.334). GLM's tower is Qwen2-VL's in shape: packed patches in merge-unit order, one cu_seqlens segment per
 image (per frame for a video), and its 2x2 stride-2 `downsample` makes one token of each unit, so the scores
-average the same four patches, in raster order. Images are pruned; videos pass through unpruned.
+average the same four patches, in raster order. Images are pruned, and videos frame by frame (each temporal slice
+of temporal_patch_size frames is one "frame" of GLM's prompt, with its own timestamp and image placeholders).
 Positions: vLLM's iter_mm_grid_thw asserts an image holds its full h * w tokens (a pruned prompt would fail), so
 hiprune_media reads the items itself; the M-RoPE rule is the same as Qwen2-VL's (text after an item continues
 after its full grid).
@@ -22,6 +23,9 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 class HiPruneGlm4vMultiModalProcessor(QwenProcessorMixin, Glm4vMultiModalProcessor):
     geometry = families.GLM4V
+
+    def _video_embed_token(self) -> int:
+        return self.info.get_hf_config().image_token_id  # GLM's video frames take the image placeholder
 
 
 class Glm4vStyleMixin(QwenModelMixin):

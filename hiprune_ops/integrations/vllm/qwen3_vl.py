@@ -3,8 +3,8 @@
 Geometry: families.QWEN3_VL, as in the transformers integration (object block round(depth / 2), deep block the
 last; 2x2 spatial merge, raster order). vLLM's tower returns each merged token's main features and its deepstack
 levels side by side in one row, so gathering the kept rows keeps the deepstack features at the same indices, and
-every deepstack layer of the language model sees exactly the kept tokens. A video's frames are items of their own
-in the prompt (timestamps between them); videos pass through unpruned.
+every deepstack layer of the language model sees exactly the kept tokens. A video's slices are items of their own
+in the prompt (a timestamp before each): each keeps its count of placeholders, each is selected on its own grid.
 """
 
 from __future__ import annotations

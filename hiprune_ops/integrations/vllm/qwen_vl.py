@@ -1,18 +1,22 @@
-"""The Qwen-style binding for vLLM, shared by Qwen2-VL and Qwen2.5-VL (images; videos pass through unpruned).
+"""The Qwen-style binding for vLLM, shared by Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and GLM-4.1V / 4.5V.
 
-Processor: each image gets its kept count of placeholders (a budget above an image's merged tokens keeps them all).
+Processor: each image gets its kept count of placeholders (a budget above an image's merged tokens keeps them all);
+each video slice (temporal_patch_size frames: one tower segment) its kept count of video placeholders, vLLM's
+markers between them (Qwen3-VL's and GLM's timestamps and frame starts / ends) untouched.
 Encoder: the object and deep blocks' q and k are scored in vLLM's packed ViT attention (qk_scores with the blocks'
 own cu_seqlens); the patch scores are averaged over each 2x2 merge unit and put in raster order
 (qwen_positions.merged_raster_scores, with the window index of Qwen2.5-VL's windows; Qwen2-VL runs in raster
-order); the selection step picks the kept merged tokens of each image.
+order); the selection step picks the kept merged tokens of each image and of each video slice on its own grid, as
+apply_hiprune does.
 
 M-RoPE positions, without vLLM's video-pruning machinery (which needs video_pruning_rate and is off in vLLM's CPU
 runner): get_mrope_input_positions, run when a request arrives, gives the text its unpruned positions and each
-pruned image's placeholders the image's origin. The encoder returns each pruned image's kept (t, h, w) offsets
-with its embeddings, in trailing channels that hold the offsets' int32 bits (exact through vLLM's encoder cache and
-chunking). embed_input_ids strips them and forward adds them to the origin. So every kept token has its original
-position, and the text after an image keeps its own. Not supported with the plugin: pipeline parallelism (later
-stages would not see the offsets), EVS video pruning, the FlashInfer ViT backend (it rewrites cu_seqlens).
+pruned item's placeholders the item's origin plus, per video slice, the slice's t offset (slices keep equal counts,
+in order). The encoder returns each pruned item's kept (h, w) offsets with its embeddings, in trailing channels
+that hold the offsets' int32 bits (exact through vLLM's encoder cache and chunking). embed_input_ids strips them
+and forward adds them to the origin. So every kept token has its original position, and the text after an item
+keeps its own. Not supported with the plugin: pipeline parallelism (later stages would not see the offsets), EVS
+video pruning (video_pruning_rate), the FlashInfer ViT backend (it rewrites cu_seqlens).
 A family binding: `class HiPrune<X>Processor(QwenProcessorMixin, <vLLM's processor>)` and
 `class HiPrune<X>(QwenModelMixin, <vLLM's model>)` with `geometry`, `architecture` and, when the tower reorders its
 merge units, `window_index`.
@@ -28,10 +32,22 @@ from ..qwen_positions import MediaItem, kept_grid_offsets, merged_raster_scores,
 from . import _vllm_api
 from ._common import ModelMixin, ProcessorMixin, keep_counts
 from .scores import pack_scores, score_channels, unpack_scores
-from .settings import HIPRUNE_KEEP_FIELD
+from .settings import KEEP_FIELDS
 
 
 class QwenProcessorMixin(ProcessorMixin):
+    video_pruned = True
+
+    def _video_slice_counts(self, processed) -> list[tuple[int, int]]:
+        grid_thw = processed.get("video_grid_thw")
+        if grid_thw is None:
+            return []
+        merge = self.geometry.merge_of(self.info.get_hf_config().vision_config)
+        return [(int(g[0]), int(g[1] * g[2]) // (merge * merge)) for g in grid_thw]
+
+    def _video_item_slices(self, item) -> int:
+        return int(item["video_grid_thw"].data[0])
+
     def _image_token_counts(self, processed) -> list[int]:
         grid_thw = processed.get("image_grid_thw")
         if grid_thw is None:
@@ -59,11 +75,15 @@ class _ScoredVisual:
 
 
 class QwenModelMixin(ModelMixin):
+    video_pruned = True
+
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         name = self.architecture
         settings = self.hiprune_start(vllm_config)
         if vllm_config.model_config.multimodal_config.is_multimodal_pruning_enabled():
-            raise ValueError(f"hiprune: {name} with video_pruning_rate (EVS) is not supported; use one or the other")
+            # vLLM's EVS fails on its CPU build anyway (0.32.0: the CPU runner keeps its EVS path off, docs/vllm.md).
+            raise ValueError(f"hiprune: {name} with vLLM's own video pruning (video_pruning_rate, EVS) is not "
+                             "supported: the HiPrune plugin prunes videos itself; use one or the other")
         if vllm_config.parallel_config.pipeline_parallel_size > 1:
             raise NotImplementedError(f"hiprune: {name} with pipeline parallelism is not supported (later stages "
                                       "would not get the kept tokens' M-RoPE positions)")
@@ -74,7 +94,7 @@ class QwenModelMixin(ModelMixin):
         if "FLASHINFER" in _vllm_api.attention_backend_name(self.hiprune_taps.taps[0].module):
             raise NotImplementedError(f"hiprune: {name} with the FlashInfer ViT attention backend is not supported")
         self.hiprune_width = self.hiprune_embedding_width()
-        self._hiprune_keep: Optional[list[int]] = None
+        self._hiprune_keep: dict[str, Optional[list[int]]] = {}
         self._hiprune_pending = None
 
     def hiprune_embedding_width(self) -> int:
@@ -96,11 +116,11 @@ class QwenModelMixin(ModelMixin):
 
     # -- encoder -------------------------------------------------------------------------------------------------
     def embed_multimodal(self, **kwargs):
-        self._hiprune_keep = keep_counts(kwargs)
+        self._hiprune_keep = {modality: keep_counts(kwargs, modality) for modality in ("image", "video")}
         try:
             return super().embed_multimodal(**kwargs)
         finally:
-            self._hiprune_keep = None
+            self._hiprune_keep = {}
 
     def _scored_visual(self, pixel_values, grid_thw):
         """(merged embeddings in raster order, object scores, deep scores), scores per merged token."""
@@ -115,34 +135,53 @@ class QwenModelMixin(ModelMixin):
         object_scores, deep_scores = (merged_raster_scores(s, window_index, unit) for s in sums)
         return embeddings, object_scores, deep_scores
 
-    # Override of Qwen2VLForConditionalGeneration._process_image_input (and Qwen2.5-VL's); checked: vllm 0.32.0.
+    # Overrides of Qwen2VLForConditionalGeneration._process_image_input / _process_video_input (and those of
+    # Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4.1V); checked: vllm 0.32.0.
     def _process_image_input(self, image_input):
-        keep = self._hiprune_keep
-        grid_thw = image_input["image_grid_thw"].tolist()
+        pruned = self._hiprune_items("image", image_input)
+        return super()._process_image_input(image_input) if pruned is None else pruned
+
+    def _process_video_input(self, video_input):
+        pruned = self._hiprune_items("video", video_input)
+        return super()._process_video_input(video_input) if pruned is None else pruned
+
+    def _hiprune_items(self, modality: str, media_input) -> Optional[tuple]:
+        """Per image or video, its kept embeddings with their (h, w) offsets in trailing channels (the t offset of a
+        video slice is known from the prompt: get_mrope_input_positions gives it); None when nothing is pruned."""
+        keep = self._hiprune_keep.get(modality)  # per item: tokens kept per temporal slice
+        pixel_key = {"image": "pixel_values", "video": "pixel_values_videos"}[modality]
+        grid_thw = media_input[f"{modality}_grid_thw"].tolist()
         merge = self.visual.spatial_merge_size
-        counts = [t * (h // merge) * (w // merge) for t, h, w in grid_thw]
-        if keep is None or image_input["type"] != "pixel_values" or all(k >= n for k, n in zip(keep, counts)):
-            return super()._process_image_input(image_input)
-        if len(keep) != len(counts):
-            raise RuntimeError(f"hiprune: {len(keep)} kept counts for {len(counts)} images")
-        pixel_values = image_input["pixel_values"]
+        planes = [(h // merge) * (w // merge) for _, h, w in grid_thw]
+        if keep is None or media_input["type"] != pixel_key or all(k >= n for k, n in zip(keep, planes)):
+            return None
+        if len(keep) != len(grid_thw):
+            raise RuntimeError(f"hiprune: {len(keep)} kept counts for {len(grid_thw)} {modality} items")
+        pixel_values = media_input[pixel_key]
         if self.use_data_parallel:
             gathered = _vllm_api.run_data_parallel_tower(_ScoredVisual(self), pixel_values, grid_thw)
-            per_image = [unpack_scores(item) for item in gathered]
+            per_item = [unpack_scores(item) for item in gathered]
         else:
             embeddings, object_scores, deep_scores = self._scored_visual(pixel_values, grid_thw)
-            per_image = [(e, [o, d]) for e, o, d in zip(embeddings.split(counts), object_scores.split(counts),
-                                                       deep_scores.split(counts))]
-        # An image's t frames stack into one (t * h) x w grid (images have t = 1).
-        grids = [(t * (h // merge), w // merge) for t, h, w in grid_thw]
-        indices = self.hiprune_select([scores[0] for _, scores in per_image], [scores[1] for _, scores in per_image],
-                                      grids, keep)
+            counts = [t * n for (t, _, _), n in zip(grid_thw, planes)]
+            per_item = [(e, [o, d]) for e, o, d in zip(embeddings.split(counts), object_scores.split(counts),
+                                                      deep_scores.split(counts))]
+        # Every temporal slice is an item of its own on its merged grid (an image is one slice), as apply_hiprune.
+        slices = [(i, s) for i, (t, _, _) in enumerate(grid_thw) for s in range(t)]
+        spans = {(i, s): slice(s * planes[i], (s + 1) * planes[i]) for i, s in slices}
+        grids = {i: (h // merge, w // merge) for i, (_, h, w) in enumerate(grid_thw)}
+        indices = self.hiprune_select([per_item[i][1][0][spans[i, s]] for i, s in slices],
+                                      [per_item[i][1][1][spans[i, s]] for i, s in slices],
+                                      [grids[i] for i, _ in slices], [keep[i] for i, _ in slices])
         out = []
-        for (embeddings, _), index, (t, h, w) in zip(per_image, indices, grid_thw):
-            if index is None:
+        for i, (embeddings, _) in enumerate(per_item):
+            kept = [index for (item, _), index in zip(slices, indices) if item == i]
+            if kept[0] is None:
                 out.append(embeddings)
                 continue
-            out.append(self._with_offsets(embeddings[index], kept_grid_offsets(index, h // merge, w // merge)))
+            rows = torch.cat([index + spans[i, s].start for s, index in enumerate(kept)])
+            offsets = torch.cat([kept_grid_offsets(index, *grids[i]) for index in kept], dim=1)
+            out.append(self._with_offsets(embeddings[rows], offsets))
         return tuple(out)
 
     @staticmethod
@@ -155,11 +194,13 @@ class QwenModelMixin(ModelMixin):
         items, offsets, pruned = [], [], False
         for offset, t, h, w, t_factor, feature in self.hiprune_media(input_tokens, mm_features):
             full = t * h * w
-            field = feature.data.get(HIPRUNE_KEEP_FIELD) if feature.modality == "image" else None
-            kept = full if field is None else min(full, int(field.data))
-            pruned |= kept < full
-            items.append(MediaItem(offset, t, h, w, kept, t_factor))
-            offsets.append(None if kept < full else kept_grid_offsets(torch.arange(full), h, w, t_factor))
+            field = feature.data.get(KEEP_FIELDS[feature.modality])
+            per_slice = h * w if field is None else min(h * w, int(field.data))
+            pruned |= per_slice < h * w
+            items.append(MediaItem(offset, t, h, w, t * per_slice, t_factor))
+            # A pruned item: each slice's t offset here, its kept tokens' (h, w) offsets from the encoder (forward).
+            index = torch.arange(full) if per_slice == h * w else torch.arange(t).repeat_interleave(per_slice) * h * w
+            offsets.append(kept_grid_offsets(index, h, w, t_factor))
         if not pruned:
             return super().get_mrope_input_positions(input_tokens, mm_features)
         return mrope_positions(len(input_tokens), items, offsets)

@@ -1,12 +1,13 @@
-"""HiPrune settings for vLLM: the server default, the per-request override, and the kept count per image.
+"""HiPrune settings for vLLM: the server default, the per-request override, and the kept count per item.
 
 The rules are settings.py's, the same as apply_hiprune's. Server default, first found: the model config's `hiprune`
-dict (`hf_overrides={"hiprune": {...}}`, keys of apply_hiprune: budget or ratio, alpha, object_layer, deep_layer,
-neighborhood, official), else the environment variable HIPRUNE_BUDGET (an int), else off. Per request,
-`mm_processor_kwargs={"hiprune_budget": 64}` or `{"hiprune_ratio": 0.25}` replaces the default's budget / ratio for
-that request's images (settings.REQUEST_KEYS); 0 or 1.0 keeps every token; an unknown hiprune_* key is refused.
-The processor turns this into one number per image, `keep_count`, which it writes both into the prompt (that many
-placeholders) and into the image's inputs (field HIPRUNE_KEEP_FIELD), so the encoder keeps exactly that many.
+dict (`hf_overrides={"hiprune": {...}}`, keys of apply_hiprune: budget or ratio, video_budget or video_ratio,
+alpha, object_layer, deep_layer, neighborhood, official), else the environment variable HIPRUNE_BUDGET (an int),
+else off. Per request, `mm_processor_kwargs={"hiprune_budget": 64}` or `{"hiprune_ratio": 0.25}` replaces the
+default's budget / ratio for that request's images, `hiprune_video_budget` / `hiprune_video_ratio` its video slices
+(settings.REQUEST_KEYS); 0 or 1.0 keeps every token; an unknown hiprune_* key is refused. The processor turns this
+into one number per image (per video: per temporal slice), `keep_count`, which it writes both into the prompt (that
+many placeholders) and into the item's inputs (field KEEP_FIELDS[modality]), so the encoder keeps exactly that many.
 
 No vLLM import here: the processor, the workers and the tests all use this module.
 """
@@ -22,15 +23,20 @@ from ..settings import PAIRS, REQUEST_KEYS, SETTING_FIELDS, PruneSettings, reque
 CONFIG_ATTR = "hiprune"
 ENV_BUDGET = "HIPRUNE_BUDGET"
 HIPRUNE_KEEP_FIELD = "hiprune_keep"
-_VIDEO_FIELDS = ("video_budget", "video_ratio")
-_CONFIG_KEYS = tuple(f for f in SETTING_FIELDS if f not in _VIDEO_FIELDS)
+# Per modality, the processor output holding each item's kept count (a video's: per temporal slice).
+KEEP_FIELDS = {"image": HIPRUNE_KEEP_FIELD, "video": "hiprune_video_keep"}
 
 
 @dataclass(frozen=True)
 class HiPruneSettings(PruneSettings):
     enabled: bool = False
-    # The image budget / ratio came from the request: errors name its keys (hiprune_budget, hiprune_ratio).
-    from_request: bool = field(default=False, compare=False)
+    # The fields the request gave: errors about them name its keys (hiprune_budget, hiprune_video_ratio, ...).
+    request_fields: frozenset = field(default=frozenset(), compare=False)
+
+    @property
+    def from_request(self) -> bool:
+        """The image budget / ratio came from the request."""
+        return bool(self.request_fields & set(PAIRS[0]))
 
     @classmethod
     def from_hf_config(cls, hf_config: Any, environ: Mapping[str, str] = os.environ) -> "HiPruneSettings":
@@ -45,16 +51,12 @@ class HiPruneSettings(PruneSettings):
                 raise ValueError(f"{ENV_BUDGET} must be an int (tokens kept per image), got {env!r}") from None
             raw = {"budget": budget}
         if not isinstance(raw, Mapping):
-            raise TypeError(f"hf_overrides['{CONFIG_ATTR}'] must be a dict with keys {', '.join(_CONFIG_KEYS)}, "
+            raise TypeError(f"hf_overrides['{CONFIG_ATTR}'] must be a dict with keys {', '.join(SETTING_FIELDS)}, "
                             f"got {type(raw).__name__}")
-        video = sorted(set(raw) & set(_VIDEO_FIELDS))
-        if video:
-            raise ValueError(f"hf_overrides['{CONFIG_ATTR}']: {', '.join(video)}: the vLLM plugin does not prune "
-                             "videos yet (they pass through whole)")
-        unknown = sorted(set(raw) - set(_CONFIG_KEYS))
+        unknown = sorted(set(raw) - set(SETTING_FIELDS))
         if unknown:
             raise ValueError(f"hf_overrides['{CONFIG_ATTR}']: unknown keys {unknown}; known: "
-                             f"{', '.join(_CONFIG_KEYS)}")
+                             f"{', '.join(SETTING_FIELDS)}")
         settings = cls(enabled=True, **raw)
         settings.validate()
         return settings
@@ -71,22 +73,31 @@ class HiPruneSettings(PruneSettings):
         updated = self.with_request(mm_kwargs)
         if updated is self:
             return self
-        image_pair = any(REQUEST_KEYS.get(k) in PAIRS[0] for k in mm_kwargs if mm_kwargs[k] is not None)
-        return replace(updated, enabled=True, from_request=image_pair)
+        given = frozenset(REQUEST_KEYS[k] for k in mm_kwargs if k in REQUEST_KEYS and mm_kwargs[k] is not None)
+        if not self.enabled and not given & set(PAIRS[0]):
+            updated = replace(updated, budget=0)  # a server without a default: a video value prunes videos only
+        return replace(updated, enabled=True, request_fields=given)
 
-    def keep_count(self, n: int, clamp: bool = False, default_ratio: float = 1 / 3) -> int:
-        """Tokens kept out of an image's n: n when off (disabled, budget 0 or ratio 1.0).
+    @property
+    def video_given(self) -> bool:
+        """A video budget or ratio is set (the server default's or the request's)."""
+        return self.video_budget is not None or self.video_ratio is not None
 
-        clamp: a budget above n keeps n (families whose images differ in size); otherwise it is an error.
+    def keep_count(self, n: int, clamp: bool = False, default_ratio: float = 1 / 3, kind: str = "image") -> int:
+        """Tokens kept out of an item's n: n when off (disabled, budget 0 or ratio 1.0).
+
+        clamp: a budget above n keeps n (families whose items differ in size); otherwise it is an error.
         default_ratio: the family's, when the setting gives neither budget nor ratio.
+        kind: "image", or "video" for a video slice (video_budget / video_ratio, else the image values).
         """
         if not self.enabled:
             return n
-        if not self.from_request:
-            return self.keep(n, default_ratio, clamp=clamp)
+        _, _, pair = self.pair(kind)
+        if not self.request_fields & set(pair):
+            return self.keep(n, default_ratio, clamp=clamp, kind=kind)
         key_of = request_key_of()
         try:
-            return self.keep(n, default_ratio, clamp=clamp, names=tuple(key_of.get(f, f) for f in PAIRS[0]))
+            return self.keep(n, default_ratio, clamp=clamp, kind=kind, names=tuple(key_of.get(f, f) for f in pair))
         except ValueError as error:
             raise type(error)(f"mm_processor_kwargs: {error}") from None
 
