@@ -82,6 +82,11 @@ def test_bad_server_config_names_itself():
     config.hiprune = {"budget": 64, "alpha": 2.0}
     with pytest.raises(ValueError, match="alpha"):
         HiPruneSettings.from_hf_config(config, environ={})
+    config.hiprune = {"budget": 64, "prompt_beta": 0.1}  # HiPrune++ is not in the vLLM plugin yet: never ignored
+    with pytest.raises(ValueError, match="prompt_beta: the vLLM plugin does not add HiPrune"):
+        HiPruneSettings.from_hf_config(config, environ={})
+    config.hiprune = {"budget": 64, "prompt_beta": 0}
+    assert HiPruneSettings.from_hf_config(config, environ={}).budget == 64
     config.hiprune = 64
     with pytest.raises(TypeError, match="dict"):
         HiPruneSettings.from_hf_config(config, environ={})

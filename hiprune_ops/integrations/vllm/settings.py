@@ -57,6 +57,9 @@ class HiPruneSettings(PruneSettings):
         if unknown:
             raise ValueError(f"hf_overrides['{CONFIG_ATTR}']: unknown keys {unknown}; known: "
                              f"{', '.join(SETTING_FIELDS)}")
+        if raw.get("prompt_beta"):
+            raise ValueError(f"hf_overrides['{CONFIG_ATTR}']: prompt_beta: the vLLM plugin does not add HiPrune++ "
+                             "prompt tokens yet (apply_hiprune and encode do); leave it out or set it to 0")
         settings = cls(enabled=True, **raw)
         settings.validate()
         return settings
