@@ -39,14 +39,18 @@ def kept_per_tile(settings: HiPruneSettings, tiles: int, grid_tokens: int, defau
     return split_over_tiles(settings.budget, tiles, grid_tokens, name)
 
 
-class HiPruneLlavaNextMultiModalProcessor(ProcessorMixin, LlavaNextMultiModalProcessor):
-    geometry = families.LLAVA_NEXT
+class AnyResProcessorMixin(ProcessorMixin):
+    """LLaVA-NeXT-style processors (a base tile and AnyRes tiles): an image keeps tiles x its per-tile count, or all
+    its tokens (_full_count: base, unpadded tiles, newlines) when the per-tile count keeps every tile whole."""
+
+    def _full_count(self, config, image_size) -> int:
+        return tile_layout(config, image_size)[2]
 
     def _image_token_counts(self, processed) -> list[int]:
         if processed.get("pixel_values") is None:
             return []
         config = self.info.get_hf_config()
-        return [tile_layout(config, size)[2] for size in processed["image_sizes"]]
+        return [self._full_count(config, size) for size in processed["image_sizes"]]
 
     def _kept_counts(self, settings, counts, processed) -> list[int]:
         config = self.info.get_hf_config()
@@ -59,30 +63,27 @@ class HiPruneLlavaNextMultiModalProcessor(ProcessorMixin, LlavaNextMultiModalPro
         return kept
 
 
-@MULTIMODAL_REGISTRY.register_processor(HiPruneLlavaNextMultiModalProcessor, info=LlavaNextProcessingInfo,
-                                        dummy_inputs=LlavaDummyInputsBuilder)
-class HiPruneLlavaNextForConditionalGeneration(ClipLlavaModelMixin, LlavaNextForConditionalGeneration):
+class HiPruneLlavaNextMultiModalProcessor(AnyResProcessorMixin, LlavaNextMultiModalProcessor):
     geometry = families.LLAVA_NEXT
-    architecture = "LlavaNextForConditionalGeneration"
-    family_label = "LLaVA-NeXT"
 
-    def embed_multimodal(self, **kwargs):
-        keep = keep_counts(kwargs)
-        image_input = _vllm_api.parse_image_input(self, dict(kwargs))
-        if image_input is None or keep is None or image_input["type"] != "pixel_values":
-            return super().embed_multimodal(**kwargs)
+
+class AnyResModelMixin(ClipLlavaModelMixin):
+    """LLaVA-NeXT-style models: subclasses define _tile_features(pixels) -> (tiles, patches, C), the tower's features
+    before the projector, and _packed(image_size, tile_embeddings) -> vLLM's own packing of an unpruned image."""
+
+    def hiprune_anyres_images(self, image_input, keep) -> list[torch.Tensor]:
+        """Per image of vLLM's parsed pixel input, its embeddings: its tiles' kept tokens, base tile first, then the
+        other tiles' in raster order of the tiled grid; an image that keeps every token as vLLM packs it."""
         layouts = [tile_layout(self.config, size) for size in image_input["image_sizes"]]
-        if all(k >= full for k, (_, _, full) in zip(keep, layouts)):
-            return super().embed_multimodal(**kwargs)
         if self.hiprune_unsupported is not None:
             raise ValueError(self.hiprune_unsupported)
         grid = self.hiprune_grid
         tiles = [rows * cols + 1 for rows, cols, _ in layouts]
         pixels = torch.cat([images[:count] for images, count in zip(image_input["pixel_values"], tiles)])
-        features, (object_scores, deep_scores) = self.hiprune_taps.scored(
-            lambda: _vllm_api.llava_next_tile_features(self, pixels))  # (tiles, N, C): CLS already dropped
+        features, (object_scores, deep_scores) = self.hiprune_taps.scored(lambda: self._tile_features(pixels))
         per_tile = [k // count if k < full else grid * grid
-                    for k, count, (_, _, full) in zip(keep, tiles, layouts) for _ in range(count)]
+                    for k, count, full in zip(keep, tiles, self._full_counts(image_input, layouts))
+                    for _ in range(count)]
         indices = self.hiprune_select(object_scores.unbind(0), deep_scores.unbind(0),
                                       [(grid, grid)] * features.shape[0], per_tile)
         embeddings = self.multi_modal_projector(features).split(tiles)
@@ -91,7 +92,7 @@ class HiPruneLlavaNextForConditionalGeneration(ClipLlavaModelMixin, LlavaNextFor
         out = []
         for image, size, chosen, (rows, cols, _) in zip(embeddings, image_input["image_sizes"], indices, layouts):
             if chosen[0] is None:  # keeps every token: vLLM's packing, token for token
-                out.append(_vllm_api.llava_next_packed(self, size, image))
+                out.append(self._packed(size, image))
                 continue
             kept = [image[0, chosen[0]]]
             if len(chosen) > 1:
@@ -103,3 +104,35 @@ class HiPruneLlavaNextForConditionalGeneration(ClipLlavaModelMixin, LlavaNextFor
                 kept.append(tokens.flatten(0, 1)[key.flatten().argsort()])
             out.append(torch.cat(kept))
         return out
+
+    def _full_counts(self, image_input, layouts) -> list[int]:
+        """Unpruned tokens per image (as the processor counted them)."""
+        return [full for _, _, full in layouts]
+
+    def hiprune_prunes(self, image_input, keep) -> bool:
+        """Whether any image of this pixel input keeps fewer than all its tokens."""
+        if image_input is None or keep is None or image_input["type"] != "pixel_values":
+            return False
+        layouts = [tile_layout(self.config, size) for size in image_input["image_sizes"]]
+        return any(k < full for k, full in zip(keep, self._full_counts(image_input, layouts)))
+
+
+@MULTIMODAL_REGISTRY.register_processor(HiPruneLlavaNextMultiModalProcessor, info=LlavaNextProcessingInfo,
+                                        dummy_inputs=LlavaDummyInputsBuilder)
+class HiPruneLlavaNextForConditionalGeneration(AnyResModelMixin, LlavaNextForConditionalGeneration):
+    geometry = families.LLAVA_NEXT
+    architecture = "LlavaNextForConditionalGeneration"
+    family_label = "LLaVA-NeXT"
+
+    def embed_multimodal(self, **kwargs):
+        keep = keep_counts(kwargs)
+        image_input = _vllm_api.parse_image_input(self, dict(kwargs))
+        if not self.hiprune_prunes(image_input, keep):
+            return super().embed_multimodal(**kwargs)
+        return self.hiprune_anyres_images(image_input, keep)
+
+    def _tile_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return _vllm_api.llava_next_tile_features(self, pixels)  # CLS already dropped
+
+    def _packed(self, image_size, tile_embeddings: torch.Tensor) -> torch.Tensor:
+        return _vllm_api.llava_next_packed(self, image_size, tile_embeddings)
