@@ -2,9 +2,10 @@
 tower without CLS; pruned images packed as apply_hiprune packs them (base, then the tiles' kept tokens in raster
 order of the tiled grid, no newlines).
 
-The tiny model (tiny_families.build_llava_onevision): SigLIP at 112 px, 8 x 8 patches per tile, the pinpoints of the
-LLaVA-NeXT test, so the same layouts and packing (test_vllm_llava_next.py's helpers); neither image size is
-unpadded nor downscaled. One engine without the plugin and one with it, every case reading the same runs.
+The tiny model (tiny_families.build_llava_onevision): SigLIP at 112 px, 8 x 8 patches per tile, the pinpoints and
+placeholder id of the LLaVA-NeXT test's model, so the same layouts, counts and packing: this module runs
+test_vllm_llava_next.py's cases (imported below) on the same requests to OneVision's engines (its `runs`). Neither
+image size is unpadded nor downscaled. One engine without the plugin and one with it.
 """
 
 import os
@@ -16,10 +17,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import scenario  # noqa: E402
 import tiny_families  # noqa: E402
-from test_vllm_llava_next import GRID, LAYOUTS, TWO, expected_rows, full_count, kept  # noqa: E402
+import test_vllm_llava_next as llava_next  # noqa: E402
+from test_vllm_llava_next import (  # noqa: E402,F401  (the cases, collected here with this module's `runs`)
+    test_a_budget_below_one_token_per_tile_is_refused_for_that_request, test_full_budget_equals_vllm_without_plugin,
+    test_kept_embeddings_are_the_projectors_at_the_kept_indices, test_kept_tokens_take_consecutive_positions,
+    test_placeholders_per_image_and_per_request)
 
-TOKEN = tiny_families.FAMILIES["llava_onevision"].image_token
-RATIO = 0.25
+TWO, RATIO = llava_next.TWO, llava_next.RATIO
+
+
+def test_the_cases_apply_to_this_model():
+    assert tiny_families.FAMILIES["llava_onevision"].image_token == llava_next.TOKEN
+    assert tiny_families.FAMILIES["llava_onevision"].image_size == tiny_families.FAMILIES["llava_next"].image_size
 
 
 @pytest.fixture(scope="module")
@@ -37,55 +46,5 @@ def runs(tmp_path_factory):
                                                         dict(TWO, mm_processor_kwargs={"hiprune_budget": 0}),  # 5
                                                         {"mm_processor_kwargs": {"hiprune_budget": 2}},      # 6
                                                     ]})
+    assert sum(t == llava_next.TOKEN for t in vanilla[0]["prompt_ids"]) == llava_next.full_count(1, 2)  # vLLM's
     return vanilla, pruned
-
-
-def test_placeholders_per_image_and_per_request(runs):
-    vanilla, pruned = runs
-    per_tile = kept(RATIO, GRID * GRID)
-    assert sum(t == TOKEN for t in vanilla[0]["prompt_ids"]) == full_count(1, 2)  # vLLM's own count
-    expected = [[3 * per_tile], [full_count(1, 2)], [3 * (30 // 3)], [3 * per_tile], [3 * per_tile, 5 * per_tile],
-                [full_count(1, 2), full_count(2, 2)]]
-    for result, counts in zip(pruned, expected):
-        assert sum(t == TOKEN for t in result["prompt_ids"]) == sum(counts)
-    # Request 3 repeats request 0's image and budget: vLLM's encoder cache answers it, the encoder does not run.
-    encoded = [counts if i != 3 else [] for i, counts in enumerate(expected)]
-    assert [[len(e) for e in r["embeddings"]] for r in pruned[:6]] == encoded
-    assert [[len(i) for i in r["kept"]] for r in pruned[:6]] == [[16] * 3, [], [10] * 3, [], [16] * 8, []]
-    assert pruned[3]["tokens"] == pruned[0]["tokens"]  # the override did not stick
-
-
-def test_a_budget_below_one_token_per_tile_is_refused_for_that_request(runs):
-    _, pruned = runs
-    assert "hiprune_budget=2 leaves no token per tile for an image with 3 tiles" in pruned[6]["error"]
-
-
-def test_full_budget_equals_vllm_without_plugin(runs):
-    vanilla, pruned = runs
-    for ours, theirs in ((pruned[1], vanilla[0]), (pruned[5], vanilla[1])):
-        assert ours["prompt_ids"] == theirs["prompt_ids"]
-        assert ours["tokens"] == theirs["tokens"]
-        assert ours["positions"] == theirs["positions"]
-        assert ours["embeddings"] == theirs["embeddings"]
-
-
-def test_kept_embeddings_are_the_projectors_at_the_kept_indices(runs):
-    vanilla, pruned = runs
-    sizes = [[112, 224]]
-    for ours, full, image_sizes in ((pruned[0], vanilla[0], sizes), (pruned[2], vanilla[0], sizes),
-                                    (pruned[4], vanilla[1], TWO["images"])):
-        start = 0
-        for embedding, whole, size in zip(ours["embeddings"], full["embeddings"], image_sizes):
-            rows, cols = LAYOUTS[tuple(size)]
-            tiles = ours["kept"][start:start + rows * cols + 1]
-            start += rows * cols + 1
-            assert all(indices == sorted(set(indices)) for indices in tiles)
-            assert embedding == expected_rows(whole, rows, cols, tiles)  # bit for bit: gathered, not recomputed
-
-
-def test_kept_tokens_take_consecutive_positions(runs):
-    _, pruned = runs
-    for result in pruned[:6]:
-        length = len(result["prompt_ids"])
-        assert result["positions"][0] == list(range(length))
-        assert result["positions"][1] == [length]

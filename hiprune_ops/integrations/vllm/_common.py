@@ -45,9 +45,9 @@ def prepare_vllm_config(vllm_config, model_name: str) -> HiPruneSettings:
     return settings
 
 
-def keep_counts(kwargs: dict) -> Optional[list[int]]:
-    """Pops the per-image kept counts the processor wrote; None for inputs that did not go through it."""
-    keep = kwargs.pop(HIPRUNE_KEEP_FIELD, None)
+def keep_counts(kwargs: dict, field: str = HIPRUNE_KEEP_FIELD) -> Optional[list[int]]:
+    """Pops the per-image kept counts the processor wrote (in `field`); None for inputs that did not go through it."""
+    keep = kwargs.pop(field, None)
     if keep is None:
         return None
     if isinstance(keep, (list, tuple)):
@@ -265,12 +265,17 @@ class ModelMixin:
 
 class StashedKeepModelMixin(ModelMixin):
     """Families whose processor writes a kept count per image that vLLM's tower call, made inside embed_multimodal,
-    needs (InternVL, Idefics3, Gemma 4): embed_multimodal stashes the counts for it, in _hiprune_keep."""
+    needs (InternVL, Idefics3, Gemma 4, LLaVA-OneVision): embed_multimodal stashes the counts for it, in
+    _hiprune_keep."""
 
     _hiprune_keep: Optional[list[int]] = None
 
+    def hiprune_take_keep(self, kwargs: dict) -> Optional[list[int]]:
+        """Pops the counts the processor wrote, as the tower call needs them."""
+        return keep_counts(kwargs)
+
     def embed_multimodal(self, **kwargs):
-        self._hiprune_keep = keep_counts(kwargs)
+        self._hiprune_keep = self.hiprune_take_keep(kwargs)
         try:
             return super().embed_multimodal(**kwargs)
         finally:

@@ -19,7 +19,7 @@ import torch
 from .. import families
 from . import _vllm_api
 from ._common import StashedKeepModelMixin
-from .llava_next import AnyResModelMixin, AnyResProcessorMixin
+from .llava_next import AnyResModelMixin, AnyResProcessorMixin, tile_keep_counts
 from vllm.model_executor.models.llava_onevision import (LlavaOnevisionDummyInputsBuilder,
                                                         LlavaOnevisionForConditionalGeneration,
                                                         LlavaOnevisionMultiModalProcessor,
@@ -58,18 +58,14 @@ class HiPruneLlavaOnevisionForConditionalGeneration(AnyResModelMixin, StashedKee
     def hiprune_tower_unsupported(self, config):
         return siglip_tower_unsupported(config)
 
+    def hiprune_take_keep(self, kwargs: dict):
+        return tile_keep_counts(kwargs)
+
     # Override of LlavaOnevisionForConditionalGeneration._process_image_input (vLLM's images of one
     # embed_multimodal call -> per image its embeddings; its videos go their own way); checked: vllm 0.32.0.
     def _process_image_input(self, image_input):
-        if not self.hiprune_prunes(image_input, self._hiprune_keep):
-            return super()._process_image_input(image_input)
-        return self.hiprune_anyres_images(image_input, self._hiprune_keep)
-
-    def _full_counts(self, image_input, layouts) -> list[int]:
-        # vLLM's packing (with its anyres_max downscale) of each image's tiles, on the meta device: its count.
-        hidden = self.config.text_config.hidden_size
-        return [self._packed(size, torch.empty(rows * cols + 1, self.hiprune_grid ** 2, hidden, device="meta"))
-                .shape[0] for size, (rows, cols, _) in zip(image_input["image_sizes"], layouts)]
+        pruned = self.hiprune_anyres_images(image_input, self._hiprune_keep)
+        return super()._process_image_input(image_input) if pruned is None else pruned
 
     def _tile_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return _vllm_api.llava_next_tile_features(self, pixels)  # strategy "full": SigLIP has no CLS to drop
