@@ -86,7 +86,9 @@ class HiPruneGemma4ForConditionalGeneration(StashedKeepModelMixin, Gemma4ForCond
                 (embedding,), scores = capture.scored(lambda: super(HiPruneGemma4ForConditionalGeneration,
                                                                     self)._process_image_input(single))
                 embeddings.append(embedding)
-                image_scores = [families.raster_by_position(s[0], positions[i], grid) for s in scores]
+                # vLLM pads further at the end with tower LoRA on (to its longest image): those scores go.
+                length = positions[i].shape[0]
+                image_scores = [families.raster_by_position(s[0, :length], positions[i], grid) for s in scores]
                 object_scores.append(image_scores[0])
                 deep_scores.append(image_scores[1])
         finally:
