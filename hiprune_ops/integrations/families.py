@@ -133,5 +133,30 @@ LLAVA_ONEVISION = Geometry("LLaVA-OneVision", deep_layer=_feeds_projector, merge
 # their positions (vision_config.pooling_kernel_size); video frames are images of their own kind.
 GEMMA4 = Geometry("Gemma 4", merge=lambda config: config.vision_config.pooling_kernel_size,
                   merge_kind="average pool by position", kinds=("image", "video"), video="frames", sizes_vary=True)
+
+
+def position_grids(positions: torch.Tensor, k: int, key: str) -> list[tuple[int, int]]:
+    """Gemma 4: each row's patch grid (H, W) from its (x, y) patch positions ((-1, -1) at padding); a row must fill
+    its grid, of whole k x k groups (the pooler's soft tokens: (H / k) * (W / k))."""
+    grids = []
+    for row in positions:
+        real = row[(row != -1).all(-1)]
+        if real.numel() == 0:
+            raise ValueError(f"hiprune: a row of {key} has no real patch")
+        w, h = (int(v) + 1 for v in real.max(0).values)
+        if real.shape[0] != h * w or h % k or w % k:
+            raise ValueError(f"hiprune: a row of {key} holds {real.shape[0]} real patches, not a full "
+                             f"{h}x{w} grid of {k}x{k} groups (pass the processor's output unchanged)")
+        grids.append((h, w))
+    return grids
+
+
+def raster_by_position(scores: torch.Tensor, positions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Gemma 4: one row's real-patch scores put in raster order on its (H, W) grid by their (x, y) positions."""
+    real = (positions != -1).all(-1)
+    x, y = positions[real].unbind(-1)
+    out = torch.empty(grid[0] * grid[1], dtype=scores.dtype, device=scores.device)
+    out[y * grid[1] + x] = scores[real]
+    return out
 # Bare CLIP / SigLIP towers (encode, HiPruneVisionTower): the last layer is the deep one.
 BARE_TOWER = Geometry("bare ViT tower")

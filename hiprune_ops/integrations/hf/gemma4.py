@@ -40,30 +40,6 @@ class Gemma4Adapter(Adapter):
     def attention(self, layer):
         return self.layers[layer - 1].self_attn
 
-    def _grids(self, positions: torch.Tensor, key: str) -> list[tuple[int, int]]:
-        """Each row's patch grid (H, W) from its (x, y) positions; a row must fill its grid, of whole k x k groups."""
-        k = self.merge()
-        grids = []
-        for row in positions:
-            real = row[(row != -1).all(-1)]
-            if real.numel() == 0:
-                raise ValueError(f"hiprune: a row of {key} has no real patch")
-            w, h = (int(v) + 1 for v in real.max(0).values)
-            if real.shape[0] != h * w or h % k or w % k:
-                raise ValueError(f"hiprune: a row of {key} holds {real.shape[0]} real patches, not a full "
-                                 f"{h}x{w} grid of {k}x{k} groups (pass the processor's output unchanged)")
-            grids.append((h, w))
-        return grids
-
-    @staticmethod
-    def _raster(scores: torch.Tensor, positions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """One row's real-patch scores put in raster order on its (H, W) grid by their positions."""
-        real = (positions != -1).all(-1)
-        x, y = positions[real].unbind(-1)
-        out = torch.empty(grid[0] * grid[1], dtype=scores.dtype, device=scores.device)
-        out[y * grid[1] + x] = scores[real]
-        return out
-
     def _features(self, kind: str, kwargs: dict, grids) -> list[torch.Tensor]:
         """Per image or frame (tokens, D): the projected soft tokens of the model's own get_*_features."""
         model, k = self.model.model, self.merge()
@@ -85,9 +61,10 @@ class Gemma4Adapter(Adapter):
             positions = kwargs.get(self.position_keys[kind])
             if positions is None:
                 raise ValueError(f"hiprune: {key} needs {self.position_keys[kind]}")
-            grids = self._grids(positions, self.position_keys[kind])
+            grids = families.position_grids(positions, self.merge(), self.position_keys[kind])
             features, (obj, deep) = self.capture.scored(lambda: self._features(kind, kwargs, grids))
-            obj, deep = ([self._raster(s, p, g) for s, p, g in zip(scores, positions, grids)] for scores in (obj, deep))
+            obj, deep = ([families.raster_by_position(s, p, g) for s, p, g in zip(scores, positions, grids)]
+                         for scores in (obj, deep))
             k = self.merge()
             counts = [(h // k) * (w // k) for h, w in grids]
             keeps = [self.keep(n, kind) for n in counts]

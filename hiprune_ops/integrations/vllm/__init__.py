@@ -42,6 +42,9 @@ _MODELS = {
         "hiprune_ops.integrations.vllm.llava_next:HiPruneLlavaNextForConditionalGeneration",
     "Mistral3ForConditionalGeneration":
         "hiprune_ops.integrations.vllm.mistral3:HiPruneMistral3ForConditionalGeneration",
+    "Gemma4ForConditionalGeneration": "hiprune_ops.integrations.vllm.gemma4:HiPruneGemma4ForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration":
+        "hiprune_ops.integrations.vllm.llava_onevision:HiPruneLlavaOnevisionForConditionalGeneration",
 }
 SUPPORTED_ARCHITECTURES = tuple(_MODELS)
 

@@ -11,6 +11,7 @@ A binding is two subclasses of vLLM's own classes, reading the family's geometry
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -47,10 +48,10 @@ def prepare_vllm_config(vllm_config, model_name: str, video_pruned: bool = False
     return settings
 
 
-def keep_counts(kwargs: dict, modality: str = "image") -> Optional[list[int]]:
-    """Pops the per-item kept counts the processor wrote (a video's: per slice); None for inputs that did not go
-    through it."""
-    keep = kwargs.pop(KEEP_FIELDS[modality], None)
+def keep_counts(kwargs: dict, field: str = HIPRUNE_KEEP_FIELD) -> Optional[list[int]]:
+    """Pops the per-item kept counts the processor wrote in `field` (KEEP_FIELDS[modality]; a video's: per slice);
+    None for inputs that did not go through it."""
+    keep = kwargs.pop(field, None)
     if keep is None:
         return None
     if isinstance(keep, (list, tuple)):
@@ -74,6 +75,29 @@ def shrink_runs(ids, token: int, kept: int) -> list[int]:
         if run <= kept:
             out.append(t)
     return out
+
+
+def shrunk_image_updates(updates, out_mm_kwargs, token: int) -> list:
+    """vLLM's prompt updates with each image's runs of `token` cut to its kept count (kept_count_of); the markers
+    around them stay. An update's content may be a function of the item or fixed (PaliGemma's insertion)."""
+    from vllm.multimodal.processing import PromptInsertion, PromptUpdateDetails
+
+    updates = list(updates)
+    for i, update in enumerate(updates):
+        if update.modality != "image":
+            continue
+
+        def content(item_idx: int, original=update.content):
+            details = original(item_idx) if callable(original) else original
+            kept = kept_count_of(out_mm_kwargs, item_idx)
+            if kept is None:
+                return details
+            full = details.full if isinstance(details, PromptUpdateDetails) else details
+            return PromptUpdateDetails.select_token_id(shrink_runs(full, token, kept), token)
+
+        name = "insertion" if isinstance(update, PromptInsertion) else "replacement"
+        updates[i] = dataclasses.replace(update, **{name: content})
+    return updates
 
 
 class ProcessorMixin:
@@ -251,24 +275,33 @@ class ModelMixin:
         built: depth of them), each holding its MMEncoderAttention as `.attn` (tapped; with fewer heads than
         total_heads, the heads are split over tensor-parallel ranks and the scores summed over them); full_depth: the checkpoint's depth when vLLM builds fewer layers (LLaVA stops at the layer
         feeding the projector), for the default layers."""
+        modules = [attention_modules[i - 1] for i in self.hiprune_layers(settings, depth, geometry_config, full_depth)]
+        self.hiprune_taps = TowerTaps([module.attn for module in modules], total_heads,
+                                      _vllm_api.tp_all_reduce(modules[0].attn, total_heads),
+                                      num_prefix=self.geometry.num_prefix)
+
+    def hiprune_layers(self, settings: HiPruneSettings, depth: int, geometry_config,
+                       full_depth: Optional[int] = None) -> tuple[int, int]:
+        """The settings, and the 1-based object and deep layers (the geometry's defaults, or the settings'), kept
+        on the model; the binding captures those layers (hiprune_bind: vLLM's encoder attention)."""
         self.hiprune_settings = settings
         full_depth = full_depth or depth
         defaults = [min(depth, rule(full_depth, geometry_config))
                     for rule in (self.geometry.object_layer, self.geometry.deep_layer)]
         self.hiprune_object_layer = resolve_layer(settings.object_layer, depth, defaults[0], "object_layer")
         self.hiprune_deep_layer = resolve_layer(settings.deep_layer, depth, defaults[1], "deep_layer")
-        modules = [attention_modules[i - 1] for i in (self.hiprune_object_layer, self.hiprune_deep_layer)]
-        self.hiprune_taps = TowerTaps([module.attn for module in modules], total_heads,
-                                      _vllm_api.tp_all_reduce(modules[0].attn, total_heads),
-                                      num_prefix=self.geometry.num_prefix)
         self.hiprune_last: list = []  # per image of the latest pruned encoder call: kept indices, None if all kept
+        return self.hiprune_object_layer, self.hiprune_deep_layer
 
     def hiprune_select(self, object_scores: Sequence[torch.Tensor], deep_scores: Sequence[torch.Tensor],
-                       grids: Sequence[tuple[int, int]], keeps: Sequence[int]) -> list[Optional[torch.Tensor]]:
-        """Kept indices per image (None: it keeps every token), recorded in hiprune_last."""
+                       grids: Sequence[tuple[int, int]], keeps: Sequence[int],
+                       merge: int = 1) -> list[Optional[torch.Tensor]]:
+        """Kept indices per image (None: it keeps every token), recorded in hiprune_last. merge: the scores are on
+        patch grids, pooled merge x merge by the selection step (select_items)."""
         if len(keeps) != len(grids):
             raise RuntimeError(f"hiprune: {len(keeps)} kept counts for {len(grids)} images")
-        indices, _ = select_items(object_scores, deep_scores, grids, keeps, self.hiprune_settings, skip_full=True)
+        indices, _ = select_items(object_scores, deep_scores, grids, keeps, self.hiprune_settings, merge=merge,
+                                  skip_full=True)
         self.hiprune_last = list(indices)
         return self.hiprune_last
 
@@ -284,19 +317,29 @@ class ModelMixin:
         return [torch.cat(kept[start:start + count]) for start, count in zip(starts, tiles)]
 
 
-class TiledModelMixin(ModelMixin):
+class StashedKeepModelMixin(ModelMixin):
     """Families whose processor writes a kept count per image that vLLM's tower call, made inside embed_multimodal,
-    needs (InternVL, Idefics3): embed_multimodal stashes the counts for it. Subclasses set hiprune_per_tile."""
+    needs (InternVL, Idefics3, Gemma 4, LLaVA-OneVision): embed_multimodal stashes the counts for it, in
+    _hiprune_keep."""
 
     _hiprune_keep: Optional[list[int]] = None
-    hiprune_per_tile: int
+
+    def hiprune_take_keep(self, kwargs: dict) -> Optional[list[int]]:
+        """Pops the counts the processor wrote, as the tower call needs them."""
+        return keep_counts(kwargs)
 
     def embed_multimodal(self, **kwargs):
-        self._hiprune_keep = keep_counts(kwargs)
+        self._hiprune_keep = self.hiprune_take_keep(kwargs)
         try:
             return super().embed_multimodal(**kwargs)
         finally:
             self._hiprune_keep = None
+
+
+class TiledModelMixin(StashedKeepModelMixin):
+    """Tiled families (InternVL, Idefics3): the stashed counts are per tile. Subclasses set hiprune_per_tile."""
+
+    hiprune_per_tile: int
 
     def hiprune_pending_keep(self, image_input) -> Optional[list[int]]:
         """The stashed kept counts when this input has a tile to prune, else None (vLLM's own path runs)."""
@@ -319,8 +362,9 @@ def clip_tower_unsupported(config, family: str):
 
 
 class ClipLlavaModelMixin(ModelMixin):
-    """LLaVA-style models whose CLIP tower vLLM builds up to the layer feeding the projector (LLaVA-1.5,
-    LLaVA-NeXT): a checkpoint the plugin cannot prune runs as vLLM's own, refused only with a setting."""
+    """LLaVA-style models whose CLIP (LLaVA-OneVision: SigLIP) tower vLLM builds up to the layer feeding the
+    projector (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision): a checkpoint the plugin cannot prune runs as vLLM's own,
+    refused only with a setting."""
 
     family_label: str  # the family's name in errors
 
@@ -328,7 +372,7 @@ class ClipLlavaModelMixin(ModelMixin):
         settings = self.hiprune_start(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = self.config
-        self.hiprune_unsupported = clip_tower_unsupported(config, self.family_label)
+        self.hiprune_unsupported = self.hiprune_tower_unsupported(config)
         if self.hiprune_unsupported is not None:
             if settings.enabled:
                 raise NotImplementedError(self.hiprune_unsupported)
@@ -338,3 +382,7 @@ class ClipLlavaModelMixin(ModelMixin):
                           config.vision_config.num_attention_heads, config,
                           full_depth=config.vision_config.num_hidden_layers)
         self.hiprune_grid = config.vision_config.image_size // config.vision_config.patch_size
+
+    def hiprune_tower_unsupported(self, config):
+        """Why the plugin cannot prune this checkpoint, or None."""
+        return clip_tower_unsupported(config, self.family_label)

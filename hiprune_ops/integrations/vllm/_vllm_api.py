@@ -67,6 +67,14 @@ def llava_next_packed(model, image_size, tile_embeddings) -> Any:
     return model._merge_image_patch_embeddings(image_size, tile_embeddings, strategy="spatial_unpad")
 
 
+def llava_onevision_packed(model, image_size, tile_embeddings) -> Any:
+    """vLLM's own packing of one LLaVA-OneVision image (base, unpadded tiles downscaled past anyres_max, newlines)
+    from its projected tiles. Checked: vllm 0.32.0, LlavaOnevisionForConditionalGeneration.
+    _merge_image_patch_embeddings(..., image_newline=..., strategy="spatial_unpad"), as its _process_image_input."""
+    return model._merge_image_patch_embeddings(image_size, tile_embeddings, image_newline=model.image_newline,
+                                               strategy="spatial_unpad")
+
+
 def qwen_window_index(visual, t: int, h: int, w: int):
     """Qwen2.5-VL's window index of one item: the raster index of each merge unit in the tower's order.
     Checked: vllm 0.32.0, Qwen2_5_VisionTransformer.get_rope_by_thw(t, h, w)[2]."""

@@ -11,6 +11,8 @@ apply_hiprune packs it). An image that keeps every token is packed by vLLM's own
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import families
@@ -39,50 +41,76 @@ def kept_per_tile(settings: HiPruneSettings, tiles: int, grid_tokens: int, defau
     return split_over_tiles(settings.budget, tiles, grid_tokens, name)
 
 
-class HiPruneLlavaNextMultiModalProcessor(ProcessorMixin, LlavaNextMultiModalProcessor):
-    geometry = families.LLAVA_NEXT
+# Per image, the tokens each of its tiles keeps (a tile's whole grid: unpruned). The image's kept count alone cannot
+# say it: a pruned image of many tiles may keep as many tokens as, or more than, vLLM packs unpruned (OneVision
+# downscales large tiled grids; a pruned image is not downscaled, as in apply_hiprune).
+TILE_KEEP_FIELD = "hiprune_keep_per_tile"
+
+
+class AnyResProcessorMixin(ProcessorMixin):
+    """LLaVA-NeXT-style processors (a base tile and AnyRes tiles): an image keeps tiles x its per-tile count, or all
+    its tokens (_full_count: base, unpadded tiles, newlines) when the per-tile count keeps every tile whole; the
+    per-tile count goes to the encoder in TILE_KEEP_FIELD."""
+
+    def _full_count(self, config, image_size) -> int:
+        return tile_layout(config, image_size)[2]
 
     def _image_token_counts(self, processed) -> list[int]:
         if processed.get("pixel_values") is None:
             return []
         config = self.info.get_hf_config()
-        return [tile_layout(config, size)[2] for size in processed["image_sizes"]]
+        return [self._full_count(config, size) for size in processed["image_sizes"]]
 
     def _kept_counts(self, settings, counts, processed) -> list[int]:
         config = self.info.get_hf_config()
         grid_tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
-        kept = []
+        kept, per_tile = [], []
         for size, full in zip(processed["image_sizes"], counts):
             rows, cols, _ = tile_layout(config, size)
-            keep = kept_per_tile(settings, rows * cols + 1, grid_tokens, self.geometry.default_ratio)
-            kept.append(full if keep >= grid_tokens else keep * (rows * cols + 1))
+            keep = min(grid_tokens, kept_per_tile(settings, rows * cols + 1, grid_tokens, self.geometry.default_ratio))
+            kept.append(full if keep == grid_tokens else keep * (rows * cols + 1))
+            per_tile.append(keep)
+        processed[TILE_KEEP_FIELD] = torch.tensor(per_tile, dtype=torch.int64)
         return kept
 
+    # Override of BaseMultiModalProcessor._get_mm_fields_config; checked: vllm 0.32.0.
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        from vllm.multimodal.inputs import MultiModalFieldConfig
 
-@MULTIMODAL_REGISTRY.register_processor(HiPruneLlavaNextMultiModalProcessor, info=LlavaNextProcessingInfo,
-                                        dummy_inputs=LlavaDummyInputsBuilder)
-class HiPruneLlavaNextForConditionalGeneration(ClipLlavaModelMixin, LlavaNextForConditionalGeneration):
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        fields[TILE_KEEP_FIELD] = MultiModalFieldConfig.batched("image")
+        return fields
+
+
+class HiPruneLlavaNextMultiModalProcessor(AnyResProcessorMixin, LlavaNextMultiModalProcessor):
     geometry = families.LLAVA_NEXT
-    architecture = "LlavaNextForConditionalGeneration"
-    family_label = "LLaVA-NeXT"
 
-    def embed_multimodal(self, **kwargs):
-        keep = keep_counts(kwargs)
-        image_input = _vllm_api.parse_image_input(self, dict(kwargs))
-        if image_input is None or keep is None or image_input["type"] != "pixel_values":
-            return super().embed_multimodal(**kwargs)
-        layouts = [tile_layout(self.config, size) for size in image_input["image_sizes"]]
-        if all(k >= full for k, (_, _, full) in zip(keep, layouts)):
-            return super().embed_multimodal(**kwargs)
+
+def tile_keep_counts(kwargs: dict) -> Optional[list[int]]:
+    """Pops both kept counts the processor wrote; per image, the tokens each of its tiles keeps, or None."""
+    keep_counts(kwargs)  # the image's total: its placeholders, nothing the encoder needs
+    return keep_counts(kwargs, TILE_KEEP_FIELD)
+
+
+class AnyResModelMixin(ClipLlavaModelMixin):
+    """LLaVA-NeXT-style models: subclasses define _tile_features(pixels) -> (tiles, patches, C), the tower's features
+    before the projector, and _packed(image_size, tile_embeddings) -> vLLM's own packing of an unpruned image."""
+
+    def hiprune_anyres_images(self, image_input, keep: Optional[list[int]]) -> Optional[list[torch.Tensor]]:
+        """Per image of vLLM's parsed input, its embeddings: its tiles' kept tokens, base tile first, then the
+        other tiles' in raster order of the tiled grid; an image that keeps every token as vLLM packs it. None when
+        no image is pruned (keep: per image, the tokens each tile keeps; vLLM's own path runs)."""
+        grid = self.hiprune_grid
+        if (image_input is None or keep is None or image_input["type"] != "pixel_values"
+                or all(k >= grid * grid for k in keep)):
+            return None
         if self.hiprune_unsupported is not None:
             raise ValueError(self.hiprune_unsupported)
-        grid = self.hiprune_grid
+        layouts = [tile_layout(self.config, size) for size in image_input["image_sizes"]]
         tiles = [rows * cols + 1 for rows, cols, _ in layouts]
         pixels = torch.cat([images[:count] for images, count in zip(image_input["pixel_values"], tiles)])
-        features, (object_scores, deep_scores) = self.hiprune_taps.scored(
-            lambda: _vllm_api.llava_next_tile_features(self, pixels))  # (tiles, N, C): CLS already dropped
-        per_tile = [k // count if k < full else grid * grid
-                    for k, count, (_, _, full) in zip(keep, tiles, layouts) for _ in range(count)]
+        features, (object_scores, deep_scores) = self.hiprune_taps.scored(lambda: self._tile_features(pixels))
+        per_tile = [k for k, count in zip(keep, tiles) for _ in range(count)]
         indices = self.hiprune_select(object_scores.unbind(0), deep_scores.unbind(0),
                                       [(grid, grid)] * features.shape[0], per_tile)
         embeddings = self.multi_modal_projector(features).split(tiles)
@@ -91,7 +119,7 @@ class HiPruneLlavaNextForConditionalGeneration(ClipLlavaModelMixin, LlavaNextFor
         out = []
         for image, size, chosen, (rows, cols, _) in zip(embeddings, image_input["image_sizes"], indices, layouts):
             if chosen[0] is None:  # keeps every token: vLLM's packing, token for token
-                out.append(_vllm_api.llava_next_packed(self, size, image))
+                out.append(self._packed(size, image))
                 continue
             kept = [image[0, chosen[0]]]
             if len(chosen) > 1:
@@ -103,3 +131,22 @@ class HiPruneLlavaNextForConditionalGeneration(ClipLlavaModelMixin, LlavaNextFor
                 kept.append(tokens.flatten(0, 1)[key.flatten().argsort()])
             out.append(torch.cat(kept))
         return out
+
+
+@MULTIMODAL_REGISTRY.register_processor(HiPruneLlavaNextMultiModalProcessor, info=LlavaNextProcessingInfo,
+                                        dummy_inputs=LlavaDummyInputsBuilder)
+class HiPruneLlavaNextForConditionalGeneration(AnyResModelMixin, LlavaNextForConditionalGeneration):
+    geometry = families.LLAVA_NEXT
+    architecture = "LlavaNextForConditionalGeneration"
+    family_label = "LLaVA-NeXT"
+
+    def embed_multimodal(self, **kwargs):
+        keep = tile_keep_counts(kwargs)
+        pruned = self.hiprune_anyres_images(_vllm_api.parse_image_input(self, dict(kwargs)), keep)
+        return super().embed_multimodal(**kwargs) if pruned is None else pruned
+
+    def _tile_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return _vllm_api.llava_next_tile_features(self, pixels)  # CLS already dropped
+
+    def _packed(self, image_size, tile_embeddings: torch.Tensor) -> torch.Tensor:
+        return _vllm_api.llava_next_packed(self, image_size, tile_embeddings)

@@ -11,18 +11,15 @@ the projector's output. Positions are 1-D (recompacted); the bidirectional image
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from .. import families
 from ..selection import merge_scores
 from . import _vllm_api
-from ._common import ModelMixin, ProcessorMixin, keep_counts, kept_count_of, shrink_runs
+from ._common import ModelMixin, ProcessorMixin, keep_counts, shrunk_image_updates
 from vllm.model_executor.models.paligemma import (PaliGemmaDummyInputsBuilder, PaliGemmaForConditionalGeneration,
                                                   PaliGemmaMultiModalProcessor, PaliGemmaProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import PromptInsertion, PromptUpdateDetails
 
 
 def tokens_per_tile(geometry: families.Geometry, config) -> int:
@@ -42,24 +39,8 @@ class SiglipGridProcessorMixin(ProcessorMixin):
     # Override of BaseMultiModalProcessor._get_prompt_updates, in place of ProcessorMixin's (these placeholder texts
     # keep their markers and take one run per tile; PaliGemma's is an insertion); checked: vllm 0.32.0.
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = list(super(ProcessorMixin, self)._get_prompt_updates(mm_items, hf_processor_mm_kwargs,
-                                                                       out_mm_kwargs))
-        token = self.info.get_hf_config().image_token_index
-        for i, update in enumerate(updates):
-            if update.modality != "image":
-                continue
-
-            def content(item_idx: int, original=update.content):
-                details = original(item_idx) if callable(original) else original
-                kept = kept_count_of(out_mm_kwargs, item_idx)
-                if kept is None:
-                    return details
-                full = details.full if isinstance(details, PromptUpdateDetails) else details
-                return PromptUpdateDetails.select_token_id(shrink_runs(full, token, kept), token)
-
-            name = "insertion" if isinstance(update, PromptInsertion) else "replacement"
-            updates[i] = dataclasses.replace(update, **{name: content})
-        return updates
+        updates = super(ProcessorMixin, self)._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        return shrunk_image_updates(updates, out_mm_kwargs, self.info.get_hf_config().image_token_index)
 
 
 class SiglipGridModelMixin(ModelMixin):

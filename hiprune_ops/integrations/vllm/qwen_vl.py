@@ -116,7 +116,7 @@ class QwenModelMixin(ModelMixin):
 
     # -- encoder -------------------------------------------------------------------------------------------------
     def embed_multimodal(self, **kwargs):
-        self._hiprune_keep = {modality: keep_counts(kwargs, modality) for modality in ("image", "video")}
+        self._hiprune_keep = {modality: keep_counts(kwargs, KEEP_FIELDS[modality]) for modality in ("image", "video")}
         try:
             return super().embed_multimodal(**kwargs)
         finally:

@@ -1,0 +1,97 @@
+"""HiPrune for vLLM's Gemma4ForConditionalGeneration (images; video frames pass through whole).
+
+Geometry: families.GEMMA4, as in the transformers integration (hf/gemma4.py): each image is resized to its own patch
+grid (H, W), padded to a fixed number of patches ((-1, -1) positions at padding), run through the tower behind a
+key-padding mask, and pooled k x k by position into (H / k) * (W / k) soft tokens (70 to 1120 on released
+checkpoints); object layer round(depth * 9 / 24), deep layer the last; ratio 1/3 by default, a budget clamped to
+each image's soft tokens.
+vLLM 0.32.0 builds this tower from transformers' own module (replicated on every tensor-parallel rank), so the
+scores come from transformers' capture (capture.SlotScores), the one apply_hiprune uses: softmax over the real keys,
+mean over the real queries, padding left out. A pruned request's images run through vLLM's own tower, pooler and
+projector one image at a time (one tower call each, so each layer records one call), their patch scores are put
+on the image's grid by position, pooled k x k like the features (the selection step's merge) and the kept soft
+tokens gathered: the same tokens apply_hiprune keeps for the same pixels. Processor: the run of soft-token
+placeholders between <start_of_image> and <end_of_image> shrinks to the kept count. Positions are 1-D
+(recompacted); the bidirectional image block follows the placeholders.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import families
+from ..capture import SlotScores
+from ._common import ProcessorMixin, StashedKeepModelMixin, shrunk_image_updates
+from vllm.model_executor.models.gemma4_mm import (Gemma4DummyInputsBuilder, Gemma4ForConditionalGeneration,
+                                                  Gemma4MultiModalProcessor, Gemma4ProcessingInfo)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+POSITIONS = "pixel_position_ids"  # vLLM's name of the processor's image_position_ids
+
+
+def soft_token_counts(config, positions: torch.Tensor) -> tuple[list[tuple[int, int]], list[int]]:
+    """(patch grid, soft tokens) per image, from its patch positions."""
+    k = families.GEMMA4.merge_of(config)
+    grids = families.position_grids(positions, k, POSITIONS)
+    return grids, [(h // k) * (w // k) for h, w in grids]
+
+
+class HiPruneGemma4MultiModalProcessor(ProcessorMixin, Gemma4MultiModalProcessor):
+    geometry = families.GEMMA4
+
+    def _image_token_counts(self, processed) -> list[int]:
+        positions = processed.get(POSITIONS)
+        if processed.get("pixel_values") is None or positions is None:
+            return []
+        return soft_token_counts(self.info.get_hf_config(), positions)[1]
+
+    # Override of BaseMultiModalProcessor._get_prompt_updates, in place of ProcessorMixin's (the image's run of
+    # placeholders keeps its <start_of_image> / <end_of_image> markers); checked: vllm 0.32.0.
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super(ProcessorMixin, self)._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        return shrunk_image_updates(updates, out_mm_kwargs, self.info.get_hf_config().image_token_id)
+
+
+@MULTIMODAL_REGISTRY.register_processor(HiPruneGemma4MultiModalProcessor, info=Gemma4ProcessingInfo,
+                                        dummy_inputs=Gemma4DummyInputsBuilder)
+class HiPruneGemma4ForConditionalGeneration(StashedKeepModelMixin, Gemma4ForConditionalGeneration):
+    geometry = families.GEMMA4
+    architecture = "Gemma4ForConditionalGeneration"
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        settings = self.hiprune_start(vllm_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        layers = self.vision_tower.encoder.layers
+        chosen = self.hiprune_layers(settings, len(layers), self.config)
+        self.hiprune_attention = [layers[layer - 1].self_attn for layer in chosen]
+        self.hiprune_merge = self.geometry.merge_of(self.config)
+
+    # Override of Gemma4ForConditionalGeneration._process_image_input (vLLM's tower, pooler and projector over a
+    # request's images -> per image its soft tokens); checked: vllm 0.32.0.
+    def _process_image_input(self, image_input) -> list[torch.Tensor]:
+        keep = self._hiprune_keep
+        if keep is None:
+            return super()._process_image_input(image_input)
+        pixel_values, positions = image_input["pixel_values"], image_input[POSITIONS]
+        grids, counts = soft_token_counts(self.config, positions)
+        if len(keep) != len(counts):
+            raise RuntimeError(f"hiprune: {len(keep)} kept counts for {len(counts)} images")
+        if all(k >= n for k, n in zip(keep, counts)):
+            return super()._process_image_input(image_input)
+        capture = SlotScores(self.hiprune_attention, [self.hiprune_object_layer, self.hiprune_deep_layer]).attach()
+        try:
+            embeddings, object_scores, deep_scores = [], [], []
+            for i, grid in enumerate(grids):
+                single = {"pixel_values": pixel_values[i:i + 1], POSITIONS: positions[i:i + 1]}
+                (embedding,), scores = capture.scored(lambda: super(HiPruneGemma4ForConditionalGeneration,
+                                                                    self)._process_image_input(single))
+                embeddings.append(embedding)
+                # vLLM pads further at the end with tower LoRA on (to its longest image): those scores go.
+                length = positions[i].shape[0]
+                image_scores = [families.raster_by_position(s[0, :length], positions[i], grid) for s in scores]
+                object_scores.append(image_scores[0])
+                deep_scores.append(image_scores[1])
+        finally:
+            capture.detach()
+        indices = self.hiprune_select(object_scores, deep_scores, grids, keep, merge=self.hiprune_merge)
+        return [e if index is None else e[index] for e, index in zip(embeddings, indices)]

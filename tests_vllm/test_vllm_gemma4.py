@@ -1,0 +1,136 @@
+"""Tier 2 for the Gemma 4 binding: images of their own soft-token counts, padded patches left out of the scores,
+the scores pooled 3 x 3 by position like the features, the run between <start_of_image> and <end_of_image> shrunk.
+
+The tiny model (tiny_families.build_gemma4): 16 px patches pooled 3 x 3, at most 70 soft tokens per image (a
+224 x 224 image: 8 x 8 = 64, a 112 x 224 one fewer, both padded to 630 patches). One engine without the plugin and
+one with it (scenario.run), every case reading the same runs; the kept tokens are also compared with apply_hiprune's
+on the transformers model of the same checkpoint.
+"""
+
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import scenario  # noqa: E402
+import tiny_families  # noqa: E402
+
+TOKEN = tiny_families.GEMMA4_SPECIAL["<image_soft_token>"]
+BOI, EOI = tiny_families.GEMMA4_SPECIAL["<start_of_image>"], tiny_families.GEMMA4_SPECIAL["<end_of_image>"]
+RATIO = 0.25
+TWO = {"images": [[224, 224], [112, 224]], "image_seed": 10}
+
+
+def kept(ratio, n):
+    return min(n, max(1, round(ratio * n)))
+
+
+def token_runs(result):
+    """Placeholders per image: the runs of TOKEN, each with the marker before and after it."""
+    ids, runs = result["prompt_ids"], []
+    for i, t in enumerate(ids):
+        if t == TOKEN and ids[i - 1] != TOKEN:
+            runs.append([ids[i - 1], 0])
+        if t == TOKEN:
+            runs[-1][1] += 1
+        elif runs and ids[i - 1] == TOKEN:
+            runs[-1].append(t)
+    return [(before, n, after) for before, n, after in runs]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    path = tiny_families.build_gemma4(str(tmp_path_factory.mktemp("families") / "gemma4"))
+    engine = {"limit_mm_per_prompt": {"image": 2, "video": 0}}
+    vanilla = scenario.run(path, "gemma4", {"engine": engine, "requests": [{}, TWO]}, plugin=False)
+    pruned = scenario.run(path, "gemma4", {"engine": engine, "hf_overrides": {"hiprune": {"ratio": RATIO}},
+                                           "requests": [
+                                               {},                                                    # 0 default
+                                               {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},       # 1 off
+                                               {"mm_processor_kwargs": {"hiprune_budget": 5}},        # 2 override
+                                               {},                                                    # 3 default
+                                               dict(TWO),                                             # 4 two sizes
+                                               dict(TWO, mm_processor_kwargs={"hiprune_budget": 0}),  # 5 off
+                                               {"mm_processor_kwargs": {"hiprune_budget": 1000}},     # 6 clamped
+                                               {"mm_processor_kwargs": {"hiprune_ratio": 1.5}},       # 7 refused
+                                           ]})
+    return vanilla, pruned, path
+
+
+def full_counts(vanilla):
+    return [n for _, n, _ in token_runs(vanilla[0])], [n for _, n, _ in token_runs(vanilla[1])]
+
+
+def test_placeholders_per_image_and_per_request(runs):
+    vanilla, pruned, _ = runs
+    one, two = full_counts(vanilla)
+    assert one == [64] and len(two) == 2 and two[0] == 64 and two[1] < 64  # vLLM's own counts
+    expected = [[kept(RATIO, one[0])], one, [5], [kept(RATIO, one[0])], [kept(RATIO, n) for n in two], two, one]
+    assert [[n for _, n, _ in token_runs(r)] for r in pruned[:7]] == expected
+    assert all((before, after) == (BOI, EOI) for r in pruned[:7] for before, _, after in token_runs(r))
+    # Request 3 repeats request 0's image and budget: vLLM's encoder cache answers it, the encoder does not run.
+    pruned_images = [counts if counts != full else None for counts, full in zip(expected, [one, one, one, one, two,
+                                                                                          two, one])]
+    assert [[len(i) for i in r["kept"]] for r in pruned[:7]] == [
+        [] if i == 3 or counts is None else counts for i, counts in enumerate(pruned_images)]
+    assert pruned[3]["tokens"] == pruned[0]["tokens"]  # the override did not stick
+
+
+def test_a_bad_request_value_is_refused_for_that_request(runs):
+    _, pruned, _ = runs
+    assert "hiprune_ratio" in pruned[7]["error"]
+
+
+def test_full_budget_equals_vllm_without_plugin(runs):
+    vanilla, pruned, _ = runs
+    for ours, theirs in ((pruned[1], vanilla[0]), (pruned[5], vanilla[1]), (pruned[6], vanilla[0])):
+        assert ours["prompt_ids"] == theirs["prompt_ids"]
+        assert ours["tokens"] == theirs["tokens"]
+        assert ours["positions"] == theirs["positions"]
+        assert ours["embeddings"] == theirs["embeddings"]
+
+
+def test_kept_embeddings_are_the_towers_at_the_kept_indices(runs):
+    vanilla, pruned, _ = runs
+    for ours, full in ((pruned[0], vanilla[0]), (pruned[2], vanilla[0]), (pruned[4], vanilla[1])):
+        assert len(ours["kept"]) == len(full["embeddings"]) == len(ours["embeddings"])
+        for embedding, whole, indices in zip(ours["embeddings"], full["embeddings"], ours["kept"]):
+            assert indices == sorted(set(indices))
+            assert embedding == [whole[i] for i in indices]  # bit for bit: gathered, not recomputed
+
+
+def test_kept_tokens_take_consecutive_positions(runs):
+    _, pruned, _ = runs
+    for result in pruned[:7]:
+        length = len(result["prompt_ids"])
+        assert result["positions"][0] == list(range(length))
+        assert result["positions"][1] == [length]
+
+
+def test_the_same_tokens_as_apply_hiprune(runs):
+    # The transformers model of the same checkpoint, the same images through the same processor, apply_hiprune at
+    # the same ratio: the same kept soft tokens per image.
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import hiprune_ops
+    from hiprune_ops import integrations
+
+    _, pruned, path = runs
+    model = transformers.Gemma4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    hiprune_ops.apply_hiprune(model, ratio=RATIO)
+    size = tiny_families.FAMILIES["gemma4"].image_size
+    images = [scenario.image(0, size)] + [scenario.image(10 + i, s) for i, s in enumerate(TWO["images"])]
+    inputs = processor.image_processor(images, return_tensors="pt")
+    with torch.no_grad():
+        counts = inputs["num_soft_tokens_per_image"].tolist()
+        ids = [4, 6]
+        for n in counts:
+            ids += [BOI] + [TOKEN] * n + [EOI]
+        ids = torch.tensor([ids])
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
+              image_position_ids=inputs["image_position_ids"])
+    indices = [i.tolist() for i in integrations.hiprune_state(model).last.indices]
+    assert indices == pruned[0]["kept"] + pruned[4]["kept"]
