@@ -59,7 +59,10 @@ def _install_position_spy(model):
 
     # The first decoder layer (the language model's own forward is wrapped by vLLM's compile decorator).
     language = model.language_model.model if hasattr(model, "language_model") else model.model.text_model  # Idefics3
-    language.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    if hasattr(language, "decoder"):  # OPT (BLIP-2): its layers take no positions, its learned position table does
+        language.decoder.embed_positions.register_forward_pre_hook(hook, with_kwargs=True)
+    else:
+        language.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     model._spy_positions = captured
     embedded, kept = [], []
     original = model.embed_multimodal

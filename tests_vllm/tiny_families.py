@@ -398,6 +398,25 @@ def build_llava_onevision(path: str, seed: int = 17) -> str:
     return path
 
 
+def build_blip2(path: str, seed: int = 18) -> str:
+    """BLIP-2 with OPT: a Q-Former reads the 8 x 8 patches (and CLS) of a 112 px image into 8 learned queries, the
+    language model's only image tokens. No binding is planned: the queries are not patches, so there is nothing
+    spatial to prune; the refusal tests run on it (test_vllm_families.py)."""
+    text = {k: v for k, v in TEXT.items() if k not in ("intermediate_size", "num_key_value_heads")}
+    config = transformers.Blip2Config(
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+                           image_size=112, patch_size=14),
+        qformer_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                            encoder_hidden_size=64),
+        text_config=dict(text, model_type="opt", ffn_dim=128, word_embed_proj_dim=64), num_query_tokens=8,
+        image_token_index=150, torch_dtype="float32")
+    _save(transformers.Blip2ForConditionalGeneration, config, path, seed)
+    tokenizer = _tokenizer({"<image>": 150}, VOCAB, extra_special_tokens={"image_token": "<image>"})
+    transformers.Blip2Processor(image_processor=transformers.BlipImageProcessor(size={"height": 112, "width": 112}),
+                                tokenizer=tokenizer, num_query_tokens=8).save_pretrained(path)
+    return path
+
+
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family("Qwen2VLForConditionalGeneration", build_qwen2_vl, QWEN_IMAGE_PROMPT, QWEN2_SIZE, QWEN_IMAGE,
                        QWEN_VIDEO_PROMPT, video_token=QWEN_VIDEO),
@@ -431,6 +450,8 @@ FAMILIES: dict[str, Family] = {
                               "user : <video> describe the picture", video_token=151),
     "idefics3": Family("Idefics3ForConditionalGeneration", build_idefics3, "user : <image> describe the picture",
                        (112, 224), 151),
+    # No placeholder in the text: the processor puts the query tokens first. No binding (see build_blip2).
+    "blip2": Family("Blip2ForConditionalGeneration", build_blip2, "describe the picture", (112, 112), 150),
 }
 
 
