@@ -4,14 +4,15 @@ and without the plugin never share a ModelRegistry.
 
     python scenario.py MODEL_DIR ARCH '{"hf_overrides": {...}, "requests": [{"mm_processor_kwargs": {...}}, ...]}'
     python scenario.py --many '[[MODEL_DIR, ARCH, SPEC], ...]'    # one engine after another in this process
+    python scenario.py --many - < JOBS.json                       # the same, the jobs read from stdin
 
 ARCH: a key of PROMPTS, or a family of tiny_families.FAMILIES (its prompt and image size). Each request is generated
 on its own (greedy, 6 tokens or its "max_tokens"). A request may give "images": [[h, w], ...] for several images of
 those sizes in one prompt (the prompt's image part repeated), or "messages" (and "chat_template"): a chat in the
-OpenAI format instead of the prompt. Per request: prompt token ids, generated ids and text, or the error text. Runs that can
-spy on the workers (in-process, or VLLM_ALLOW_INSECURE_SERIALIZATION=1) also report the positions the language
-model received in each step, the kept indices of each image, per tensor-parallel rank, and the image embeddings
-the encoder returned (per image, without channels the plugin adds).
+OpenAI format instead of the prompt. Per request: prompt token ids, generated ids and text, or the error text. Runs
+that can spy on the workers (in-process, or VLLM_ALLOW_INSECURE_SERIALIZATION=1) also report the positions the
+language model received in each step, the kept indices of each image, per tensor-parallel rank, and the image
+embeddings the encoder returned (per image, without channels the plugin adds).
 
 Sharing, the pattern every tier-2 file follows (a process start and vLLM's import cost more than most engines):
 - models: the session fixture `tiny_model` (conftest.py) builds each tiny model once per session;
@@ -159,11 +160,11 @@ def _environment(plugin: bool, in_process: bool, env) -> dict:
     return environ
 
 
-def _launch(arguments: list, environ: dict, timeout: float):
+def _launch(arguments: list, environ: dict, timeout: float, stdin: str = None):
     import subprocess
 
     return subprocess.run([sys.executable, os.path.abspath(__file__), *arguments], capture_output=True, text=True,
-                          env=environ, timeout=timeout)
+                          env=environ, timeout=timeout, input=stdin)
 
 
 def _result(done) -> dict:
@@ -191,7 +192,9 @@ def run_many(jobs, plugin: bool = True, env=None) -> list:
     """Runs several engines, one after another, in one fresh in-process-mode process: jobs are (model_dir, arch,
     spec); returns each job's results, in order. An engine that fails fails the whole call, naming its job."""
     jobs = [list(job) for job in jobs]
-    done = _launch(["--many", json.dumps(jobs)], _environment(plugin, True, env), timeout=300 * len(jobs))
+    # On stdin: images given as data URLs would pass the length limit of one command-line argument.
+    done = _launch(["--many", "-"], _environment(plugin, True, env), timeout=300 * (len(jobs) + 1),
+                   stdin=json.dumps(jobs))
     outcomes = _result(done)["many"]
     failed = [f"{arch} ({model_dir}): {outcome['error']}" for (model_dir, arch, _), outcome in zip(jobs, outcomes)
               if "error" in outcome]
@@ -253,7 +256,7 @@ def main() -> None:
         from tiny_families import _release_engine
 
         outcomes = []
-        for model_dir, arch, spec in json.loads(sys.argv[2]):
+        for model_dir, arch, spec in json.loads(sys.stdin.read() if sys.argv[2] == "-" else sys.argv[2]):
             try:
                 outcomes.append({"results": answer(model_dir, arch, spec)})
             except Exception as error:  # noqa: BLE001  (reported per engine; the next one still runs)
