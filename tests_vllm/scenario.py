@@ -33,6 +33,8 @@ import sys
 import numpy as np
 
 RESULT_MARK = "HIPRUNE_SCENARIO_RESULT "  # vLLM may log to stdout after us (shutdown)
+# Per engine, its process start included: a two-rank engine took over 300 s on the 2-core box shared by other runs.
+ENGINE_TIMEOUT_S = 600
 
 
 def image(seed: int, size):
@@ -180,7 +182,8 @@ def run(model_dir: str, arch: str, spec: dict, plugin: bool = True, in_process: 
         expect_failure: bool = False):
     """Runs this script in a fresh process: the results of the spec's requests, or, with expect_failure, the
     process's output (it must fail: an engine that refuses to start)."""
-    done = _launch([model_dir, arch, json.dumps(spec)], _environment(plugin, in_process, env), timeout=300)
+    done = _launch([model_dir, arch, json.dumps(spec)], _environment(plugin, in_process, env),
+                   timeout=ENGINE_TIMEOUT_S)
     if expect_failure:
         if done.returncode == 0:
             raise AssertionError(f"the engine started, expected a refusal:\n{done.stdout[-3000:]}")
@@ -193,7 +196,7 @@ def run_many(jobs, plugin: bool = True, env=None) -> list:
     spec); returns each job's results, in order. An engine that fails fails the whole call, naming its job."""
     jobs = [list(job) for job in jobs]
     # On stdin: images given as data URLs would pass the length limit of one command-line argument.
-    done = _launch(["--many", "-"], _environment(plugin, True, env), timeout=300 * (len(jobs) + 1),
+    done = _launch(["--many", "-"], _environment(plugin, True, env), timeout=ENGINE_TIMEOUT_S * len(jobs),
                    stdin=json.dumps(jobs))
     outcomes = _result(done)["many"]
     failed = [f"{arch} ({model_dir}): {outcome['error']}" for (model_dir, arch, _), outcome in zip(jobs, outcomes)
