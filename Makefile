@@ -80,7 +80,10 @@ $(VLLM_EDITABLE_STAMP): $(VLLM_DEPS_STAMP) pyproject.toml
 	touch $@
 
 # Tier 2 of the vLLM plugin: tiny random models built offline, vLLM's CPU build, in-process and multiprocess,
-# and behind its OpenAI server (test_serving.py: six server starts, 4.5 to 9.5 minutes on a shared 2-core box).
+# and behind its OpenAI server (test_serving.py: four server starts). Models are built once per session and a
+# file's in-process engines share a process per plugin mode (tests_vllm/scenario.py says how). About 19 minutes
+# before that sharing on an unshared 2-core box; after it, not yet measured unshared (test_vllm.py alone, on the
+# 2-core box shared with other runs at load 6 to 18: 19.8 minutes, against 23.4 before).
 test-vllm: build $(VLLM_EDITABLE_STAMP)
 	HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest -q tests_vllm
 

@@ -1,16 +1,29 @@
-"""One vLLM engine, several requests, the results as JSON on the stdout line marked RESULT_MARK. Run as a script (the default
-multiprocess mode needs the __main__ guard); test_vllm.py runs it in a fresh process per engine so that runs with
+"""vLLM engines, several requests each, the results as JSON on the stdout line marked RESULT_MARK. Run as a script
+(the default multiprocess mode needs the __main__ guard); the tests run it in a fresh process, so that runs with
 and without the plugin never share a ModelRegistry.
 
     python scenario.py MODEL_DIR ARCH '{"hf_overrides": {...}, "requests": [{"mm_processor_kwargs": {...}}, ...]}'
+    python scenario.py --many '[[MODEL_DIR, ARCH, SPEC], ...]'    # one engine after another in this process
+    python scenario.py --many - < JOBS.json                       # the same, the jobs read from stdin
 
 ARCH: a key of PROMPTS, or a family of tiny_families.FAMILIES (its prompt and image size). Each request is generated
-on its own (greedy). A request may give "images": [[h, w], ...] for several images of those sizes in one prompt
-(the prompt's image part repeated), and "videos": [[frames, h, w], ...] for videos (the family's video part once
-per video, after the images; frames from tiny_families.video). Per request: prompt token ids, generated ids, or the
-error text. Runs that can spy on the workers (in-process, or VLLM_ALLOW_INSECURE_SERIALIZATION=1) also report the
-positions the language model received in each step, the kept indices of each image (of each video slice), per
-tensor-parallel rank, and the embeddings the encoder returned (per image or video, without channels the plugin adds).
+on its own (greedy, 6 tokens or its "max_tokens"). A request may give "images": [[h, w], ...] for several images of
+those sizes in one prompt (the prompt's image part repeated), "videos": [[frames, h, w], ...] for videos (the
+family's video part once per video, after the images; frames from tiny_families.video), or "messages" (and
+"chat_template"): a chat in the OpenAI format instead of the prompt. Per request: prompt token ids, generated ids and
+text, or the error text. Runs that can spy on the workers (in-process, or VLLM_ALLOW_INSECURE_SERIALIZATION=1) also
+report the positions the language model received in each step, the kept indices of each image (of each video
+slice), per tensor-parallel rank, and the embeddings the encoder returned (per image or video, without channels the
+plugin adds).
+
+Sharing, the pattern every tier-2 file follows (a process start and vLLM's import cost more than most engines):
+- models: the session fixture `tiny_model` (conftest.py) builds each tiny model once per session;
+- engines: every engine a file needs with the plugin in one process, every one without it in another:
+  `run_many([(model_dir, arch, spec), ...], plugin=...)` in a module-scoped fixture, each engine answering all the
+  requests of its spec (a request list per engine, not an engine per test); tests assert on those results;
+- an engine of its own process only where the process itself is under test: the multiprocess mode, tensor
+  parallelism (one two-rank engine per model, answering every request its checks need), an engine that must
+  refuse to start (expect_failure).
 """
 
 from __future__ import annotations
@@ -22,6 +35,8 @@ import sys
 import numpy as np
 
 RESULT_MARK = "HIPRUNE_SCENARIO_RESULT "  # vLLM may log to stdout after us (shutdown)
+# Per engine, its process start included: a two-rank engine took over 300 s on the 2-core box shared by other runs.
+ENGINE_TIMEOUT_S = 600
 
 
 def image(seed: int, size):
@@ -38,16 +53,44 @@ PROMPTS = {
 VIDEO_PROMPTS = {"qwen": "user : <|vision_start|><|video_pad|><|vision_end|> describe the picture please"}
 
 
-def token_runs(prompt_ids, token: int) -> list[int]:
-    """Lengths of the runs of `token` in a prompt (placeholders per image, tile or video slice)."""
+# -- reading results: what the test files share ------------------------------------------------------------------
+def kept(ratio: float, n: int) -> int:
+    """The budget rule for a ratio, restated: round-half-even(ratio * n) in [1, n]."""
+    return min(n, max(1, round(ratio * n)))
+
+
+def token_runs(result: dict, token: int) -> list:
+    """The lengths of the runs of `token` in a result's prompt: placeholders per image, tile or slice."""
     runs, previous = [], None
-    for t in prompt_ids:
+    for t in result["prompt_ids"]:
         if t == token:
             if previous != token:
                 runs.append(0)
             runs[-1] += 1
         previous = t
     return runs
+
+
+def mrope_positions(prompt_ids: list, image_token: int, grids: list, kept_per_image: list) -> list:
+    """The unpruned prompt's M-RoPE positions (text: one step per token; image token (r, c) of a grid: (o, o + r,
+    o + c); text after an image continues after its full grid, at o + max(h, w)) at the kept tokens and every text
+    token."""
+    rows, position, i, image_index = [[], [], []], 0, 0, 0
+    while i < len(prompt_ids):
+        if prompt_ids[i] != image_token:
+            for row in rows:
+                row.append(position)
+            position, i = position + 1, i + 1
+            continue
+        (grid_h, grid_w), indices = grids[image_index], kept_per_image[image_index]
+        for index in indices:
+            rows[0].append(position)
+            rows[1].append(position + index // grid_w)
+            rows[2].append(position + index % grid_w)
+        position += max(grid_h, grid_w)
+        i += len(indices)
+        image_index += 1
+    return rows
 
 
 def _install_position_spy(model):
@@ -129,12 +172,7 @@ def _inputs(prompt: str, size, request: dict, arch: str = "") -> dict:
     return {"prompt": text, "multi_modal_data": {"image": [image(seed + i, s) for i, s in enumerate(sizes)]}}
 
 
-def run(model_dir: str, arch: str, spec: dict, plugin: bool = True, in_process: bool = True, env=None,
-        expect_failure: bool = False):
-    """Runs this script in a fresh process: the results of the spec's requests, or, with expect_failure, the
-    process's output (it must fail: an engine that refuses to start)."""
-    import subprocess
-
+def _environment(plugin: bool, in_process: bool, env) -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
     environ = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    PYTHONPATH=os.pathsep.join([here] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
@@ -144,23 +182,55 @@ def run(model_dir: str, arch: str, spec: dict, plugin: bool = True, in_process: 
     if not plugin:
         environ["VLLM_PLUGINS"] = "none"  # only plugins named "none": ours is not loaded
     environ.update(env or {})
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), model_dir, arch, json.dumps(spec)],
-                          capture_output=True, text=True, env=environ, timeout=300)
-    if expect_failure:
-        if done.returncode == 0:
-            raise AssertionError(f"the engine started, expected a refusal:\n{done.stdout[-3000:]}")
-        return done.stdout + done.stderr
+    return environ
+
+
+def _launch(arguments: list, environ: dict, timeout: float, stdin: str = None):
+    import subprocess
+
+    return subprocess.run([sys.executable, os.path.abspath(__file__), *arguments], capture_output=True, text=True,
+                          env=environ, timeout=timeout, input=stdin)
+
+
+def _result(done) -> dict:
     if done.returncode != 0:
         raise AssertionError(f"scenario failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     marked = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if not marked:
         raise AssertionError(f"no result line:\n{done.stdout[-3000:]}")
-    return json.loads(marked[-1][len(RESULT_MARK):])["results"]
+    return json.loads(marked[-1][len(RESULT_MARK):])
 
 
-def main() -> None:
-    model_dir, arch, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+def run(model_dir: str, arch: str, spec: dict, plugin: bool = True, in_process: bool = True, env=None,
+        expect_failure: bool = False):
+    """Runs this script in a fresh process: the results of the spec's requests, or, with expect_failure, the
+    process's output (it must fail: an engine that refuses to start)."""
+    done = _launch([model_dir, arch, json.dumps(spec)], _environment(plugin, in_process, env),
+                   timeout=ENGINE_TIMEOUT_S)
+    if expect_failure:
+        if done.returncode == 0:
+            raise AssertionError(f"the engine started, expected a refusal:\n{done.stdout[-3000:]}")
+        return done.stdout + done.stderr
+    return _result(done)["results"]
+
+
+def run_many(jobs, plugin: bool = True, env=None) -> list:
+    """Runs several engines, one after another, in one fresh in-process-mode process: jobs are (model_dir, arch,
+    spec); returns each job's results, in order. An engine that fails fails the whole call, naming its job."""
+    jobs = [list(job) for job in jobs]
+    # On stdin: images given as data URLs would pass the length limit of one command-line argument.
+    done = _launch(["--many", "-"], _environment(plugin, True, env), timeout=ENGINE_TIMEOUT_S * len(jobs),
+                   stdin=json.dumps(jobs))
+    outcomes = _result(done)["many"]
+    failed = [f"{arch} ({model_dir}): {outcome['error']}" for (model_dir, arch, _), outcome in zip(jobs, outcomes)
+              if "error" in outcome]
+    if failed:
+        raise AssertionError("engines failed:\n" + "\n".join(failed))
+    return [outcome["results"] for outcome in outcomes]
+
+
+def answer(model_dir: str, arch: str, spec: dict) -> list:
+    """Starts one engine and answers the spec's requests with it."""
     from vllm import LLM, SamplingParams
 
     kwargs = dict(model=model_dir, max_model_len=512, dtype="float32", max_num_seqs=2, seed=0,
@@ -182,21 +252,46 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     results = []
     for request in spec["requests"]:
-        inputs = _inputs(prompt, size, request, arch)
-        if request.get("mm_processor_kwargs") is not None:
-            inputs["mm_processor_kwargs"] = request["mm_processor_kwargs"]
+        request_params = params.clone()
+        request_params.max_tokens = request.get("max_tokens", params.max_tokens)
         try:
-            out = llm.generate(inputs, params, use_tqdm=False)[0]
+            if "messages" in request:  # a chat, rendered with the template as vLLM's OpenAI server renders it
+                out = llm.chat(request["messages"], request_params, chat_template=request.get("chat_template"),
+                               use_tqdm=False)[0]
+            else:
+                inputs = _inputs(prompt, size, request, arch)
+                if request.get("mm_processor_kwargs") is not None:
+                    inputs["mm_processor_kwargs"] = request["mm_processor_kwargs"]
+                out = llm.generate(inputs, request_params, use_tqdm=False)[0]
         except Exception as error:  # a refused request: report it and go on serving the next ones
             results.append({"error": f"{type(error).__name__}: {error}"})
             continue
-        result = {"prompt_ids": list(out.prompt_token_ids), "tokens": list(out.outputs[0].token_ids)}
+        result = {"prompt_ids": list(out.prompt_token_ids), "tokens": list(out.outputs[0].token_ids),
+                  "text": out.outputs[0].text}
         if spy:
             per_rank = llm.apply_model(importable._take_spy)
             result["positions"], result["kept"], result["embeddings"] = per_rank[0]
             result["kept_per_rank"] = [kept for _, kept, _ in per_rank]
         results.append(result)
-    print(RESULT_MARK + json.dumps({"results": results}), flush=True)
+    return results
+
+
+def main() -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    if sys.argv[1] == "--many":  # in-process engines only: each is torn down before the next starts
+        from tiny_families import _release_engine
+
+        outcomes = []
+        for model_dir, arch, spec in json.loads(sys.stdin.read() if sys.argv[2] == "-" else sys.argv[2]):
+            try:
+                outcomes.append({"results": answer(model_dir, arch, spec)})
+            except Exception as error:  # noqa: BLE001  (reported per engine; the next one still runs)
+                outcomes.append({"error": f"{type(error).__name__}: {error}"})
+            _release_engine()
+        print(RESULT_MARK + json.dumps({"many": outcomes}), flush=True)
+        return
+    model_dir, arch, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    print(RESULT_MARK + json.dumps({"results": answer(model_dir, arch, spec)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """The plugin behind vLLM's OpenAI server (`make test-vllm`), driven by the `openai` client, for LLaVA and Qwen2.5-VL.
 
-Three servers per model, each stopped when its tests are done:
+Two servers per model, each stopped when its tests are done, and one offline reference:
 - main: the plugin with a server default, --trust-request-mm-kwargs, prefix caching, the processor and encoder
   caches on: load, the same image at several budgets, bad values, unreadable images;
-- vanilla: vLLM without the plugin, the reference for full budgets;
+- vanilla: vLLM without the plugin, the reference for full budgets: the same chats through vLLM's offline engine
+  (scenario.py, both models in one process; a server start costs two processes' imports);
 - constrained: the plugin with max_num_batched_tokens 8 (chunked prefill: an image's tokens span chunks) and a
   KV cache of 12 blocks (a concurrent load is preempted).
 Every expected prompt length is the text's token count (the model's own tokenizer on the prompt without its image
@@ -25,15 +26,16 @@ openai = pytest.importorskip("openai")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import scenario  # noqa: E402
 import serving  # noqa: E402
 import tiny_models  # noqa: E402
 
 # Per model: the image size, its full token count (the grid), the server default and the text around the image
 # that the chat template and vLLM's placeholder add (Qwen wraps its image tokens in vision start / end tokens).
 MODELS = {
-    "llava": dict(build=tiny_models.build_llava, size=(112, 112), full=tiny_models.LLAVA_GRID ** 2,
+    "llava": dict(size=(112, 112), full=tiny_models.LLAVA_GRID ** 2,
                   default={"budget": 16}, image_token=tiny_models.LLAVA_IMAGE, wrap=("", ""), clamp=False),
-    "qwen": dict(build=tiny_models.build_qwen, size=tiny_models.QWEN_IMAGE_SIZE,
+    "qwen": dict(size=tiny_models.QWEN_IMAGE_SIZE,
                  full=(tiny_models.QWEN_IMAGE_SIZE[0] // 28) * (tiny_models.QWEN_IMAGE_SIZE[1] // 28),
                  default={"ratio": 0.25}, image_token=tiny_models.QWEN_IMAGE,
                  wrap=("<|vision_start|>", "<|vision_end|>"), clamp=True),
@@ -69,8 +71,8 @@ def arch(request):
 
 
 @pytest.fixture(scope="module")
-def model_dir(arch, tmp_path_factory):
-    return MODELS[arch]["build"](str(tmp_path_factory.mktemp(arch) / "model"))
+def model_dir(arch, tiny_model):
+    return tiny_model(arch)
 
 
 class TextTokens:
@@ -265,12 +267,24 @@ FULL_SEEDS = (2000, 2001, 2002)
 
 
 @pytest.fixture(scope="module")
-def vanilla_answers(arch, model_dir, tmp_path_factory):
-    """Each FULL_SEEDS image through vLLM without the plugin (no per-request keys: it would not know them)."""
-    args = ["--max-model-len", "512", "--enable-prefix-caching"]
-    with start(model_dir, tmp_path_factory, f"{arch}-vanilla", args, plugin=False) as server:
-        vanilla = Asker(server, arch)
-        return [vanilla.ask(seed, None, LONG_TOKENS) for seed in FULL_SEEDS]
+def vanilla_engines(tiny_model):
+    """arch -> each FULL_SEEDS image's (prompt tokens, completion tokens, text) from vLLM without the plugin (no
+    per-request keys: it would not know them): the chat the server gets, rendered with the server's template by
+    vLLM's offline engine (scenario.py), both models' engines in one process instead of a server each."""
+    def chats(arch):
+        return [{"messages": serving.messages(serving.image_data_url(seed, MODELS[arch]["size"])),
+                 "chat_template": serving.CHAT_TEMPLATE, "max_tokens": LONG_TOKENS} for seed in FULL_SEEDS]
+
+    archs = sorted(MODELS)
+    runs = scenario.run_many([(tiny_model(arch), arch, {"engine": {"block_size": 32}, "requests": chats(arch)})
+                              for arch in archs], plugin=False)
+    return {arch: [(len(r["prompt_ids"]), len(r["tokens"]), r["text"]) for r in results]
+            for arch, results in zip(archs, runs)}
+
+
+@pytest.fixture(scope="module")
+def vanilla_answers(arch, vanilla_engines):
+    return vanilla_engines[arch]
 
 
 def test_full_budget_equals_vllm_without_the_plugin(asker, arch, vanilla_answers, text_tokens):

@@ -55,11 +55,10 @@ def test_every_family_is_expected_and_grouped():
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    path = tmp_path_factory.mktemp("families")
-    for name, family in F.FAMILIES.items():
-        family.build(str(path / name))
-    return path
+def root(tiny_model):
+    """The folder holding every family's tiny model (conftest.tiny_model's, shared with the other files)."""
+    paths = [tiny_model(name) for name in F.FAMILIES]
+    return os.path.dirname(paths[0])
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """Tier 2 of the vLLM plugin: real vLLM (CPU build), tiny random models built offline (`make test-vllm`).
 
-Every engine runs in a fresh process (scenario.py): with the plugin (found through its entry point) or without it
-(VLLM_PLUGINS=none), in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) or in vLLM's default multiprocess mode.
+Engines run in fresh processes (scenario.py): with the plugin (found through its entry point) or without it
+(VLLM_PLUGINS=none), in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) or in vLLM's default multiprocess mode. The
+in-process engines share two processes (scenario.run_many): LLaVA's and Qwen's without the plugin, then with it.
 """
 
 import os
@@ -19,10 +20,9 @@ QWEN_GRID = (tiny_models.QWEN_IMAGE_SIZE[0] // 28, tiny_models.QWEN_IMAGE_SIZE[1
 QWEN_TOKENS = QWEN_GRID[0] * QWEN_GRID[1]
 
 
-@pytest.fixture(scope="session")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {"llava": tiny_models.build_llava(str(root / "llava")), "qwen": tiny_models.build_qwen(str(root / "qwen"))}
+@pytest.fixture(scope="module")
+def models(tiny_model):
+    return {"llava": tiny_model("llava"), "qwen": tiny_model("qwen")}
 
 
 def run(models, arch, spec, plugin=True, in_process=True, env=None):
@@ -43,18 +43,24 @@ REQUESTS = [
 
 
 @pytest.fixture(scope="module")
-def llava_runs(models):
-    vanilla = run(models, "llava", {"requests": [{}]}, plugin=False)
-    pruned = run(models, "llava", {"hf_overrides": {"hiprune": {"budget": 16}},
-                                   "requests": REQUESTS + [{"mm_processor_kwargs": {"hiprune_budget": 64}}]})
-    return vanilla, pruned
+def engines(models):
+    """Per model: (vanilla results, pruned results); the two models' engines in one process per plugin mode."""
+    specs = {"llava": {"hf_overrides": {"hiprune": {"budget": 16}},
+                       "requests": REQUESTS + [{"mm_processor_kwargs": {"hiprune_budget": 64}}]},
+             "qwen": {"hf_overrides": {"hiprune": {"ratio": 0.25}}, "requests": REQUESTS}}
+    vanilla = scenario.run_many([(models[arch], arch, {"requests": [{}]}) for arch in specs], plugin=False)
+    pruned = scenario.run_many([(models[arch], arch, spec) for arch, spec in specs.items()])
+    return dict(zip(specs, zip(vanilla, pruned)))
 
 
 @pytest.fixture(scope="module")
-def qwen_runs(models):
-    vanilla = run(models, "qwen", {"requests": [{}]}, plugin=False)
-    pruned = run(models, "qwen", {"hf_overrides": {"hiprune": {"ratio": 0.25}}, "requests": REQUESTS})
-    return vanilla, pruned
+def llava_runs(engines):
+    return engines["llava"]
+
+
+@pytest.fixture(scope="module")
+def qwen_runs(engines):
+    return engines["qwen"]
 
 
 def test_llava_prompt_holds_the_budget_and_overrides_apply_per_request(llava_runs):
@@ -87,26 +93,6 @@ def test_qwen_full_budget_equals_vllm_without_plugin(qwen_runs):
     assert pruned[1]["tokens"] == vanilla[0]["tokens"]
 
 
-def expected_qwen_positions(prompt_ids, kept):
-    """The unpruned prompt's M-RoPE positions (text: i; image token (r, c) of the grid: (o, o + r, o + c); text
-    after the image continues after the full grid) taken at the kept tokens, and at every text token."""
-    start = prompt_ids.index(tiny_models.QWEN_IMAGE)
-    grid_w = QWEN_GRID[1]
-    rows = [[], [], []]
-    for i in range(start):
-        for row in rows:
-            row.append(i)
-    for index in kept:
-        rows[0].append(start)
-        rows[1].append(start + index // grid_w)
-        rows[2].append(start + index % grid_w)
-    after = start + max(QWEN_GRID)
-    for j in range(len(prompt_ids) - start - len(kept)):
-        for row in rows:
-            row.append(after + j)
-    return rows
-
-
 def test_qwen_kept_tokens_keep_their_unpruned_positions(qwen_runs):
     _, pruned = qwen_runs
     for result in (pruned[0], pruned[2]):
@@ -114,7 +100,8 @@ def test_qwen_kept_tokens_keep_their_unpruned_positions(qwen_runs):
         assert kept is not None and len(kept) == image_tokens(result, tiny_models.QWEN_IMAGE)
         prefill = result["positions"][0]
         length = len(result["prompt_ids"])
-        assert [row[:length] for row in prefill] == expected_qwen_positions(result["prompt_ids"], kept)
+        assert [row[:length] for row in prefill] == scenario.mrope_positions(
+            result["prompt_ids"], tiny_models.QWEN_IMAGE, [QWEN_GRID], [kept])
         # Decoding continues after the unpruned prompt's last position.
         first_decode = result["positions"][1]
         assert [row[0] for row in first_decode] == [prefill[0][length - 1] + 1] * 3
@@ -143,16 +130,11 @@ def test_qwen_data_parallel_encoder_selects_after_the_gather(models, qwen_runs):
     assert results[0]["tokens"] == qwen_runs[1][0]["tokens"]
 
 
-def test_tensor_parallel_ranks_select_the_same_tokens(models, llava_runs):
+def test_tensor_parallel_ranks_select_the_same_tokens(models, llava_runs, two_ranks):
     # Two ranks, the ViT's heads split between them (mm_encoder_tp_mode="weights", vLLM's default): each rank sums
     # its heads, one all-reduce gives both the same scores, hence the same tokens as one rank alone.
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        pytest.skip("tensor parallelism on vLLM's CPU build needs a core per rank")
     results = run(models, "llava", {"requests": [{}], "engine": {"tensor_parallel_size": 2}}, in_process=False,
-                  env={"HIPRUNE_BUDGET": "16", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
-                       # one core per rank: vLLM's automatic binding wants a NUMA node per rank
-                       "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"})
+                  env=dict(two_ranks, HIPRUNE_BUDGET="16"))
     assert image_tokens(results[0], tiny_models.LLAVA_IMAGE) == 16
     first, second = results[0]["kept_per_rank"]
     assert first == second == llava_runs[1][0]["kept"]

@@ -1,8 +1,8 @@
 """Tier 2 for the SigLIP-grid bindings: Gemma 3 (4 x 4 average pool, pan-and-scan crops as tiles) and PaliGemma.
 
-Tiny random models from tiny_families.py; per family one engine without the plugin and one with it (scenario.run,
-each a fresh process), every case reading the same runs. Expected counts come from the tiles' grids and the budget
-rule, not from the engine.
+Tiny random models from tiny_families.py; per family one engine without the plugin and one with it, the two
+families' engines sharing one process per plugin mode (scenario.run_many), every case reading the same runs.
+Expected counts come from the tiles' grids and the budget rule, not from the engine.
 """
 
 import os
@@ -14,6 +14,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import scenario  # noqa: E402
 import tiny_families  # noqa: E402
+from scenario import kept, token_runs  # noqa: E402
 
 RATIO = 0.25
 # A wide image that Gemma 3's pan-and-scan cuts into 4 crops of 300 x 300 px: 5 tiles with the original.
@@ -29,46 +30,38 @@ FAMILIES = {
 }
 
 
-def kept(ratio, n):
-    return min(n, max(1, round(ratio * n)))
-
-
 def with_kwargs(request, **kwargs):
     return dict(request, mm_processor_kwargs=dict(request.get("mm_processor_kwargs", {}), **kwargs))
 
 
+@pytest.fixture(scope="module")
+def engines(tiny_model):
+    """name -> (vanilla runs, pruned runs): requests 0-3 shared, then the family's own, each pruned and at full
+    budget."""
+    vanilla_jobs, pruned_jobs = [], []
+    for name, (_, _, limits, own) in FAMILIES.items():
+        engine = {"limit_mm_per_prompt": limits}
+        vanilla_jobs.append((tiny_model(name), name, {"engine": engine, "requests": [{}] + own}))
+        pruned_jobs.append((tiny_model(name), name, {"engine": engine, "hf_overrides": {"hiprune": {"ratio": RATIO}},
+                                                     "requests": [
+            {},                                                   # 0 the server default
+            {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},      # 1 off for this request
+            {"mm_processor_kwargs": {"hiprune_budget": 5}},       # 2 this request's budget
+            {},                                                   # 3 the default again
+        ] + [r for request in own for r in (request, with_kwargs(request, hiprune_budget=0))]}))
+    vanilla = scenario.run_many(vanilla_jobs, plugin=False)
+    pruned = scenario.run_many(pruned_jobs)
+    return dict(zip(FAMILIES, zip(vanilla, pruned)))
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory):
-    """(name, vanilla runs, pruned runs, model path): requests 0-3 shared, then the family's own, each pruned and
-    at full budget."""
-    name = request.param
-    tokens, token, limits, own = FAMILIES[name]
-    path = tiny_families.FAMILIES[name].build(str(tmp_path_factory.mktemp("families") / name))
-    engine = {"limit_mm_per_prompt": limits}
-    vanilla = scenario.run(path, name, {"engine": engine, "requests": [{}] + own}, plugin=False)
-    pruned = scenario.run(path, name, {"engine": engine, "hf_overrides": {"hiprune": {"ratio": RATIO}}, "requests": [
-        {},                                                   # 0 the server default
-        {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},      # 1 off for this request
-        {"mm_processor_kwargs": {"hiprune_budget": 5}},       # 2 this request's budget
-        {},                                                   # 3 the default again
-    ] + [r for request in own for r in (request, with_kwargs(request, hiprune_budget=0))]})
-    return name, vanilla, pruned, path
-
-
-def token_runs(result, token):
-    """Placeholders per tile: the lengths of the runs of `token` in the prompt."""
-    runs, previous = [], None
-    for t in result["prompt_ids"]:
-        if t == token:
-            if previous != token:
-                runs.append(0)
-            runs[-1] += 1
-        previous = t
-    return runs
+def family(request, engines):
+    """(name, vanilla runs, pruned runs) of one family."""
+    return (request.param, *engines[request.param])
 
 
 def test_placeholders_per_tile_and_per_request(family):
-    name, _, pruned, _ = family
+    name, _, pruned = family
     tokens, token = FAMILIES[name][:2]
     k = kept(RATIO, tokens)
     expected = [[k], [tokens], [5], [k]]
@@ -82,7 +75,7 @@ def test_placeholders_per_tile_and_per_request(family):
 
 
 def test_full_budget_equals_vllm_without_plugin(family):
-    name, vanilla, pruned, _ = family
+    name, vanilla, pruned = family
     pairs = [(pruned[1], vanilla[0])] + [(pruned[5 + 2 * i], vanilla[1 + i]) for i in range(len(vanilla) - 1)]
     for ours, theirs in pairs:
         assert ours["prompt_ids"] == theirs["prompt_ids"]
@@ -92,7 +85,7 @@ def test_full_budget_equals_vllm_without_plugin(family):
 
 
 def test_kept_embeddings_are_the_projectors_at_the_kept_indices(family):
-    name, vanilla, pruned, _ = family
+    name, vanilla, pruned = family
     tokens = FAMILIES[name][0]
     pairs = [(pruned[0], vanilla[0]), (pruned[2], vanilla[0])]
     pairs += [(pruned[4 + 2 * i], vanilla[1 + i]) for i in range(len(vanilla) - 1)]
@@ -107,27 +100,20 @@ def test_kept_embeddings_are_the_projectors_at_the_kept_indices(family):
 
 def test_kept_tokens_take_consecutive_positions(family):
     # 1-D positions, recompacted: the language model sees the shorter prompt as it is.
-    _, _, pruned, _ = family
+    _, _, pruned = family
     for result in pruned:
         length = len(result["prompt_ids"])
         assert result["positions"][0] == list(range(length))
         assert result["positions"][1] == [length]
 
 
-def test_gemma3_tensor_parallel_ranks_select_the_same_tokens(family):
+def test_gemma3_tensor_parallel_ranks_select_the_same_tokens(engines, tiny_model, two_ranks):
     # Two ranks, SigLIP's heads split between them (Gemma 3 has no data-parallel encoder mode): each rank sums its
     # heads, one all-reduce gives both the same scores, hence the same tokens as one rank alone.
-    name, _, pruned, path = family
-    if name != "gemma3":
-        pytest.skip("run for Gemma 3")
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        pytest.skip("tensor parallelism on vLLM's CPU build needs a core per rank")
-    results = scenario.run(path, name, {"requests": [{}], "hf_overrides": {"hiprune": {"ratio": RATIO}},
-                                        "engine": {"tensor_parallel_size": 2}}, in_process=False,
-                           env={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
-                                # one core per rank: vLLM's automatic binding wants a NUMA node per rank
-                                "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"})
+    _, pruned = engines["gemma3"]
+    results = scenario.run(tiny_model("gemma3"), "gemma3", {"requests": [{}], "engine": {"tensor_parallel_size": 2},
+                                                            "hf_overrides": {"hiprune": {"ratio": RATIO}}},
+                           in_process=False, env=two_ranks)
     first, second = results[0]["kept_per_rank"]
     assert first == second == pruned[0]["kept"]
     assert results[0]["prompt_ids"] == pruned[0]["prompt_ids"]

@@ -1,8 +1,8 @@
 """Tier 2 for GLM-4.1V / GLM-4.5V (Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration) in real vLLM.
 
-Tiny random models from tiny_families.py; every engine runs in a fresh process (scenario.run), one without the
-plugin and one with it per family, shared by all cases. Expected counts and positions are computed here from the
-images' sizes and the budget rule, not read from the engine.
+Tiny random models from tiny_families.py; one engine without the plugin (GLM-4.1V) and one with it per family,
+shared by all cases; the engines with the plugin share one process (scenario.run_many). Expected counts and
+positions are computed here from the images' sizes and the budget rule, not read from the engine.
 """
 
 import os
@@ -14,6 +14,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import scenario  # noqa: E402
 import tiny_families  # noqa: E402
+from scenario import kept, mrope_positions, token_runs  # noqa: E402
 
 UNIT = 28  # pixels per merged token: 14 px patches, 2x2 merge
 # The family's own size and a smaller one of another shape (no resize): merged grids 6 x 4 and 3 x 5.
@@ -32,40 +33,24 @@ REQUESTS = [
 ]
 
 
-def kept(ratio, n):
-    return min(n, max(1, round(ratio * n)))
-
-
 @pytest.fixture(scope="module")
-def glm(tmp_path_factory):
+def glm(tiny_model):
     """Per class: (the unpruned references of requests 0 and 3, the plugin's runs of REQUESTS, the default's ratio).
     GLM-4.1V's references come from vLLM without the plugin; GLM-4.5V's (only its language model differs) from the
     plugin's own requests 1 and 4, which keep every token: one engine fewer."""
     engine = {"limit_mm_per_prompt": {"image": 2, "video": 0}}
-    runs = {}
-    for name, (setting, ratio) in SETTINGS.items():
-        path = tiny_families.FAMILIES[name].build(str(tmp_path_factory.mktemp("glm") / name))
-        pruned = scenario.run(path, name, {"engine": engine, "hf_overrides": {"hiprune": setting},
-                                           "requests": REQUESTS})
-        if name == "glm4v":
-            vanilla = scenario.run(path, name, {"engine": engine, "requests": [REQUESTS[0], REQUESTS[3]]},
-                                   plugin=False)
-        else:
-            vanilla = [pruned[1], pruned[4]]
-        runs[name] = (vanilla, pruned, ratio)
-    return runs
+    pruned = scenario.run_many([(tiny_model(name), name, {"engine": engine, "hf_overrides": {"hiprune": setting},
+                                                          "requests": REQUESTS})
+                                for name, (setting, _) in SETTINGS.items()])
+    vanilla = scenario.run(tiny_model("glm4v"), "glm4v", {"engine": engine, "requests": [REQUESTS[0], REQUESTS[3]]},
+                           plugin=False)
+    runs = dict(zip(SETTINGS, pruned))
+    return {"glm4v": (vanilla, runs["glm4v"], SETTINGS["glm4v"][1]),
+            "glm4v_moe": ([runs["glm4v_moe"][1], runs["glm4v_moe"][4]], runs["glm4v_moe"], SETTINGS["glm4v_moe"][1])}
 
 
 def image_runs(result):
-    """Placeholders per image: the lengths of the runs of GLM's image token in the prompt."""
-    runs, previous = [], None
-    for t in result["prompt_ids"]:
-        if t == tiny_families.GLM_IMAGE:
-            if previous != t:
-                runs.append(0)
-            runs[-1] += 1
-        previous = t
-    return runs
+    return token_runs(result, tiny_families.GLM_IMAGE)
 
 
 def test_glm_placeholders_per_image_and_per_request(glm):
@@ -97,24 +82,7 @@ def test_glm_kept_embeddings_are_the_towers_at_the_kept_indices(glm):
 
 
 def expected_positions(prompt_ids, kept_per_image):
-    """The unpruned prompt's M-RoPE positions (text: one step per token; image token (r, c): (o, o + r, o + c); text
-    after an image continues after its full grid, at o + max(h, w)) at the kept tokens and every text token."""
-    rows, position, i, image = [[], [], []], 0, 0, 0
-    while i < len(prompt_ids):
-        if prompt_ids[i] != tiny_families.GLM_IMAGE:
-            for row in rows:
-                row.append(position)
-            position, i = position + 1, i + 1
-            continue
-        (grid_h, grid_w), indices = GRIDS[image], kept_per_image[image]
-        for index in indices:
-            rows[0].append(position)
-            rows[1].append(position + index // grid_w)
-            rows[2].append(position + index % grid_w)
-        position += max(grid_h, grid_w)
-        i += len(indices)
-        image += 1
-    return rows
+    return mrope_positions(prompt_ids, tiny_families.GLM_IMAGE, GRIDS, kept_per_image)
 
 
 def test_glm_kept_tokens_keep_their_positions(glm):

@@ -15,6 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import scenario  # noqa: E402
 import tiny_families  # noqa: E402
+from scenario import kept  # noqa: E402
 
 GRID = 8
 TOKEN = tiny_families.FAMILIES["llava_next"].image_token
@@ -28,13 +29,9 @@ def full_count(rows, cols):
     return GRID * GRID + rows * GRID * (cols * GRID + 1)  # base, then the tiled grid with a newline per row
 
 
-def kept(ratio, n):
-    return min(n, max(1, round(ratio * n)))
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    path = tiny_families.build_llava_next(str(tmp_path_factory.mktemp("families") / "llava_next"))
+def runs(tiny_model):
+    path = tiny_model("llava_next")
     engine = {"limit_mm_per_prompt": {"image": 2, "video": 0}, "max_model_len": 1024}
     vanilla = scenario.run(path, "llava_next", {"engine": engine, "requests": [{}, TWO]}, plugin=False)
     pruned = scenario.run(path, "llava_next", {"engine": engine, "hf_overrides": {"hiprune": {"ratio": RATIO}},

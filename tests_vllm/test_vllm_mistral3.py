@@ -14,6 +14,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import scenario  # noqa: E402
 import tiny_families  # noqa: E402
+from scenario import kept  # noqa: E402
 
 IMG, BREAK, END = (tiny_families.PIXTRAL_SPECIAL[t] for t in ("[IMG]", "[IMG_BREAK]", "[IMG_END]"))
 RATIO = 0.25
@@ -21,13 +22,9 @@ TWO = {"images": [[112, 168], [168, 112]], "image_seed": 10}
 GRIDS = {(112, 168): (4, 6), (168, 112): (6, 4)}  # merged rows, columns
 
 
-def kept(ratio, n):
-    return min(n, max(1, round(ratio * n)))
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    path = tiny_families.build_mistral3(str(tmp_path_factory.mktemp("families") / "mistral3"))
+def runs(tiny_model):
+    path = tiny_model("mistral3")
     engine = {"limit_mm_per_prompt": {"image": 2, "video": 0}}
     vanilla = scenario.run(path, "mistral3", {"engine": engine, "requests": [{}, TWO]}, plugin=False)
     pruned = scenario.run(path, "mistral3", {"engine": engine, "hf_overrides": {"hiprune": {"ratio": RATIO}},

@@ -74,7 +74,7 @@ def video_runs(request, tmp_path_factory):
 
 
 def runs_of(result, token):
-    return scenario.token_runs(result["prompt_ids"], token)
+    return scenario.token_runs(result, token)
 
 
 def video_runs_expected(name, per_slice):

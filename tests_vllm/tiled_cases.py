@@ -1,7 +1,8 @@
 """What the tier-2 tests of the tiled families share (test_vllm_internvl.py, test_vllm_idefics3.py): both tiny models
 of tiny_families.py have 112 px tiles of 8 x 8 patches, shuffled 2 x 2 to 16 tokens per tile, plus one thumbnail
 (InternVL) or global image (Idefics3) per image; the same requests; one engine without the plugin and one with it,
-shared by all cases of a file (scenario.run). Expected counts are computed from the tiles and the budget rule.
+shared by all cases of both files: both families' engines run once per session, in one process per plugin mode
+(scenario.run_many). Expected counts are computed from the tiles and the budget rule.
 """
 
 import scenario
@@ -15,7 +16,7 @@ DEFAULT = round(PER_TILE / 3)  # the families' ratio 1/3: 5 of 16 per tile
 
 
 def kept(ratio, n=PER_TILE):
-    return min(n, max(1, round(ratio * n)))
+    return scenario.kept(ratio, n)
 
 
 TWO = {"images": SIZES, "image_seed": 10}  # other images than the one-image requests': no cache hit
@@ -31,10 +32,50 @@ REQUESTS = [
 ]
 
 
-def engines(name: str, tmp_path_factory):
-    """(vanilla results, pruned results, model path) of the family `name`'s tiny model."""
-    path = tiny_families.FAMILIES[name].build(str(tmp_path_factory.mktemp(name) / name))
-    engine = {"limit_mm_per_prompt": {"image": 2, "video": 0}}
-    vanilla = scenario.run(path, name, {"engine": engine, "requests": [{}, TWO]}, plugin=False)
-    pruned = scenario.run(path, name, {"engine": engine, "hf_overrides": {"hiprune": {}}, "requests": REQUESTS})
-    return vanilla, pruned, path
+NAMES = ("internvl", "idefics3")
+_RUNS: dict = {}  # name -> (vanilla results, pruned results, model path), filled once per session
+
+
+def engines(name: str, tiny_model):
+    """(vanilla results, pruned results, model path) of the family `name`'s tiny model (tiny_model: conftest's)."""
+    if not _RUNS:
+        engine = {"limit_mm_per_prompt": {"image": 2, "video": 0}}
+        paths = [tiny_model(family) for family in NAMES]
+        vanilla = scenario.run_many([(path, family, {"engine": engine, "requests": [{}, TWO]})
+                                     for path, family in zip(paths, NAMES)], plugin=False)
+        pruned = scenario.run_many([(path, family, {"engine": engine, "hf_overrides": {"hiprune": {}},
+                                                    "requests": REQUESTS}) for path, family in zip(paths, NAMES)])
+        _RUNS.update({family: runs for family, runs in zip(NAMES, zip(vanilla, pruned, paths))})
+    return _RUNS[name]
+
+
+def collapsed(prompt_ids, token):
+    """The prompt with each run of `token` placeholders as one token: what must not change when images are pruned."""
+    return [t for i, t in enumerate(prompt_ids) if t != token or i == 0 or prompt_ids[i - 1] != token]
+
+
+def check_full_budget_equals_vllm_without_plugin(vanilla, pruned):
+    for ours, theirs in ((pruned[1], vanilla[0]), (pruned[4], vanilla[1])):
+        assert ours["prompt_ids"] == theirs["prompt_ids"]
+        assert ours["tokens"] == theirs["tokens"]
+        assert ours["embeddings"] == theirs["embeddings"]
+
+
+def check_kept_embeddings_are_the_towers_at_the_kept_indices(vanilla, pruned):
+    for ours, full, tiles in ((pruned[0], vanilla[0], TILES[:1]), (pruned[2], vanilla[0], TILES[:1]),
+                              (pruned[3], vanilla[1], TILES)):
+        assert len(ours["embeddings"]) == len(full["embeddings"]) == len(tiles)
+        per_tile = iter(ours["kept"])
+        for embedding, whole, count in zip(ours["embeddings"], full["embeddings"], tiles):
+            expected = []
+            for tile in range(count):
+                indices = next(per_tile)
+                assert indices == sorted(indices) and len(set(indices)) == len(indices)
+                expected += [whole[tile * PER_TILE + i] for i in indices]
+            assert embedding == expected  # bit for bit: the same tower run, gathered tile after tile
+
+
+def check_positions_are_recompacted(pruned):
+    for result in (pruned[0], pruned[3]):
+        length = len(result["prompt_ids"])
+        assert result["positions"][0][:length] == list(range(length))
