@@ -4,7 +4,8 @@ Three layouts of a video's placeholders (tiny models of tiny_families.py and tin
 Qwen2.5-VL (one run per video; Qwen2.5-VL's tower runs in window order and its slices are 4 position steps apart:
 second_per_grid_ts x tokens_per_second), Qwen3-VL (one run per slice, a timestamp before each, deepstack rows) and
 GLM-4.1V (one run per slice, in the image placeholder id). Per family two engines, one without the plugin and one
-with it, each serving every request; one more start checks the refusal with vLLM's own video pruning (EVS).
+with it, each serving every request; every engine without the plugin runs in one process, every one with it in
+another; one more start checks the refusal with vLLM's own video pruning (EVS).
 Expected counts come from the budget rule and the videos' sizes; positions and embeddings from the unpruned run.
 """
 
@@ -28,49 +29,59 @@ VIDEO_FAMILIES = {
     "qwen3_vl": (list(tiny_families.QWEN3_SIZE), True, 24),
     "glm4v": (list(tiny_families.QWEN2_SIZE), True, 24),
 }
-# scenario's name, builder, image and video placeholder ids of the one family outside tiny_families
-QWEN2_5_VL = ("qwen", tiny_models.build_qwen, tiny_models.QWEN_IMAGE, tiny_models.QWEN_VIDEO)
+# scenario's name (conftest.tiny_model's too), image and video placeholder ids of the one family outside
+# tiny_families
+QWEN2_5_VL = ("qwen", tiny_models.QWEN_IMAGE, tiny_models.QWEN_VIDEO)
 
 
 def family_of(name):
-    """(scenario's name, builder, image placeholder id, video placeholder id) of a family."""
+    """(scenario's name, image placeholder id, video placeholder id) of a family."""
     if name == "qwen2_5_vl":
         return QWEN2_5_VL
     family = tiny_families.FAMILIES[name]
-    return name, family.build, family.image_token, family.video_token
+    return name, family.image_token, family.video_token
 RATIO, VIDEO_BUDGET = 0.25, 5
 ENGINE = {"limit_mm_per_prompt": {"image": 1, "video": 1}}
 PATHS: dict = {}
 
 
-def kept(ratio, n):
-    return min(n, max(1, round(ratio * n)))
-
-
-@pytest.fixture(scope="module", params=list(VIDEO_FAMILIES))
-def video_runs(request, tmp_path_factory):
-    """(family name, vanilla runs, pruned runs) of one family."""
-    name = request.param
+def requests_of(name):
+    """(vanilla requests, pruned requests) of one family."""
     size, _, _ = VIDEO_FAMILIES[name]
-    arch, build, _, _ = family_of(name)
-    path = build(str(tmp_path_factory.mktemp("video") / name))
-    PATHS[name] = path
     video = {"videos": [[FRAMES, *size]]}
     both = dict(video, images=[size], image_seed=20)  # an image, then a video, in one prompt
-    vanilla = scenario.run(path, arch, {"engine": ENGINE, "requests": [video, both]}, plugin=False)
-    pruned = scenario.run(path, arch, {"engine": ENGINE,
-                                       "hf_overrides": {"hiprune": {"ratio": RATIO, "video_budget": VIDEO_BUDGET}},
-                                       "requests": [
-                                           video,                                                        # 0 default
-                                           dict(video, mm_processor_kwargs={"hiprune_video_ratio": 1.0}),  # 1 off
-                                           dict(video, mm_processor_kwargs={"hiprune_video_budget": 3}),   # 2
-                                           both,                                                         # 3
-                                           dict(both, mm_processor_kwargs={"hiprune_budget": 0,            # 4 off
-                                                                           "hiprune_video_budget": 0}),
-                                           dict(video, mm_processor_kwargs={"hiprune_video_budget": -1}),  # 5 bad
-                                           dict(video, mm_processor_kwargs={"hiprune_video_budget": 99}),  # 6 clamp
-                                       ]})
-    return name, vanilla, pruned
+    return [video, both], [
+        video,                                                                            # 0 default
+        dict(video, mm_processor_kwargs={"hiprune_video_ratio": 1.0}),                    # 1 off
+        dict(video, mm_processor_kwargs={"hiprune_video_budget": 3}),                     # 2
+        both,                                                                             # 3
+        dict(both, mm_processor_kwargs={"hiprune_budget": 0, "hiprune_video_budget": 0}),  # 4 off
+        dict(video, mm_processor_kwargs={"hiprune_video_budget": -1}),                    # 5 bad
+        dict(video, mm_processor_kwargs={"hiprune_video_budget": 99}),                    # 6 clamp
+    ]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model):
+    """name -> (vanilla runs, pruned runs) of every family: all engines without the plugin in one process, all with
+    it in another (scenario.py's sharing pattern)."""
+    vanilla_jobs, pruned_jobs = [], []
+    for name in VIDEO_FAMILIES:
+        arch = family_of(name)[0]
+        PATHS[name] = tiny_model(arch)
+        vanilla, pruned = requests_of(name)
+        vanilla_jobs.append((PATHS[name], arch, {"engine": ENGINE, "requests": vanilla}))
+        pruned_jobs.append((PATHS[name], arch, {"engine": ENGINE, "requests": pruned, "hf_overrides": {
+            "hiprune": {"ratio": RATIO, "video_budget": VIDEO_BUDGET}}}))
+    vanilla = scenario.run_many(vanilla_jobs, plugin=False)
+    pruned = scenario.run_many(pruned_jobs)
+    return dict(zip(VIDEO_FAMILIES, zip(vanilla, pruned)))
+
+
+@pytest.fixture(params=list(VIDEO_FAMILIES))
+def video_runs(request, engines):
+    """(family name, vanilla runs, pruned runs) of one family."""
+    return (request.param, *engines[request.param])
 
 
 def runs_of(result, token):
@@ -84,7 +95,7 @@ def video_runs_expected(name, per_slice):
 
 def test_video_placeholders_per_slice_and_per_request(video_runs):
     name, vanilla, pruned = video_runs
-    (_, _, image_token, token), (_, _, n) = family_of(name), VIDEO_FAMILIES[name]
+    (_, image_token, token), (_, _, n) = family_of(name), VIDEO_FAMILIES[name]
     assert runs_of(vanilla[0], token) == video_runs_expected(name, n)
     assert runs_of(pruned[0], token) == video_runs_expected(name, VIDEO_BUDGET)
     assert runs_of(pruned[1], token) == video_runs_expected(name, n)
@@ -93,7 +104,7 @@ def test_video_placeholders_per_slice_and_per_request(video_runs):
     assert [len(k) for k in pruned[0]["kept"]] == [VIDEO_BUDGET] * SLICES
     assert [len(k) for k in pruned[2]["kept"]] == [3] * SLICES
     # Image and video in one prompt: the image keeps its ratio, each video slice the video budget.
-    image = [kept(RATIO, n)]
+    image = [scenario.kept(RATIO, n)]
     if token == image_token:  # GLM: video frames use the image placeholder id
         assert runs_of(pruned[3], token) == image + video_runs_expected(name, VIDEO_BUDGET)
     else:
@@ -173,9 +184,9 @@ def expected_positions(pruned, vanilla, placeholders, kept_per_slice):
 
 def test_video_kept_tokens_keep_their_positions(video_runs):
     name, vanilla, pruned = video_runs
-    placeholders = set(family_of(name)[2:])
+    placeholders = set(family_of(name)[1:])
     if name == "qwen2_5_vl":  # the slices' t positions are scaled (1 s per slice x 4 tokens per second): exercised
-        video, full = family_of(name)[3], vanilla[0]
+        video, full = family_of(name)[2], vanilla[0]
         t_row = {full["positions"][0][0][i] for i, token in enumerate(full["prompt_ids"]) if token == video}
         assert max(t_row) - min(t_row) == 4
     for ours, theirs in ((pruned[0], vanilla[0]), (pruned[2], vanilla[0]), (pruned[3], vanilla[1])):
