@@ -30,6 +30,7 @@ VIDEO_RATIO = 0.5
 FRAMES, FRAME_TOKENS = 4, 4 * 4
 VIDEO = {"videos": [[FRAMES, 112, 112]]}
 BOTH = dict(VIDEO, images=[[112, 224]], image_seed=20)  # an image, then a video, in one prompt
+BUILT: dict = {}  # the tiny checkpoint's path, for the transformers comparison
 
 
 def test_the_cases_apply_to_this_model():
@@ -40,6 +41,7 @@ def test_the_cases_apply_to_this_model():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     path = tiny_families.build_llava_onevision(str(tmp_path_factory.mktemp("families") / "llava_onevision"))
+    BUILT["path"] = path
     engine = {"limit_mm_per_prompt": {"image": 2, "video": 1}, "max_model_len": 1024}
     vanilla = scenario.run(path, "llava_onevision", {"engine": engine, "requests": [{}, TWO, VIDEO, BOTH]},
                            plugin=False)
@@ -107,3 +109,24 @@ def test_an_image_and_a_video_in_one_prompt(runs):
     assert video == [whole_video[r] for r in kept_rows(pruned[10]["kept"][-FRAMES:])]
     length = len(pruned[10]["prompt_ids"])
     assert pruned[10]["positions"][0] == list(range(length))
+
+
+def test_the_same_video_tokens_as_apply_hiprune(runs):
+    # The transformers model of the same checkpoint, request 7's frames through the same video processor,
+    # apply_hiprune at the same video ratio: the same kept pooled tokens per frame.
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import hiprune_ops
+    from hiprune_ops import integrations
+
+    _, pruned = runs
+    path = BUILT["path"]
+    model = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    hiprune_ops.apply_hiprune(model, ratio=RATIO, video_ratio=VIDEO_RATIO)
+    array, _ = tiny_families.video(100, FRAMES, VIDEO["videos"][0][1:])  # scenario's seed for request 7
+    videos = processor.video_processor([array], return_tensors="pt")["pixel_values_videos"]
+    ids = torch.tensor([[4, 6] + [VIDEO_TOKEN] * (FRAMES * FRAME_TOKENS + 1)])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=videos)
+    assert [i.tolist() for i in integrations.hiprune_state(model).last_video.indices] == pruned[7]["kept"]

@@ -163,6 +163,11 @@ def raster_by_position(scores: torch.Tensor, positions: torch.Tensor, grid: tupl
 BARE_TOWER = Geometry("bare ViT tower")
 
 
+def bilinear_pooled_grid(grid_h: int, grid_w: int) -> tuple[int, int]:
+    """The pooled grid bilinear_pool gives: ceil(h / 2) x ceil(w / 2)."""
+    return math.ceil(grid_h / 2), math.ceil(grid_w / 2)
+
+
 def bilinear_pool(scores: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
     """LLaVA-OneVision video frames: (B, grid_h * grid_w) patch scores -> (B, ceil(h / 2) * ceil(w / 2)), the
     interpolation the model's apply_pooling runs on the features, so every pooled token scores what it is made of,
@@ -171,7 +176,3 @@ def bilinear_pool(scores: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tenso
                                              size=list(bilinear_pooled_grid(grid_h, grid_w)), mode="bilinear")
     return pooled.flatten(1)
 
-
-def bilinear_pooled_grid(grid_h: int, grid_w: int) -> tuple[int, int]:
-    """The pooled grid bilinear_pool gives: ceil(h / 2) x ceil(w / 2)."""
-    return math.ceil(grid_h / 2), math.ceil(grid_w / 2)

@@ -46,7 +46,6 @@ def soft_token_counts(config, positions: torch.Tensor) -> tuple[list[tuple[int, 
 
 class HiPruneGemma4MultiModalProcessor(ProcessorMixin, Gemma4MultiModalProcessor):
     geometry = families.GEMMA4
-
     video_pruned = True
 
     def _image_token_counts(self, processed) -> list[int]:

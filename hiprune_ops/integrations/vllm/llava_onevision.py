@@ -19,9 +19,9 @@ kept + 1, the newline last: the tokens apply_hiprune keeps (hf/llava_onevision.p
 
 from __future__ import annotations
 
-import torch
-
 from typing import Optional
+
+import torch
 
 from .. import families
 from . import _vllm_api
