@@ -121,8 +121,9 @@ def test_kept_tokens_take_consecutive_positions(runs):
 
 
 def test_the_same_tokens_as_apply_hiprune(runs):
-    # The transformers model of the same checkpoint, the same images through the same processor, apply_hiprune at
-    # the same ratio: the same kept soft tokens per image.
+    # The transformers model of the same checkpoint, the same images and video frames through the same processor,
+    # apply_hiprune at the same ratios: the same kept soft tokens per image and per frame.
+    Image = pytest.importorskip("PIL.Image")
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     import hiprune_ops
@@ -131,20 +132,26 @@ def test_the_same_tokens_as_apply_hiprune(runs):
     _, pruned, path = runs
     model = transformers.Gemma4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     processor = transformers.AutoProcessor.from_pretrained(path)
-    hiprune_ops.apply_hiprune(model, ratio=RATIO)
+    hiprune_ops.apply_hiprune(model, ratio=RATIO, video_ratio=VIDEO_RATIO)
     size = tiny_families.FAMILIES["gemma4"].image_size
     images = [scenario.image(0, size)] + [scenario.image(10 + i, s) for i, s in enumerate(TWO["images"])]
     inputs = processor.image_processor(images, return_tensors="pt")
+    # Request 8's video (scenario's seed), its frames made as vLLM makes them: images of at most 70 soft tokens.
+    array, _ = tiny_families.video(100, FRAMES, VIDEO["videos"][0][1:])
+    frames = processor.image_processor([Image.fromarray(frame) for frame in array], max_soft_tokens=70,
+                                       return_tensors="pt")
     with torch.no_grad():
-        counts = inputs["num_soft_tokens_per_image"].tolist()
         ids = [4, 6]
-        for n in counts:
-            ids += [BOI] + [TOKEN] * n + [EOI]
+        for token, n in [(TOKEN, n) for n in inputs["num_soft_tokens_per_image"].tolist()] + \
+                [(VIDEO_TOKEN, n) for n in frames["num_soft_tokens_per_image"].tolist()]:
+            ids += [BOI] + [token] * n + [EOI]
         ids = torch.tensor([ids])
         model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
-              image_position_ids=inputs["image_position_ids"])
-    indices = [i.tolist() for i in integrations.hiprune_state(model).last.indices]
-    assert indices == pruned[0]["kept"] + pruned[4]["kept"]
+              image_position_ids=inputs["image_position_ids"], pixel_values_videos=frames["pixel_values"],
+              video_position_ids=frames["image_position_ids"], num_frames_per_video=torch.tensor([FRAMES]))
+    state = integrations.hiprune_state(model)
+    assert [i.tolist() for i in state.last.indices] == pruned[0]["kept"] + pruned[4]["kept"]
+    assert [i.tolist() for i in state.last_video.indices] == pruned[8]["kept"]
 
 
 # -- videos --------------------------------------------------------------------------------------------------------
