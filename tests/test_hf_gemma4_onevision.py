@@ -16,7 +16,7 @@ import hiprune_ops  # noqa: E402
 from hiprune_ops import integrations  # noqa: E402
 from hiprune_ops.integrations import capture  # noqa: E402
 from hiprune_ops.integrations.hf.grid import pool_scores  # noqa: E402
-from hiprune_ops.integrations.hf.llava_onevision import bilinear_pool  # noqa: E402
+from hiprune_ops.integrations.families import bilinear_pool  # noqa: E402
 from hf_testing import (TEXT, assert_full_budget_is_identity, assert_generate_returns_prompt_then_greedy,  # noqa: E402
                         assert_remove_restores_bit_identical_outputs, left_pad, spied_forward, spying, unpatch, vit)
 

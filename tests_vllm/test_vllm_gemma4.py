@@ -4,7 +4,8 @@ the scores pooled 3 x 3 by position like the features, the run between <start_of
 The tiny model (tiny_families.build_gemma4): 16 px patches pooled 3 x 3, at most 70 soft tokens per image (a
 224 x 224 image: 8 x 8 = 64, a 112 x 224 one fewer, both padded to 630 patches). One engine without the plugin and
 one with it (scenario.run), every case reading the same runs; the kept tokens are also compared with apply_hiprune's
-on the transformers model of the same checkpoint.
+on the transformers model of the same checkpoint. Videos on the same engines: each frame an image of its own (224 x 224
+frames: 64 soft tokens each), with its run of video placeholders between the same markers, pruned per frame.
 """
 
 import os
@@ -19,23 +20,27 @@ import tiny_families  # noqa: E402
 
 TOKEN = tiny_families.GEMMA4_SPECIAL["<image_soft_token>"]
 BOI, EOI = tiny_families.GEMMA4_SPECIAL["<start_of_image>"], tiny_families.GEMMA4_SPECIAL["<end_of_image>"]
-RATIO = 0.25
+VIDEO_TOKEN = tiny_families.GEMMA4_SPECIAL["<|video|>"]
+RATIO, VIDEO_RATIO = 0.25, 0.5
 TWO = {"images": [[224, 224], [112, 224]], "image_seed": 10}
+FRAMES, FRAME_TOKENS = 4, 64
+VIDEO = {"videos": [[FRAMES, 224, 224]]}
+BOTH = dict(VIDEO, images=[[112, 224]], image_seed=20)  # an image, then a video, in one prompt
 
 
 def kept(ratio, n):
     return min(n, max(1, round(ratio * n)))
 
 
-def token_runs(result):
-    """Placeholders per image: the runs of TOKEN, each with the marker before and after it."""
+def token_runs(result, token=TOKEN):
+    """Placeholders per image (per video frame): the runs of `token`, each with the marker before and after it."""
     ids, runs = result["prompt_ids"], []
     for i, t in enumerate(ids):
-        if t == TOKEN and ids[i - 1] != TOKEN:
+        if t == token and ids[i - 1] != token:
             runs.append([ids[i - 1], 0])
-        if t == TOKEN:
+        if t == token:
             runs[-1][1] += 1
-        elif runs and ids[i - 1] == TOKEN:
+        elif runs and ids[i - 1] == token:
             runs[-1].append(t)
     return [(before, n, after) for before, n, after in runs]
 
@@ -43,9 +48,10 @@ def token_runs(result):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     path = tiny_families.build_gemma4(str(tmp_path_factory.mktemp("families") / "gemma4"))
-    engine = {"limit_mm_per_prompt": {"image": 2, "video": 0}}
-    vanilla = scenario.run(path, "gemma4", {"engine": engine, "requests": [{}, TWO]}, plugin=False)
-    pruned = scenario.run(path, "gemma4", {"engine": engine, "hf_overrides": {"hiprune": {"ratio": RATIO}},
+    engine = {"limit_mm_per_prompt": {"image": 2, "video": 1}, "max_model_len": 1024}
+    vanilla = scenario.run(path, "gemma4", {"engine": engine, "requests": [{}, TWO, VIDEO, BOTH]}, plugin=False)
+    pruned = scenario.run(path, "gemma4", {"engine": engine,
+                                           "hf_overrides": {"hiprune": {"ratio": RATIO, "video_ratio": VIDEO_RATIO}},
                                            "requests": [
                                                {},                                                    # 0 default
                                                {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},       # 1 off
@@ -55,6 +61,11 @@ def runs(tmp_path_factory):
                                                dict(TWO, mm_processor_kwargs={"hiprune_budget": 0}),  # 5 off
                                                {"mm_processor_kwargs": {"hiprune_budget": 1000}},     # 6 clamped
                                                {"mm_processor_kwargs": {"hiprune_ratio": 1.5}},       # 7 refused
+                                               dict(VIDEO),                                           # 8 video
+                                               dict(VIDEO, mm_processor_kwargs={"hiprune_video_budget": 5}),  # 9
+                                               dict(VIDEO, mm_processor_kwargs={"hiprune_video_ratio": 1.0}),  # 10
+                                               dict(BOTH),                                            # 11 both
+                                               dict(VIDEO, mm_processor_kwargs={"hiprune_video_ratio": 2}),  # 12
                                            ]})
     return vanilla, pruned, path
 
@@ -110,8 +121,9 @@ def test_kept_tokens_take_consecutive_positions(runs):
 
 
 def test_the_same_tokens_as_apply_hiprune(runs):
-    # The transformers model of the same checkpoint, the same images through the same processor, apply_hiprune at
-    # the same ratio: the same kept soft tokens per image.
+    # The transformers model of the same checkpoint, the same images and video frames through the same processor,
+    # apply_hiprune at the same ratios: the same kept soft tokens per image and per frame.
+    Image = pytest.importorskip("PIL.Image")
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     import hiprune_ops
@@ -120,17 +132,75 @@ def test_the_same_tokens_as_apply_hiprune(runs):
     _, pruned, path = runs
     model = transformers.Gemma4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     processor = transformers.AutoProcessor.from_pretrained(path)
-    hiprune_ops.apply_hiprune(model, ratio=RATIO)
+    hiprune_ops.apply_hiprune(model, ratio=RATIO, video_ratio=VIDEO_RATIO)
     size = tiny_families.FAMILIES["gemma4"].image_size
     images = [scenario.image(0, size)] + [scenario.image(10 + i, s) for i, s in enumerate(TWO["images"])]
     inputs = processor.image_processor(images, return_tensors="pt")
+    # Request 8's video (scenario's seed), its frames made as vLLM makes them: images of at most 70 soft tokens.
+    array, _ = tiny_families.video(100, FRAMES, VIDEO["videos"][0][1:])
+    frames = processor.image_processor([Image.fromarray(frame) for frame in array], max_soft_tokens=70,
+                                       return_tensors="pt")
     with torch.no_grad():
-        counts = inputs["num_soft_tokens_per_image"].tolist()
         ids = [4, 6]
-        for n in counts:
-            ids += [BOI] + [TOKEN] * n + [EOI]
+        for token, n in [(TOKEN, n) for n in inputs["num_soft_tokens_per_image"].tolist()] + \
+                [(VIDEO_TOKEN, n) for n in frames["num_soft_tokens_per_image"].tolist()]:
+            ids += [BOI] + [token] * n + [EOI]
         ids = torch.tensor([ids])
         model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
-              image_position_ids=inputs["image_position_ids"])
-    indices = [i.tolist() for i in integrations.hiprune_state(model).last.indices]
-    assert indices == pruned[0]["kept"] + pruned[4]["kept"]
+              image_position_ids=inputs["image_position_ids"], pixel_values_videos=frames["pixel_values"],
+              video_position_ids=frames["image_position_ids"], num_frames_per_video=torch.tensor([FRAMES]))
+    state = integrations.hiprune_state(model)
+    assert [i.tolist() for i in state.last.indices] == pruned[0]["kept"] + pruned[4]["kept"]
+    assert [i.tolist() for i in state.last_video.indices] == pruned[8]["kept"]
+
+
+# -- videos --------------------------------------------------------------------------------------------------------
+def video_runs(result):
+    """(marker before, placeholders, marker after) per frame of the prompt's video."""
+    return token_runs(result, VIDEO_TOKEN)
+
+
+def test_video_frames_keep_their_count_each_between_their_markers(runs):
+    vanilla, pruned, _ = runs
+    assert video_runs(vanilla[2]) == [(BOI, FRAME_TOKENS, EOI)] * FRAMES  # vLLM's own layout: a run per frame
+    expected = {8: kept(VIDEO_RATIO, FRAME_TOKENS), 9: 5, 10: FRAME_TOKENS, 11: kept(VIDEO_RATIO, FRAME_TOKENS)}
+    for i, per_frame in expected.items():
+        assert video_runs(pruned[i]) == [(BOI, per_frame, EOI)] * FRAMES, i
+    # Only the placeholders shrink: the timestamps and markers between the frames stay.
+    shrunk = [t for t in vanilla[2]["prompt_ids"] if t != VIDEO_TOKEN]
+    assert [t for t in pruned[8]["prompt_ids"] if t != VIDEO_TOKEN] == shrunk
+    assert [len(k) for k in pruned[8]["kept"]] == [kept(VIDEO_RATIO, FRAME_TOKENS)] * FRAMES
+
+
+def test_a_bad_video_value_is_refused_for_that_request(runs):
+    _, pruned, _ = runs
+    assert "hiprune_video_ratio" in pruned[12]["error"]
+
+
+def test_a_video_at_full_budget_equals_vllm_without_plugin(runs):
+    vanilla, pruned, _ = runs
+    for key in ("prompt_ids", "tokens", "positions", "embeddings"):
+        assert pruned[10][key] == vanilla[2][key], key
+
+
+def test_kept_video_embeddings_are_the_towers_at_the_kept_indices(runs):
+    vanilla, pruned, _ = runs
+    (whole,) = vanilla[2]["embeddings"]
+    for i in (8, 9):
+        (embedding,) = pruned[i]["embeddings"]
+        rows = [f * FRAME_TOKENS + j for f, frame in enumerate(pruned[i]["kept"]) for j in frame]
+        assert all(frame == sorted(set(frame)) for frame in pruned[i]["kept"])
+        assert embedding == [whole[r] for r in rows]
+
+
+def test_an_image_and_a_video_in_one_prompt(runs):
+    vanilla, pruned, _ = runs
+    image_full, = [n for _, n, _ in token_runs(vanilla[3])]
+    assert [n for _, n, _ in token_runs(pruned[11])] == [kept(RATIO, image_full)]
+    image, video = pruned[11]["embeddings"]
+    whole_image, whole_video = vanilla[3]["embeddings"]
+    frames = pruned[11]["kept"][-FRAMES:]
+    assert len(image) == kept(RATIO, image_full) and all(row in whole_image for row in image)
+    assert video == [whole_video[f * FRAME_TOKENS + j] for f, frame in enumerate(frames) for j in frame]
+    length = len(pruned[11]["prompt_ids"])
+    assert pruned[11]["positions"][0] == list(range(length))

@@ -16,6 +16,7 @@ on the config is a function of it here. A family says:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -160,3 +161,18 @@ def raster_by_position(scores: torch.Tensor, positions: torch.Tensor, grid: tupl
     return out
 # Bare CLIP / SigLIP towers (encode, HiPruneVisionTower): the last layer is the deep one.
 BARE_TOWER = Geometry("bare ViT tower")
+
+
+def bilinear_pooled_grid(grid_h: int, grid_w: int) -> tuple[int, int]:
+    """The pooled grid bilinear_pool gives: ceil(h / 2) x ceil(w / 2)."""
+    return math.ceil(grid_h / 2), math.ceil(grid_w / 2)
+
+
+def bilinear_pool(scores: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """LLaVA-OneVision video frames: (B, grid_h * grid_w) patch scores -> (B, ceil(h / 2) * ceil(w / 2)), the
+    interpolation the model's apply_pooling runs on the features, so every pooled token scores what it is made of,
+    with the same weights."""
+    pooled = torch.nn.functional.interpolate(scores.reshape(-1, 1, grid_h, grid_w).float(),
+                                             size=list(bilinear_pooled_grid(grid_h, grid_w)), mode="bilinear")
+    return pooled.flatten(1)
+

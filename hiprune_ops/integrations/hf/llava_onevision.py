@@ -15,8 +15,6 @@ Defaults: object layer round(depth * 9 / 24); deep layer = the layer feeding the
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import families
@@ -24,14 +22,6 @@ from ..selection import select_items
 from ._transformers_api import llava_next_layout
 from .base import EncodedImages
 from .llava import LlavaNextAdapter
-
-
-def bilinear_pool(scores: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-    """(B, grid_h * grid_w) patch scores -> (B, ceil(h / 2) * ceil(w / 2)): the interpolation apply_pooling runs
-    on the features, so every pooled token scores what it is made of, with the same weights."""
-    pooled = torch.nn.functional.interpolate(scores.reshape(-1, 1, grid_h, grid_w).float(),
-                                             size=[math.ceil(grid_h / 2), math.ceil(grid_w / 2)], mode="bilinear")
-    return pooled.flatten(1)
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
@@ -124,10 +114,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         hidden, obj, deep = self._tower_features(videos.flatten(0, 1), layer)
         pooled = model.apply_pooling(self.project(hidden))  # (videos * frames, ph * pw, D), the model's own
         grid = self.tower.grid
-        pooled_h = pooled_w = math.ceil(grid / 2)
+        pooled_h, pooled_w = families.bilinear_pooled_grid(grid, grid)
         tokens = pooled_h * pooled_w
         keep = self.keep(tokens, "video")
-        obj, deep = bilinear_pool(obj, grid, grid), bilinear_pool(deep, grid, grid)
+        obj, deep = families.bilinear_pool(obj, grid, grid), families.bilinear_pool(deep, grid, grid)
         prompts = self.item_prompts("video", [frames * tokens + 1] * count)
         indices, roles = select_items(obj.unbind(0), deep.unbind(0), [(pooled_h, pooled_w)] * obj.shape[0],
                                       [keep] * obj.shape[0], self.settings, features=pooled,

@@ -75,6 +75,12 @@ def llava_onevision_packed(model, image_size, tile_embeddings) -> Any:
                                                strategy="spatial_unpad")
 
 
+def llava_onevision_video_features(model, frames) -> Any:
+    """(frames, pooled tokens, D) of LLaVA-OneVision's stacked video frames: tower, projector, 2x2 bilinear pooling.
+    Checked: vllm 0.32.0, LlavaOnevisionForConditionalGeneration._video_pixels_to_features(vision_tower, pixels)."""
+    return model._video_pixels_to_features(model.vision_tower, frames)
+
+
 def qwen_window_index(visual, t: int, h: int, w: int):
     """Qwen2.5-VL's window index of one item: the raster index of each merge unit in the tower's order.
     Checked: vllm 0.32.0, Qwen2_5_VisionTransformer.get_rope_by_thw(t, h, w)[2]."""
