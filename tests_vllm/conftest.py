@@ -6,6 +6,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import scenario  # noqa: E402
 import tiny_families  # noqa: E402
 import tiny_models  # noqa: E402
 
@@ -36,3 +37,17 @@ def two_ranks():
     if len(cpus) < 2:
         pytest.skip("tensor parallelism on vLLM's CPU build needs a core per rank")
     return {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"}
+
+
+@pytest.fixture(scope="session")
+def shared_runs(request, tiny_model):
+    """name -> (vanilla runs, pruned runs) of every engine the session's test modules declare in a module-level
+    SHARED_ENGINES = {tiny model name: (spec without the plugin, spec with it)}: every engine without the plugin
+    runs in one process, every one with it in another, once per session, however many files read them."""
+    declared: dict = {}
+    for module in {item.module for item in request.session.items if getattr(item, "module", None)}:
+        declared.update(getattr(module, "SHARED_ENGINES", {}))
+    names = sorted(declared)
+    vanilla = scenario.run_many([(tiny_model(n), n, declared[n][0]) for n in names], plugin=False)
+    pruned = scenario.run_many([(tiny_model(n), n, declared[n][1]) for n in names])
+    return dict(zip(names, zip(vanilla, pruned)))

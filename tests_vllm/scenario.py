@@ -20,7 +20,9 @@ Sharing, the pattern every tier-2 file follows (a process start and vLLM's impor
 - models: the session fixture `tiny_model` (conftest.py) builds each tiny model once per session;
 - engines: every engine a file needs with the plugin in one process, every one without it in another:
   `run_many([(model_dir, arch, spec), ...], plugin=...)` in a module-scoped fixture, each engine answering all the
-  requests of its spec (a request list per engine, not an engine per test); tests assert on those results;
+  requests of its spec (a request list per engine, not an engine per test); tests assert on those results; a file
+  whose engines need nothing of their own declares them in SHARED_ENGINES and reads conftest's `shared_runs`, which
+  runs every such file's engines in those same two processes;
 - an engine of its own process only where the process itself is under test: the multiprocess mode, tensor
   parallelism (one two-rank engine per model, answering every request its checks need), an engine that must
   refuse to start (expect_failure).

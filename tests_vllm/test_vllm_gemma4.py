@@ -3,7 +3,7 @@ the scores pooled 3 x 3 by position like the features, the run between <start_of
 
 The tiny model (tiny_families.build_gemma4): 16 px patches pooled 3 x 3, at most 70 soft tokens per image (a
 224 x 224 image: 8 x 8 = 64, a 112 x 224 one fewer, both padded to 630 patches). One engine without the plugin and
-one with it (scenario.run), every case reading the same runs; the kept tokens are also compared with apply_hiprune's
+one with it (conftest.shared_runs), every case reading the same runs; the kept tokens are also compared with apply_hiprune's
 on the transformers model of the same checkpoint. Videos on the same engines: each frame an image of its own (224 x 224
 frames: 64 soft tokens each), with its run of video placeholders between the same markers, pruned per frame.
 """
@@ -17,6 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import scenario  # noqa: E402
 import tiny_families  # noqa: E402
+from scenario import kept  # noqa: E402
 
 TOKEN = tiny_families.GEMMA4_SPECIAL["<image_soft_token>"]
 BOI, EOI = tiny_families.GEMMA4_SPECIAL["<start_of_image>"], tiny_families.GEMMA4_SPECIAL["<end_of_image>"]
@@ -26,10 +27,6 @@ TWO = {"images": [[224, 224], [112, 224]], "image_seed": 10}
 FRAMES, FRAME_TOKENS = 4, 64
 VIDEO = {"videos": [[FRAMES, 224, 224]]}
 BOTH = dict(VIDEO, images=[[112, 224]], image_seed=20)  # an image, then a video, in one prompt
-
-
-def kept(ratio, n):
-    return min(n, max(1, round(ratio * n)))
 
 
 def token_runs(result, token=TOKEN):
@@ -45,29 +42,29 @@ def token_runs(result, token=TOKEN):
     return [(before, n, after) for before, n, after in runs]
 
 
+ENGINE = {"limit_mm_per_prompt": {"image": 2, "video": 1}, "max_model_len": 1024}
+SHARED_ENGINES = {"gemma4": (  # conftest.shared_runs: one process per plugin mode for every file's engines
+    {"engine": ENGINE, "requests": [{}, TWO, VIDEO, BOTH]},
+    {"engine": ENGINE, "hf_overrides": {"hiprune": {"ratio": RATIO, "video_ratio": VIDEO_RATIO}}, "requests": [
+        {},                                                              # 0 default
+        {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},                 # 1 off
+        {"mm_processor_kwargs": {"hiprune_budget": 5}},                  # 2 override
+        {},                                                              # 3 default
+        dict(TWO),                                                       # 4 two sizes
+        dict(TWO, mm_processor_kwargs={"hiprune_budget": 0}),            # 5 off
+        {"mm_processor_kwargs": {"hiprune_budget": 1000}},               # 6 clamped
+        {"mm_processor_kwargs": {"hiprune_ratio": 1.5}},                 # 7 refused
+        dict(VIDEO),                                                     # 8 video
+        dict(VIDEO, mm_processor_kwargs={"hiprune_video_budget": 5}),    # 9
+        dict(VIDEO, mm_processor_kwargs={"hiprune_video_ratio": 1.0}),   # 10
+        dict(BOTH),                                                      # 11 both
+        dict(VIDEO, mm_processor_kwargs={"hiprune_video_ratio": 2}),     # 12
+    ]})}
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    path = tiny_families.build_gemma4(str(tmp_path_factory.mktemp("families") / "gemma4"))
-    engine = {"limit_mm_per_prompt": {"image": 2, "video": 1}, "max_model_len": 1024}
-    vanilla = scenario.run(path, "gemma4", {"engine": engine, "requests": [{}, TWO, VIDEO, BOTH]}, plugin=False)
-    pruned = scenario.run(path, "gemma4", {"engine": engine,
-                                           "hf_overrides": {"hiprune": {"ratio": RATIO, "video_ratio": VIDEO_RATIO}},
-                                           "requests": [
-                                               {},                                                    # 0 default
-                                               {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},       # 1 off
-                                               {"mm_processor_kwargs": {"hiprune_budget": 5}},        # 2 override
-                                               {},                                                    # 3 default
-                                               dict(TWO),                                             # 4 two sizes
-                                               dict(TWO, mm_processor_kwargs={"hiprune_budget": 0}),  # 5 off
-                                               {"mm_processor_kwargs": {"hiprune_budget": 1000}},     # 6 clamped
-                                               {"mm_processor_kwargs": {"hiprune_ratio": 1.5}},       # 7 refused
-                                               dict(VIDEO),                                           # 8 video
-                                               dict(VIDEO, mm_processor_kwargs={"hiprune_video_budget": 5}),  # 9
-                                               dict(VIDEO, mm_processor_kwargs={"hiprune_video_ratio": 1.0}),  # 10
-                                               dict(BOTH),                                            # 11 both
-                                               dict(VIDEO, mm_processor_kwargs={"hiprune_video_ratio": 2}),  # 12
-                                           ]})
-    return vanilla, pruned, path
+def runs(shared_runs, tiny_model):
+    return (*shared_runs["gemma4"], tiny_model("gemma4"))
 
 
 def full_counts(vanilla):

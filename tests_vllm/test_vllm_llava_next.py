@@ -29,22 +29,23 @@ def full_count(rows, cols):
     return GRID * GRID + rows * GRID * (cols * GRID + 1)  # base, then the tiled grid with a newline per row
 
 
+ENGINE = {"limit_mm_per_prompt": {"image": 2, "video": 0}, "max_model_len": 1024}
+SHARED_ENGINES = {"llava_next": (  # conftest.shared_runs: one process per plugin mode for every file's engines
+    {"engine": ENGINE, "requests": [{}, TWO]},
+    {"engine": ENGINE, "hf_overrides": {"hiprune": {"ratio": RATIO}}, "requests": [
+        {},                                                    # 0 default
+        {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},       # 1 off
+        {"mm_processor_kwargs": {"hiprune_budget": 30}},       # 2 override
+        {},                                                    # 3 default
+        dict(TWO),                                             # 4 two sizes
+        dict(TWO, mm_processor_kwargs={"hiprune_budget": 0}),  # 5 off
+        {"mm_processor_kwargs": {"hiprune_budget": 2}},        # 6 too few
+    ]})}
+
+
 @pytest.fixture(scope="module")
-def runs(tiny_model):
-    path = tiny_model("llava_next")
-    engine = {"limit_mm_per_prompt": {"image": 2, "video": 0}, "max_model_len": 1024}
-    vanilla = scenario.run(path, "llava_next", {"engine": engine, "requests": [{}, TWO]}, plugin=False)
-    pruned = scenario.run(path, "llava_next", {"engine": engine, "hf_overrides": {"hiprune": {"ratio": RATIO}},
-                                               "requests": [
-                                                   {},                                                   # 0 default
-                                                   {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},      # 1 off
-                                                   {"mm_processor_kwargs": {"hiprune_budget": 30}},      # 2 override
-                                                   {},                                                   # 3 default
-                                                   dict(TWO),                                            # 4 two sizes
-                                                   dict(TWO, mm_processor_kwargs={"hiprune_budget": 0}),  # 5 off
-                                                   {"mm_processor_kwargs": {"hiprune_budget": 2}},       # 6 too few
-                                               ]})
-    return vanilla, pruned
+def runs(shared_runs):
+    return shared_runs["llava_next"]
 
 
 def test_placeholders_per_image_and_per_request(runs):

@@ -22,22 +22,23 @@ TWO = {"images": [[112, 168], [168, 112]], "image_seed": 10}
 GRIDS = {(112, 168): (4, 6), (168, 112): (6, 4)}  # merged rows, columns
 
 
+ENGINE = {"limit_mm_per_prompt": {"image": 2, "video": 0}}
+SHARED_ENGINES = {"mistral3": (  # conftest.shared_runs: one process per plugin mode for every file's engines
+    {"engine": ENGINE, "requests": [{}, TWO]},
+    {"engine": ENGINE, "hf_overrides": {"hiprune": {"ratio": RATIO}}, "requests": [
+        {},                                                    # 0 default
+        {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},       # 1 off
+        {"mm_processor_kwargs": {"hiprune_budget": 5}},        # 2 override
+        {},                                                    # 3 default
+        dict(TWO),                                             # 4 two sizes
+        dict(TWO, mm_processor_kwargs={"hiprune_budget": 0}),  # 5 off
+        {"mm_processor_kwargs": {"hiprune_budget": 100}},      # 6 clamped
+    ]})}
+
+
 @pytest.fixture(scope="module")
-def runs(tiny_model):
-    path = tiny_model("mistral3")
-    engine = {"limit_mm_per_prompt": {"image": 2, "video": 0}}
-    vanilla = scenario.run(path, "mistral3", {"engine": engine, "requests": [{}, TWO]}, plugin=False)
-    pruned = scenario.run(path, "mistral3", {"engine": engine, "hf_overrides": {"hiprune": {"ratio": RATIO}},
-                                             "requests": [
-                                                 {},                                                   # 0 default
-                                                 {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},      # 1 off
-                                                 {"mm_processor_kwargs": {"hiprune_budget": 5}},       # 2 override
-                                                 {},                                                   # 3 default
-                                                 dict(TWO),                                            # 4 two sizes
-                                                 dict(TWO, mm_processor_kwargs={"hiprune_budget": 0}),  # 5 off
-                                                 {"mm_processor_kwargs": {"hiprune_budget": 100}},     # 6 clamped
-                                             ]})
-    return vanilla, pruned
+def runs(shared_runs):
+    return shared_runs["mistral3"]
 
 
 def per_image(prompt_ids):

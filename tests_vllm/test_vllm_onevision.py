@@ -38,28 +38,28 @@ def test_the_cases_apply_to_this_model():
     assert tiny_families.FAMILIES["llava_onevision"].image_size == tiny_families.FAMILIES["llava_next"].image_size
 
 
+ENGINE = {"limit_mm_per_prompt": {"image": 2, "video": 1}, "max_model_len": 1024}
+SHARED_ENGINES = {"llava_onevision": (  # conftest.shared_runs: one process per plugin mode for every file's engines
+    {"engine": ENGINE, "requests": [{}, TWO, VIDEO, BOTH]},
+    {"engine": ENGINE, "hf_overrides": {"hiprune": {"ratio": RATIO, "video_ratio": VIDEO_RATIO}}, "requests": [
+        {},                                                              # 0
+        {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},                 # 1 off
+        {"mm_processor_kwargs": {"hiprune_budget": 30}},                 # 2
+        {},                                                              # 3
+        dict(TWO),                                                       # 4
+        dict(TWO, mm_processor_kwargs={"hiprune_budget": 0}),            # 5
+        {"mm_processor_kwargs": {"hiprune_budget": 2}},                  # 6
+        dict(VIDEO),                                                     # 7
+        dict(VIDEO, mm_processor_kwargs={"hiprune_video_budget": 3}),    # 8
+        dict(VIDEO, mm_processor_kwargs={"hiprune_video_ratio": 1.0}),   # 9
+        dict(BOTH),                                                      # 10
+    ]})}
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    path = tiny_families.build_llava_onevision(str(tmp_path_factory.mktemp("families") / "llava_onevision"))
-    BUILT["path"] = path
-    engine = {"limit_mm_per_prompt": {"image": 2, "video": 1}, "max_model_len": 1024}
-    vanilla = scenario.run(path, "llava_onevision", {"engine": engine, "requests": [{}, TWO, VIDEO, BOTH]},
-                           plugin=False)
-    pruned = scenario.run(path, "llava_onevision", {"engine": engine, "hf_overrides": {"hiprune": {
-                                                        "ratio": RATIO, "video_ratio": VIDEO_RATIO}},
-                                                    "requests": [
-                                                        {},                                                  # 0
-                                                        {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},     # 1 off
-                                                        {"mm_processor_kwargs": {"hiprune_budget": 30}},     # 2
-                                                        {},                                                  # 3
-                                                        dict(TWO),                                           # 4
-                                                        dict(TWO, mm_processor_kwargs={"hiprune_budget": 0}),  # 5
-                                                        {"mm_processor_kwargs": {"hiprune_budget": 2}},      # 6
-                                                        dict(VIDEO),                                         # 7
-                                                        dict(VIDEO, mm_processor_kwargs={"hiprune_video_budget": 3}),
-                                                        dict(VIDEO, mm_processor_kwargs={"hiprune_video_ratio": 1.0}),
-                                                        dict(BOTH),                                          # 10
-                                                    ]})
+def runs(shared_runs, tiny_model):
+    vanilla, pruned = shared_runs["llava_onevision"]
+    BUILT["path"] = tiny_model("llava_onevision")
     assert sum(t == llava_next.TOKEN for t in vanilla[0]["prompt_ids"]) == llava_next.full_count(1, 2)  # vLLM's
     return vanilla, pruned
 
@@ -67,10 +67,10 @@ def runs(tmp_path_factory):
 # -- videos --------------------------------------------------------------------------------------------------------
 def test_video_frames_keep_their_count_each_and_the_newline_stays(runs):
     vanilla, pruned = runs
-    assert scenario.token_runs(vanilla[2]["prompt_ids"], VIDEO_TOKEN) == [FRAMES * FRAME_TOKENS + 1]  # vLLM's
+    assert scenario.token_runs(vanilla[2], VIDEO_TOKEN) == [FRAMES * FRAME_TOKENS + 1]  # vLLM's
     expected = {7: kept(VIDEO_RATIO), 8: 3, 9: FRAME_TOKENS, 10: kept(VIDEO_RATIO)}
     for i, per_frame in expected.items():
-        assert scenario.token_runs(pruned[i]["prompt_ids"], VIDEO_TOKEN) == [FRAMES * per_frame + 1], i
+        assert scenario.token_runs(pruned[i], VIDEO_TOKEN) == [FRAMES * per_frame + 1], i
     assert [len(k) for k in pruned[7]["kept"]] == [kept(VIDEO_RATIO)] * FRAMES
     assert [len(k) for k in pruned[8]["kept"]] == [3] * FRAMES
 
@@ -102,7 +102,7 @@ def test_kept_video_embeddings_are_the_projectors_at_the_kept_indices(runs):
 def test_an_image_and_a_video_in_one_prompt(runs):
     vanilla, pruned = runs
     image_tokens = 3 * round(RATIO * llava_next.GRID ** 2)  # base + 1 x 2 tiles, RATIO of each tile's 8 x 8
-    assert scenario.token_runs(pruned[10]["prompt_ids"], llava_next.TOKEN) == [image_tokens]
+    assert scenario.token_runs(pruned[10], llava_next.TOKEN) == [image_tokens]
     image, video = pruned[10]["embeddings"]
     whole_image, whole_video = vanilla[3]["embeddings"]
     assert len(image) == image_tokens and all(row in whole_image for row in image)
