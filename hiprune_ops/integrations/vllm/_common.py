@@ -89,13 +89,15 @@ def kept_count_of(out_mm_kwargs, item_idx: int, modality: str = "image") -> Opti
 
 def prompt_inputs(kwargs: dict) -> Optional[tuple[list[torch.Tensor], list[float], list[int]]]:
     """Pops the HiPrune++ fields the processor wrote per image: (text ids, prompt_beta, extra tokens) per image;
-    None for images without them (prompt_beta 0)."""
+    None when no image gets extra tokens (prompt_beta 0, no text) or the binding writes none."""
     ids, betas, extras = (kwargs.pop(name, None) for name in PROMPT_FIELDS)
     if ids is None:
         return None
+    extras = [int(e) for e in torch.as_tensor(extras).reshape(-1).tolist()]
+    if not any(extras):
+        return None
     ids = list(ids) if isinstance(ids, (list, tuple)) else list(ids.unbind(0))
-    return ([i.reshape(-1) for i in ids], [float(b) for b in torch.as_tensor(betas).reshape(-1).tolist()],
-            [int(e) for e in torch.as_tensor(extras).reshape(-1).tolist()])
+    return ([i.reshape(-1) for i in ids], [float(b) for b in torch.as_tensor(betas).reshape(-1).tolist()], extras)
 
 
 def shrink_runs(ids, token: int, kept: int) -> list[int]:
@@ -215,8 +217,8 @@ class ProcessorMixin:
         if counts:
             kept = self._kept_counts(settings, counts, processed)
             processed[HIPRUNE_KEEP_FIELD] = torch.tensor(kept, dtype=torch.int64)
-            text_ids = hf_kwargs.get(PROMPT_IDS_KWARG)
-            if text_ids is not None and settings.prompt_beta > 0:
+            if self.prompt_aware:  # every image carries the fields (beta 0: none), so any two batch together
+                text_ids = hf_kwargs.get(PROMPT_IDS_KWARG) or []
                 beta = float(settings.prompt_beta)
                 processed[PROMPT_IDS_FIELD] = torch.tensor([list(text_ids)] * len(counts), dtype=torch.int64)
                 processed[PROMPT_BETA_FIELD] = torch.tensor([beta] * len(counts), dtype=torch.float64)

@@ -2,12 +2,13 @@
 
 The rules are settings.py's, the same as apply_hiprune's. Server default, first found: the model config's `hiprune`
 dict (`hf_overrides={"hiprune": {...}}`, keys of apply_hiprune: budget or ratio, video_budget or video_ratio,
-alpha, object_layer, deep_layer, neighborhood, official, prompt_beta), else the environment variable HIPRUNE_BUDGET (an int),
-else off. Per request, `mm_processor_kwargs={"hiprune_budget": 64}` or `{"hiprune_ratio": 0.25}` replaces the
-default's budget / ratio for that request's images, `hiprune_video_budget` / `hiprune_video_ratio` its video slices,
-`hiprune_prompt_beta` its HiPrune++ prompt tokens (settings.REQUEST_KEYS); 0 or 1.0 keeps every token; an unknown hiprune_* key is refused. The processor turns this
-into one number per image (per video: per temporal slice), `keep_count`, which it writes both into the prompt (that
-many placeholders) and into the item's inputs (field KEEP_FIELDS[modality]), so the encoder keeps exactly that many.
+alpha, object_layer, deep_layer, neighborhood, official, prompt_beta), else the environment variable HIPRUNE_BUDGET
+(an int), else off. Per request, `mm_processor_kwargs={"hiprune_budget": 64}` or `{"hiprune_ratio": 0.25}`
+replaces the default's budget / ratio for that request's images, `hiprune_video_budget` / `hiprune_video_ratio` its
+video slices, `hiprune_prompt_beta` its HiPrune++ prompt tokens (settings.REQUEST_KEYS); 0 or 1.0 keeps every token;
+an unknown hiprune_* key is refused. The processor turns this into one number per image (per video: per temporal
+slice), `keep_count`, which it writes both into the prompt (that many placeholders, plus HiPrune++'s extra tokens)
+and into the item's inputs (field KEEP_FIELDS[modality]), so the encoder keeps exactly that many.
 
 No vLLM import here: the processor, the workers and the tests all use this module.
 """
