@@ -1,4 +1,5 @@
-"""Tier 2: HiPrune++ (prompt_beta) in the vLLM plugin, LLaVA-1.5 and Qwen2.5-VL (tiny random models, vLLM CPU).
+"""Tier 2: HiPrune++ (prompt_beta) in the vLLM plugin, LLaVA-1.5, Qwen2.5-VL and Qwen2-VL (tiny random models, vLLM
+CPU).
 
 One engine per family with the server default prompt_beta and many requests on one image (seed 0): the prompt
 holds N' + t placeholders; the t extra tokens are the not-kept tokens most similar to the prompt, recomputed here in
@@ -18,6 +19,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import scenario  # noqa: E402
+import tiny_families  # noqa: E402
 import tiny_models  # noqa: E402
 
 BETA = 0.5
@@ -27,6 +29,7 @@ ENGINE = {"enable_prefix_caching": True, "mm_processor_cache_gb": 1}
 FAMILIES = {
     "llava": (tiny_models.LLAVA_IMAGE, {"budget": 16}, 16, {"hiprune_budget": 0}),
     "qwen": (tiny_models.QWEN_IMAGE, {"ratio": 0.25}, 6, {"hiprune_ratio": 1.0}),
+    "qwen2_vl": (tiny_families.FAMILIES["qwen2_vl"].image_token, {"ratio": 0.25}, 6, {"hiprune_ratio": 1.0}),
 }
 QUESTION = "what is this"
 REQUESTS = {
@@ -43,7 +46,8 @@ REQUESTS = {
 
 
 def build(arch, root):
-    return (tiny_models.build_llava if arch == "llava" else tiny_models.build_qwen)(str(root / arch))
+    builders = {"llava": tiny_models.build_llava, "qwen": tiny_models.build_qwen}
+    return builders.get(arch, tiny_families.FAMILIES[arch].build)(str(root / arch))
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -162,8 +166,6 @@ def test_bad_request_beta_fails_that_request_only(family):
 
 def test_a_binding_without_prompt_tokens_refuses_prompt_beta(tmp_path):
     """Gemma 3 (tiny family) keeps refusing prompt_beta at start, naming itself."""
-    import tiny_families
-
     arch = "gemma3"
     model_dir = tiny_families.FAMILIES[arch].build(str(tmp_path / arch))
     out = scenario.run(model_dir, arch, {"hf_overrides": {"hiprune": {"budget": 16, "prompt_beta": 0.1}},
