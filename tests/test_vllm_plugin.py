@@ -54,6 +54,12 @@ def test_settings_from_config_env_and_off():
     # A request on a server without a default switches pruning on for itself only.
     assert HiPruneSettings().for_request({"hiprune_budget": 10}).keep_count(576) == 10
     assert HiPruneSettings().keep_count(576) == 576
+    # HiPrune++ per request: the request's prompt_beta replaces the default's; the budget stays.
+    server = HiPruneSettings(enabled=True, budget=64, prompt_beta=0.1)
+    assert server.for_request({"hiprune_prompt_beta": 0.25}).prompt_beta == 0.25
+    assert server.for_request({"hiprune_prompt_beta": 0}).prompt_beta == 0
+    assert server.for_request({"hiprune_prompt_beta": 0.25}).keep_count(576) == 64
+    assert server.for_request({}).prompt_beta == 0.1
 
 
 @pytest.mark.parametrize("request_kwargs,match", [
@@ -65,6 +71,10 @@ def test_settings_from_config_env_and_off():
     ({"hiprune_budget": 4, "hiprune_ratio": 0.5}, "not both"),
     ({"hiprune_budgte": 64}, r"unknown hiprune key\(s\) hiprune_budgte; known keys: hiprune_budget, hiprune_ratio"),
     ({"hiprune_alpha": 0.2, "hiprune_budget": 8}, "hiprune_alpha"),
+    ({"hiprune_prompt_beta": 1.5}, r"mm_processor_kwargs: hiprune_prompt_beta must be a number in \[0, 1\]"),
+    ({"hiprune_prompt_beta": -0.1}, "hiprune_prompt_beta must be"),
+    ({"hiprune_prompt_beta": "0.1"}, "hiprune_prompt_beta must be"),
+    ({"hiprune_prompt_beta": float("nan")}, "hiprune_prompt_beta must be"),
 ])
 def test_bad_request_values_name_themselves(request_kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -82,9 +92,12 @@ def test_bad_server_config_names_itself():
     config.hiprune = {"budget": 64, "alpha": 2.0}
     with pytest.raises(ValueError, match="alpha"):
         HiPruneSettings.from_hf_config(config, environ={})
-    config.hiprune = {"budget": 64, "prompt_beta": 0.1}  # HiPrune++ is not in the vLLM plugin yet: never ignored
-    with pytest.raises(ValueError, match="prompt_beta: the vLLM plugin does not add HiPrune"):
-        HiPruneSettings.from_hf_config(config, environ={})
+    config.hiprune = {"budget": 64, "prompt_beta": 0.1}  # HiPrune++: the bindings that cover it read it
+    assert HiPruneSettings.from_hf_config(config, environ={}).prompt_beta == 0.1
+    for value, error in ((1.5, ValueError), (-0.1, ValueError), ("0.1", TypeError), (True, TypeError)):
+        config.hiprune = {"budget": 64, "prompt_beta": value}
+        with pytest.raises(error, match="hiprune: prompt_beta must be a number in"):
+            HiPruneSettings.from_hf_config(config, environ={})
     config.hiprune = {"budget": 64, "prompt_beta": 0}
     assert HiPruneSettings.from_hf_config(config, environ={}).budget == 64
     config.hiprune = 64

@@ -8,9 +8,9 @@ and without the plugin never share a ModelRegistry.
 
 ARCH: a key of PROMPTS, or a family of tiny_families.FAMILIES (its prompt and image size). Each request is generated
 on its own (greedy, 6 tokens or its "max_tokens"). A request may give "images": [[h, w], ...] for several images of
-those sizes in one prompt (the prompt's image part repeated), "videos": [[frames, h, w], ...] for videos (the
-family's video part once per video, after the images; frames from tiny_families.video), or "messages" (and
-"chat_template"): a chat in the OpenAI format instead of the prompt. Per request: prompt token ids, generated ids and
+those sizes in one prompt (the prompt's image part repeated), "question" for other words after it, "videos":
+[[frames, h, w], ...] for videos (the family's video part once per video, after the images; frames from
+tiny_families.video), or "messages" (and "chat_template"): a chat in the OpenAI format instead of the prompt. Per request: prompt token ids, generated ids and
 text, or the error text. Runs that can spy on the workers (in-process, or VLLM_ALLOW_INSECURE_SERIALIZATION=1) also
 report the positions the language model received in each step, the kept indices of each image (of each video
 slice), per tensor-parallel rank, and the embeddings the encoder returned (per image or video, without channels the
@@ -152,6 +152,9 @@ def _media_part(prompt: str):
 
 
 def _inputs(prompt: str, size, request: dict, arch: str = "") -> dict:
+    if request.get("question") is not None:  # the words after the prompt's media part replaced ("": none)
+        head, part, _ = _media_part(prompt)
+        prompt = " ".join(head + part + ([request["question"]] if request["question"] else []))
     sizes = request.get("images")
     if request.get("videos") is not None:
         import tiny_families

@@ -42,6 +42,7 @@ REQUEST_KEYS: dict[str, str] = {
     "hiprune_ratio": "ratio",
     "hiprune_video_budget": "video_budget",
     "hiprune_video_ratio": "video_ratio",
+    "hiprune_prompt_beta": "prompt_beta",
 }
 
 
@@ -91,13 +92,13 @@ def check_budget_ratio(budget: Any, ratio: Any, names: tuple[str, str] = ("budge
             raise ValueError(f"{ratio_name} must be a number in (0, 1] (1.0 keeps every token), got {ratio!r}")
 
 
-def check_prompt_beta(beta: Any) -> None:
-    """prompt_beta: a number in [0, 1] (0: HiPrune exactly, no prompt tokens)."""
+def check_prompt_beta(beta: Any, name: str = "prompt_beta") -> None:
+    """prompt_beta: a number in [0, 1] (0: HiPrune exactly, no prompt tokens). name: what the caller calls it."""
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise SettingTypeError(f"prompt_beta must be a number in [0, 1] (0: no prompt tokens), got "
+        raise SettingTypeError(f"{name} must be a number in [0, 1] (0: no prompt tokens), got "
                                f"{type(beta).__name__} {beta!r}")
     if not 0.0 <= float(beta) <= 1.0:  # NaN fails too
-        raise ValueError(f"prompt_beta must be a number in [0, 1] (0: no prompt tokens), got {beta!r}")
+        raise ValueError(f"{name} must be a number in [0, 1] (0: no prompt tokens), got {beta!r}")
 
 
 def resolve_layer(layer: Optional[int], depth: int, default: int, name: str) -> int:
@@ -174,6 +175,11 @@ class PruneSettings:
             return self
         key_of = request_key_of()
         changes = {}
+        if "prompt_beta" in given:
+            try:
+                check_prompt_beta(given["prompt_beta"], key_of["prompt_beta"])
+            except ValueError as error:
+                raise type(error)(f"mm_processor_kwargs: {error}") from None
         for budget_field, ratio_field in PAIRS:
             if budget_field in given or ratio_field in given:
                 names = (key_of.get(budget_field, budget_field), key_of.get(ratio_field, ratio_field))

@@ -16,12 +16,16 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from .. import families
+from ... import ops
+from .. import families, prompt
 from ..selection import select_items
 from ..settings import resolve_layer
 from . import _vllm_api
 from .scores import TowerTaps
-from .settings import HIPRUNE_KEEP_FIELD, KEEP_FIELDS, HiPruneSettings, strip_request_keys
+from .settings import (HIPRUNE_KEEP_FIELD, KEEP_FIELDS, PROMPT_BETA_FIELD, PROMPT_EXTRA_FIELD, PROMPT_IDS_FIELD,
+                       PROMPT_IDS_KWARG, HiPruneSettings, strip_request_keys)
+
+PROMPT_FIELDS = (PROMPT_IDS_FIELD, PROMPT_BETA_FIELD, PROMPT_EXTRA_FIELD)
 
 
 def logger():
@@ -29,7 +33,8 @@ def logger():
     return init_logger("hiprune_ops.integrations.vllm")
 
 
-def prepare_vllm_config(vllm_config, model_name: str, video_pruned: bool = False) -> HiPruneSettings:
+def prepare_vllm_config(vllm_config, model_name: str, video_pruned: bool = False,
+                        prompt_aware: bool = False) -> HiPruneSettings:
     """The server default, and the vLLM features that cannot run with the q/k taps, turned off or refused.
 
     Called before the parent constructor builds the tower, so a compiled encoder is never built.
@@ -37,6 +42,9 @@ def prepare_vllm_config(vllm_config, model_name: str, video_pruned: bool = False
     settings = HiPruneSettings.from_hf_config(vllm_config.model_config.hf_config)
     if settings.video_given and not video_pruned:
         raise ValueError(f"hiprune: video_budget / video_ratio: the vLLM plugin prunes no video of {model_name}")
+    if settings.prompt_beta > 0 and not prompt_aware:
+        raise ValueError(f"hiprune: prompt_beta: the vLLM plugin adds no HiPrune++ prompt tokens for {model_name} "
+                         f"(covered: {', '.join(PROMPT_AWARE)}); leave it out or set it to 0")
     compilation = vllm_config.compilation_config
     # Checked: vllm 0.32.0, CompilationConfig.compile_mm_encoder / cudagraph_mm_encoder.
     if getattr(compilation, "compile_mm_encoder", False):
@@ -59,12 +67,37 @@ def keep_counts(kwargs: dict, field: str = HIPRUNE_KEEP_FIELD) -> Optional[list[
     return [int(k) for k in keep.reshape(-1).tolist()]
 
 
-def kept_count_of(out_mm_kwargs, item_idx: int, modality: str = "image") -> Optional[int]:
-    """The kept count the processor wrote for item item_idx (a video's: per slice), or None (embeddings given
-    directly)."""
-    item = out_mm_kwargs[modality][item_idx]
+# The architectures whose bindings add HiPrune++ prompt tokens (prompt_aware); the others refuse prompt_beta.
+PROMPT_AWARE = ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+                "Qwen2_5_VLForConditionalGeneration")
+
+
+def item_kept_count(item, modality: str = "image") -> Optional[int]:
+    """The tokens the processor wrote for one processed item (a video's: per slice): its kept count plus its
+    HiPrune++ extra tokens; None (embeddings given directly)."""
     field = item.get(KEEP_FIELDS[modality]) if hasattr(item, "get") else None
-    return None if field is None else int(field.data)
+    if field is None:
+        return None
+    extra = item.get(PROMPT_EXTRA_FIELD) if modality == "image" else None
+    return int(field.data) + (0 if extra is None else int(extra.data))
+
+
+def kept_count_of(out_mm_kwargs, item_idx: int, modality: str = "image") -> Optional[int]:
+    """item_kept_count of item item_idx of a processor output."""
+    return item_kept_count(out_mm_kwargs[modality][item_idx], modality)
+
+
+def prompt_inputs(kwargs: dict) -> Optional[tuple[list[torch.Tensor], list[float], list[int]]]:
+    """Pops the HiPrune++ fields the processor wrote per image: (text ids, prompt_beta, extra tokens) per image;
+    None when no image gets extra tokens (prompt_beta 0, no text) or the binding writes none."""
+    ids, betas, extras = (kwargs.pop(name, None) for name in PROMPT_FIELDS)
+    if ids is None:
+        return None
+    extras = [int(e) for e in torch.as_tensor(extras).reshape(-1).tolist()]
+    if not any(extras):
+        return None
+    ids = list(ids) if isinstance(ids, (list, tuple)) else list(ids.unbind(0))
+    return ([i.reshape(-1) for i in ids], [float(b) for b in torch.as_tensor(betas).reshape(-1).tolist()], extras)
 
 
 def shrink_runs(ids, token: int, kept: int) -> list[int]:
@@ -110,6 +143,7 @@ class ProcessorMixin:
 
     geometry: families.Geometry
     video_pruned = False
+    prompt_aware = False  # the binding adds HiPrune++ prompt tokens to images (PROMPT_AWARE)
 
     _hiprune_profiling = False  # set while vLLM processes its dummy inputs
 
@@ -120,7 +154,36 @@ class ProcessorMixin:
         if settings.video_given and not self.video_pruned:
             raise ValueError("mm_processor_kwargs: hiprune_video_budget / hiprune_video_ratio: the vLLM plugin prunes "
                              "no video of this model")
+        if settings.prompt_beta > 0 and not self.prompt_aware:
+            raise ValueError("mm_processor_kwargs: hiprune_prompt_beta: the vLLM plugin adds no HiPrune++ prompt "
+                             f"tokens for this model (covered: {', '.join(PROMPT_AWARE)})")
         return settings
+
+    def _prompt_text_ids(self, prompt_ids: Sequence[int]) -> list[int]:
+        """The prompt's text token ids by prompt.py's rule (as apply_hiprune): after the last image or video
+        placeholder, up to the next special or end-of-turn token."""
+        config = self.info.get_hf_config()
+        tokenizer = self.info.get_tokenizer()
+        configs = (config, getattr(config, "text_config", None))
+        visual_ids = prompt.config_token_ids(config, names=("image_token_id", "image_token_index", "video_token_id",
+                                                            "video_token_index"))
+        end_ids = prompt.config_token_ids(*configs, names=("eos_token_id",))
+        if tokenizer.eos_token_id is not None:
+            end_ids.add(int(tokenizer.eos_token_id))
+        special_ids = prompt.config_token_ids(*configs) | set(tokenizer.all_special_ids)
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.int64)
+        visual = torch.isin(ids, torch.tensor(sorted(visual_ids), dtype=torch.int64))
+        return ids[prompt.text_mask(ids, visual, special_ids, end_ids=end_ids)].tolist()
+
+    # Override of BaseMultiModalProcessor.apply (inputs.prompt: the prompt's token ids); checked: vllm 0.32.0.
+    # HiPrune++: the request's prompt text ids join the processor kwargs, which vLLM hashes with each item, so the
+    # same image under another prompt never shares a processor, encoder or prefix cache entry.
+    def apply(self, inputs, *args, **kwargs):
+        if self.prompt_aware and not self._hiprune_profiling and "image" in inputs.mm_data_items:
+            if self._hiprune_settings(inputs.hf_processor_mm_kwargs).prompt_beta > 0:
+                mm_kwargs = {**inputs.hf_processor_mm_kwargs, PROMPT_IDS_KWARG: self._prompt_text_ids(inputs.prompt)}
+                inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=mm_kwargs)
+        return super().apply(inputs, *args, **kwargs)
 
     def _video_slice_counts(self, processed) -> list[tuple[int, int]]:
         """Per video: (temporal slices, merged tokens per slice) unpruned; [] without videos."""
@@ -152,8 +215,16 @@ class ProcessorMixin:
         processed = super()._apply_hf_processor_main(mm_items, strip_request_keys(hf_kwargs), *args, **kwargs)
         counts = self._image_token_counts(processed)
         if counts:
-            processed[HIPRUNE_KEEP_FIELD] = torch.tensor(self._kept_counts(settings, counts, processed),
-                                                         dtype=torch.int64)
+            kept = self._kept_counts(settings, counts, processed)
+            processed[HIPRUNE_KEEP_FIELD] = torch.tensor(kept, dtype=torch.int64)
+            if self.prompt_aware:  # every image carries the fields (beta 0: none), so any two batch together
+                text_ids = hf_kwargs.get(PROMPT_IDS_KWARG) or []
+                beta = float(settings.prompt_beta)
+                processed[PROMPT_IDS_FIELD] = torch.tensor([list(text_ids)] * len(counts), dtype=torch.int64)
+                processed[PROMPT_BETA_FIELD] = torch.tensor([beta] * len(counts), dtype=torch.float64)
+                processed[PROMPT_EXTRA_FIELD] = torch.tensor(
+                    [ops.prompt_extra_count(k, n, beta, has_text=bool(text_ids)) for k, n in zip(kept, counts)],
+                    dtype=torch.int64)
         videos = self._video_slice_counts(processed) if self.video_pruned else []
         if videos:
             per_slice = [settings.keep_count(n, clamp=self.geometry.sizes_vary,
@@ -174,6 +245,8 @@ class ProcessorMixin:
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         for modality in ("image", "video") if self.video_pruned else ("image",):
             fields[KEEP_FIELDS[modality]] = MultiModalFieldConfig.batched(modality)
+        if self.prompt_aware:
+            fields.update({name: MultiModalFieldConfig.batched("image") for name in PROMPT_FIELDS})
         return fields
 
     # Override of BaseMultiModalProcessor._get_prompt_updates; checked: vllm 0.32.0. Every image update's
@@ -264,10 +337,11 @@ class ModelMixin:
     architecture: str  # vLLM's name of the class this binding subclasses
 
     video_pruned = False  # the binding prunes videos (video_budget / video_ratio are refused otherwise)
+    prompt_aware = False  # the binding adds HiPrune++ prompt tokens to images (prompt_beta is refused otherwise)
 
     def hiprune_start(self, vllm_config) -> HiPruneSettings:
         """Before vLLM's constructor: the server default, checked, and vLLM's options the taps cannot run with."""
-        return prepare_vllm_config(vllm_config, self.architecture, self.video_pruned)
+        return prepare_vllm_config(vllm_config, self.architecture, self.video_pruned, self.prompt_aware)
 
     def hiprune_bind(self, settings: HiPruneSettings, attention_modules: Sequence[torch.nn.Module], depth: int,
                      total_heads: int, geometry_config, full_depth: Optional[int] = None) -> None:
@@ -294,16 +368,57 @@ class ModelMixin:
         return self.hiprune_object_layer, self.hiprune_deep_layer
 
     def hiprune_select(self, object_scores: Sequence[torch.Tensor], deep_scores: Sequence[torch.Tensor],
-                       grids: Sequence[tuple[int, int]], keeps: Sequence[int],
-                       merge: int = 1) -> list[Optional[torch.Tensor]]:
+                       grids: Sequence[tuple[int, int]], keeps: Sequence[int], merge: int = 1,
+                       features: Optional[Sequence[torch.Tensor]] = None,
+                       prompts: Optional[tuple[list[torch.Tensor], list[float], list[int]]] = None,
+                       ) -> list[Optional[torch.Tensor]]:
         """Kept indices per image (None: it keeps every token), recorded in hiprune_last. merge: the scores are on
-        patch grids, pooled merge x merge by the selection step (select_items)."""
+        patch grids, pooled merge x merge by the selection step (select_items). HiPrune++: features, per image
+        every token as the language model receives them, and prompts (prompt_inputs: per image its text ids,
+        prompt_beta and extra count) add each image's prompt tokens."""
         if len(keeps) != len(grids):
             raise RuntimeError(f"hiprune: {len(keeps)} kept counts for {len(grids)} images")
-        indices, _ = select_items(object_scores, deep_scores, grids, keeps, self.hiprune_settings, merge=merge,
-                                  skip_full=True)
+        if prompts is None:
+            indices, _ = select_items(object_scores, deep_scores, grids, keeps, self.hiprune_settings, merge=merge,
+                                      skip_full=True)
+            self.hiprune_last = list(indices)
+            return self.hiprune_last
+        text_ids, betas, extras = prompts
+        embeddings = self.hiprune_prompt_embeddings(text_ids)
+        indices = [None] * len(grids)
+        for beta in sorted(set(betas)):  # a batch may hold requests with their own prompt_beta
+            members = [i for i, b in enumerate(betas) if b == beta]
+            settings = dataclasses.replace(self.hiprune_settings, prompt_beta=beta)
+            chosen, _ = select_items(*([seq[i] for i in members] for seq in (object_scores, deep_scores, grids, keeps)),
+                                     settings, merge=merge, skip_full=True,
+                                     features=[features[i] for i in members],
+                                     prompts=[embeddings[i] for i in members])
+            for i, index in zip(members, chosen):
+                indices[i] = index
+        for i, index in enumerate(indices):  # the processor wrote keep + extra placeholders
+            if (keeps[i] + extras[i]) != (index.numel() if index is not None else keeps[i]):
+                raise RuntimeError(f"hiprune: image {i} got {0 if index is None else index.numel()} tokens, its "
+                                   f"prompt holds {keeps[i] + extras[i]}")
         self.hiprune_last = list(indices)
         return self.hiprune_last
+
+    def hiprune_prompt_embeddings(self, text_ids: Sequence[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+        """HiPrune++: per image, the float32 mean of the language model's input embeddings over its prompt's text
+        ids, or None (no text: no extra tokens). Images of one request share their prompt: embedded once."""
+        embedded: dict[tuple, Optional[torch.Tensor]] = {}
+        out = []
+        for ids in text_ids:
+            key = tuple(ids.tolist())
+            if key not in embedded:
+                embedded[key] = None
+                if key:
+                    language = self.get_language_model()
+                    device = next(language.parameters()).device
+                    rows = language.embed_input_ids(ids.to(device=device, dtype=torch.int64))
+                    embedded[key] = prompt.mean_embeddings(rows[None], torch.ones(1, len(key), dtype=torch.bool,
+                                                                                  device=device))[0]
+            out.append(embedded[key])
+        return out
 
     def hiprune_select_tiles(self, features, object_scores, deep_scores, grid: tuple[int, int],
                              keep: Sequence[int], tiles: Sequence[int]) -> list[torch.Tensor]:

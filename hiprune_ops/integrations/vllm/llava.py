@@ -3,7 +3,8 @@
 Geometry: families.LLAVA (CLS prefix, no merge; object layer round(depth * 9 / 24) of the full tower, deep layer the
 one feeding the projector: the last layer vLLM builds). Processor: each image gets its kept count of placeholders.
 Encoder: the object and deep layers' q and k are scored in vLLM's CLIP attention (CLS row included, CLS column
-dropped), the selection step picks the kept patches, and only they go through the projector. The prompt is simply
+dropped), the selection step picks the kept patches, and only they go through the projector (HiPrune++: every patch
+goes through it, the prompt tokens being ranked on the projected features). The prompt is simply
 shorter: positions of the kept tokens are recompacted, as in the authors' release.
 """
 
@@ -13,7 +14,7 @@ import torch
 
 from .. import families
 from . import _vllm_api
-from ._common import ClipLlavaModelMixin, ProcessorMixin, keep_counts
+from ._common import ClipLlavaModelMixin, ProcessorMixin, keep_counts, prompt_inputs
 from .settings import HiPruneSettings
 from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForConditionalGeneration,
                                               LlavaMultiModalProcessor, LlavaProcessingInfo)
@@ -22,6 +23,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 class HiPruneLlavaMultiModalProcessor(ProcessorMixin, LlavaMultiModalProcessor):
     geometry = families.LLAVA
+    prompt_aware = True
 
     def _image_token_counts(self, processed) -> list[int]:
         pixel_values = processed.get("pixel_values")
@@ -47,6 +49,7 @@ class HiPruneLlavaForConditionalGeneration(ClipLlavaModelMixin, LlavaForConditio
     geometry = families.LLAVA
     architecture = "LlavaForConditionalGeneration"
     family_label = "LLaVA"
+    prompt_aware = True
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -56,6 +59,7 @@ class HiPruneLlavaForConditionalGeneration(ClipLlavaModelMixin, LlavaForConditio
 
     def embed_multimodal(self, **kwargs):
         keep = keep_counts(kwargs)
+        prompts = prompt_inputs(kwargs)
         image_input = _vllm_api.parse_image_input(self, kwargs)
         if image_input is None:
             return []
@@ -69,6 +73,12 @@ class HiPruneLlavaForConditionalGeneration(ClipLlavaModelMixin, LlavaForConditio
             return _vllm_api.llava_image_embeddings(self, image_input)
         features, (object_scores, deep_scores) = self.hiprune_taps.scored(
             lambda: _vllm_api.llava_image_features(self, image_input))  # (B, N, C): CLS already dropped
+        if prompts is not None:  # HiPrune++ ranks every token as the language model receives it: projected
+            projected = self.multi_modal_projector(features)
+            indices = self.hiprune_select(object_scores.unbind(0), deep_scores.unbind(0),
+                                          [(grid, grid)] * features.shape[0], keep, features=projected.unbind(0),
+                                          prompts=prompts)
+            return tuple(image if index is None else image[index] for image, index in zip(projected, indices))
         indices = self.hiprune_select(object_scores.unbind(0), deep_scores.unbind(0),
                                       [(grid, grid)] * features.shape[0], keep)
         kept = [image if index is None else image[index] for image, index in zip(features, indices)]

@@ -30,7 +30,7 @@ import torch
 
 from ..qwen_positions import MediaItem, kept_grid_offsets, merged_raster_scores, mrope_positions
 from . import _vllm_api
-from ._common import ModelMixin, ProcessorMixin, keep_counts
+from ._common import ModelMixin, ProcessorMixin, item_kept_count, keep_counts, prompt_inputs
 from .scores import pack_scores, score_channels, unpack_scores
 from .settings import KEEP_FIELDS
 
@@ -95,6 +95,7 @@ class QwenModelMixin(ModelMixin):
             raise NotImplementedError(f"hiprune: {name} with the FlashInfer ViT attention backend is not supported")
         self.hiprune_width = self.hiprune_embedding_width()
         self._hiprune_keep: dict[str, Optional[list[int]]] = {}
+        self._hiprune_prompts = None  # HiPrune++ fields of this encoder call's images (prompt_inputs)
         self._hiprune_pending = None
 
     def hiprune_embedding_width(self) -> int:
@@ -117,10 +118,11 @@ class QwenModelMixin(ModelMixin):
     # -- encoder -------------------------------------------------------------------------------------------------
     def embed_multimodal(self, **kwargs):
         self._hiprune_keep = {modality: keep_counts(kwargs, KEEP_FIELDS[modality]) for modality in ("image", "video")}
+        self._hiprune_prompts = prompt_inputs(kwargs)
         try:
             return super().embed_multimodal(**kwargs)
         finally:
-            self._hiprune_keep = {}
+            self._hiprune_keep, self._hiprune_prompts = {}, None
 
     def _scored_visual(self, pixel_values, grid_thw):
         """(merged embeddings in raster order, object scores, deep scores), scores per merged token."""
@@ -170,9 +172,13 @@ class QwenModelMixin(ModelMixin):
         slices = [(i, s) for i, (t, _, _) in enumerate(grid_thw) for s in range(t)]
         spans = {(i, s): slice(s * planes[i], (s + 1) * planes[i]) for i, s in slices}
         grids = {i: (h // merge, w // merge) for i, (_, h, w) in enumerate(grid_thw)}
+        prompts = self._hiprune_prompts if modality == "image" else None  # an image is one slice
+        width = self.config.get_text_config().hidden_size  # Qwen3-VL's deepstack levels follow: not ranked
+        features = None if prompts is None else [per_item[i][0][spans[i, s], :width] for i, s in slices]
         indices = self.hiprune_select([per_item[i][1][0][spans[i, s]] for i, s in slices],
                                       [per_item[i][1][1][spans[i, s]] for i, s in slices],
-                                      [grids[i] for i, _ in slices], [keep[i] for i, _ in slices])
+                                      [grids[i] for i, _ in slices], [keep[i] for i, _ in slices],
+                                      features=features, prompts=prompts)
         out = []
         for i, (embeddings, _) in enumerate(per_item):
             kept = [index for (item, _), index in zip(slices, indices) if item == i]
@@ -194,8 +200,8 @@ class QwenModelMixin(ModelMixin):
         items, offsets, pruned = [], [], False
         for offset, t, h, w, t_factor, feature in self.hiprune_media(input_tokens, mm_features):
             full = t * h * w
-            field = feature.data.get(KEEP_FIELDS[feature.modality])
-            per_slice = h * w if field is None else min(h * w, int(field.data))
+            kept = item_kept_count(feature.data, feature.modality)
+            per_slice = h * w if kept is None else min(h * w, kept)
             pruned |= per_slice < h * w
             items.append(MediaItem(offset, t, h, w, t * per_slice, t_factor))
             # A pruned item: each slice's t offset here, its kept tokens' (h, w) offsets from the encoder (forward).

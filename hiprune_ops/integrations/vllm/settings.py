@@ -2,12 +2,13 @@
 
 The rules are settings.py's, the same as apply_hiprune's. Server default, first found: the model config's `hiprune`
 dict (`hf_overrides={"hiprune": {...}}`, keys of apply_hiprune: budget or ratio, video_budget or video_ratio,
-alpha, object_layer, deep_layer, neighborhood, official), else the environment variable HIPRUNE_BUDGET (an int),
-else off. Per request, `mm_processor_kwargs={"hiprune_budget": 64}` or `{"hiprune_ratio": 0.25}` replaces the
-default's budget / ratio for that request's images, `hiprune_video_budget` / `hiprune_video_ratio` its video slices
-(settings.REQUEST_KEYS); 0 or 1.0 keeps every token; an unknown hiprune_* key is refused. The processor turns this
-into one number per image (per video: per temporal slice), `keep_count`, which it writes both into the prompt (that
-many placeholders) and into the item's inputs (field KEEP_FIELDS[modality]), so the encoder keeps exactly that many.
+alpha, object_layer, deep_layer, neighborhood, official, prompt_beta), else the environment variable HIPRUNE_BUDGET
+(an int), else off. Per request, `mm_processor_kwargs={"hiprune_budget": 64}` or `{"hiprune_ratio": 0.25}`
+replaces the default's budget / ratio for that request's images, `hiprune_video_budget` / `hiprune_video_ratio` its
+video slices, `hiprune_prompt_beta` its HiPrune++ prompt tokens (settings.REQUEST_KEYS); 0 or 1.0 keeps every token;
+an unknown hiprune_* key is refused. The processor turns this into one number per image (per video: per temporal
+slice), `keep_count`, which it writes both into the prompt (that many placeholders, plus HiPrune++'s extra tokens)
+and into the item's inputs (field KEEP_FIELDS[modality]), so the encoder keeps exactly that many.
 
 No vLLM import here: the processor, the workers and the tests all use this module.
 """
@@ -25,6 +26,14 @@ ENV_BUDGET = "HIPRUNE_BUDGET"
 HIPRUNE_KEEP_FIELD = "hiprune_keep"
 # Per modality, the processor output holding each item's kept count (a video's: per temporal slice).
 KEEP_FIELDS = {"image": HIPRUNE_KEEP_FIELD, "video": "hiprune_video_keep"}
+# HiPrune++ (prompt_beta > 0, images of the bindings that add prompt tokens): per image, the prompt's text token ids,
+# the request's prompt_beta and the extra tokens it adds (prompt_extra_count), written by the processor.
+PROMPT_IDS_FIELD = "hiprune_prompt_ids"
+PROMPT_BETA_FIELD = "hiprune_prompt_beta_value"
+PROMPT_EXTRA_FIELD = "hiprune_prompt_extra"
+# The request's prompt text ids, put in the processor kwargs by the processor's apply so that vLLM's item hash (its
+# processor, encoder and prefix caches) depends on them; not a request key (the leading underscore).
+PROMPT_IDS_KWARG = "_hiprune_prompt_ids"
 
 
 @dataclass(frozen=True)
@@ -57,9 +66,6 @@ class HiPruneSettings(PruneSettings):
         if unknown:
             raise ValueError(f"hf_overrides['{CONFIG_ATTR}']: unknown keys {unknown}; known: "
                              f"{', '.join(SETTING_FIELDS)}")
-        if raw.get("prompt_beta"):
-            raise ValueError(f"hf_overrides['{CONFIG_ATTR}']: prompt_beta: the vLLM plugin does not add HiPrune++ "
-                             "prompt tokens yet (apply_hiprune and encode do); leave it out or set it to 0")
         settings = cls(enabled=True, **raw)
         settings.validate()
         return settings
@@ -107,4 +113,4 @@ class HiPruneSettings(PruneSettings):
 
 def strip_request_keys(mm_kwargs: Mapping[str, Any]) -> dict:
     """mm kwargs without ours, for the Hugging Face processor (which does not know them)."""
-    return {k: v for k, v in mm_kwargs.items() if k not in REQUEST_KEYS}
+    return {k: v for k, v in mm_kwargs.items() if k not in REQUEST_KEYS and k != PROMPT_IDS_KWARG}
