@@ -55,6 +55,13 @@ PROMPTS = {
 VIDEO_PROMPTS = {"qwen": "user : <|vision_start|><|video_pad|><|vision_end|> describe the picture please"}
 
 
+def image_requests(two: dict, budget: int) -> list:
+    """The first requests of an image family's pruned engine: 0 the server default, 1 off (hiprune_ratio 1.0), 2 this
+    request's budget, 3 the default again, 4 two images of different sizes (`two`), 5 off (hiprune_budget 0) on them."""
+    return [{}, {"mm_processor_kwargs": {"hiprune_ratio": 1.0}}, {"mm_processor_kwargs": {"hiprune_budget": budget}},
+            {}, dict(two), dict(two, mm_processor_kwargs={"hiprune_budget": 0})]
+
+
 # -- reading results: what the test files share ------------------------------------------------------------------
 def kept(ratio: float, n: int) -> int:
     """The budget rule for a ratio, restated: round-half-even(ratio * n) in [1, n]."""

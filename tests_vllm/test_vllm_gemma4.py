@@ -46,12 +46,7 @@ ENGINE = {"limit_mm_per_prompt": {"image": 2, "video": 1}, "max_model_len": 1024
 SHARED_ENGINES = {"gemma4": (  # conftest.shared_runs: one process per plugin mode for every file's engines
     {"engine": ENGINE, "requests": [{}, TWO, VIDEO, BOTH]},
     {"engine": ENGINE, "hf_overrides": {"hiprune": {"ratio": RATIO, "video_ratio": VIDEO_RATIO}}, "requests": [
-        {},                                                              # 0 default
-        {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},                 # 1 off
-        {"mm_processor_kwargs": {"hiprune_budget": 5}},                  # 2 override
-        {},                                                              # 3 default
-        dict(TWO),                                                       # 4 two sizes
-        dict(TWO, mm_processor_kwargs={"hiprune_budget": 0}),            # 5 off
+        *scenario.image_requests(TWO, 5),  # 0 to 5
         {"mm_processor_kwargs": {"hiprune_budget": 1000}},               # 6 clamped
         {"mm_processor_kwargs": {"hiprune_ratio": 1.5}},                 # 7 refused
         dict(VIDEO),                                                     # 8 video

@@ -33,12 +33,7 @@ ENGINE = {"limit_mm_per_prompt": {"image": 2, "video": 0}, "max_model_len": 1024
 SHARED_ENGINES = {"llava_next": (  # conftest.shared_runs: one process per plugin mode for every file's engines
     {"engine": ENGINE, "requests": [{}, TWO]},
     {"engine": ENGINE, "hf_overrides": {"hiprune": {"ratio": RATIO}}, "requests": [
-        {},                                                    # 0 default
-        {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},       # 1 off
-        {"mm_processor_kwargs": {"hiprune_budget": 30}},       # 2 override
-        {},                                                    # 3 default
-        dict(TWO),                                             # 4 two sizes
-        dict(TWO, mm_processor_kwargs={"hiprune_budget": 0}),  # 5 off
+        *scenario.image_requests(TWO, 30),  # 0 to 5
         {"mm_processor_kwargs": {"hiprune_budget": 2}},        # 6 too few
     ]})}
 

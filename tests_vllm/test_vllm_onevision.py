@@ -42,12 +42,7 @@ ENGINE = {"limit_mm_per_prompt": {"image": 2, "video": 1}, "max_model_len": 1024
 SHARED_ENGINES = {"llava_onevision": (  # conftest.shared_runs: one process per plugin mode for every file's engines
     {"engine": ENGINE, "requests": [{}, TWO, VIDEO, BOTH]},
     {"engine": ENGINE, "hf_overrides": {"hiprune": {"ratio": RATIO, "video_ratio": VIDEO_RATIO}}, "requests": [
-        {},                                                              # 0
-        {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},                 # 1 off
-        {"mm_processor_kwargs": {"hiprune_budget": 30}},                 # 2
-        {},                                                              # 3
-        dict(TWO),                                                       # 4
-        dict(TWO, mm_processor_kwargs={"hiprune_budget": 0}),            # 5
+        *scenario.image_requests(TWO, 30),  # 0 to 5
         {"mm_processor_kwargs": {"hiprune_budget": 2}},                  # 6
         dict(VIDEO),                                                     # 7
         dict(VIDEO, mm_processor_kwargs={"hiprune_video_budget": 3}),    # 8
