@@ -7,8 +7,9 @@
 vLLM calls `register` in every process it starts (entry point group "vllm.general_plugins"). It registers our
 subclasses under vLLM's own architecture names (SUPPORTED_ARCHITECTURES). Without a server default (hf_overrides
 "hiprune" or HIPRUNE_BUDGET) and without a per-request value, they run exactly vLLM's code. Keys of the "hiprune"
-dict: those of apply_hiprune (budget or ratio, alpha, object_layer, deep_layer, neighborhood, official), with the
-same rules (settings.py).
+dict: those of apply_hiprune (budget or ratio, video_budget or video_ratio where the binding prunes videos, alpha,
+object_layer, deep_layer, neighborhood, official, prompt_beta where it adds HiPrune++ prompt tokens), with the same
+rules (settings.py); the per-request keys are settings.REQUEST_KEYS.
 
 Every other multimodal architecture vLLM ships is pointed at refusal.py: vLLM's own class, which fails engine
 start when a HiPrune setting is given (it would prune nothing), naming the covered architectures.
