@@ -146,8 +146,9 @@ def qwen_versions(tower, pixels: torch.Tensor, grid_thw: torch.Tensor, ratio: fl
     from hiprune_ops.integrations.hf.qwen2_5_vl import Qwen2_5_VLAdapter
     from transformers.vision_utils import get_vision_window_index
 
-    adapter = Qwen2_5_VLAdapter(SimpleNamespace(model=SimpleNamespace(visual=tower)), None, ratio, 0.1, None, None,
-                                "cross", False)
+    # A bare tower: no config, so no special token ids (only HiPrune++ reads them).
+    adapter = Qwen2_5_VLAdapter(SimpleNamespace(model=SimpleNamespace(visual=tower), config=SimpleNamespace()), None,
+                                ratio, 0.1, None, None, "cross", False)
     depth = len(tower.blocks)
     object_layer = adapter.object_layer
     merge = tower.spatial_merge_size
