@@ -42,7 +42,6 @@ def family_of(name):
     return name, family.image_token, family.video_token
 RATIO, VIDEO_BUDGET = 0.25, 5
 ENGINE = {"limit_mm_per_prompt": {"image": 1, "video": 1}}
-PATHS: dict = {}
 
 
 def requests_of(name):
@@ -68,10 +67,9 @@ def engines(tiny_model):
     vanilla_jobs, pruned_jobs = [], []
     for name in VIDEO_FAMILIES:
         arch = family_of(name)[0]
-        PATHS[name] = tiny_model(arch)
         vanilla, pruned = requests_of(name)
-        vanilla_jobs.append((PATHS[name], arch, {"engine": ENGINE, "requests": vanilla}))
-        pruned_jobs.append((PATHS[name], arch, {"engine": ENGINE, "requests": pruned, "hf_overrides": {
+        vanilla_jobs.append((tiny_model(arch), arch, {"engine": ENGINE, "requests": vanilla}))
+        pruned_jobs.append((tiny_model(arch), arch, {"engine": ENGINE, "requests": pruned, "hf_overrides": {
             "hiprune": {"ratio": RATIO, "video_budget": VIDEO_BUDGET}}}))
     vanilla = scenario.run_many(vanilla_jobs, plugin=False)
     pruned = scenario.run_many(pruned_jobs)
@@ -199,11 +197,10 @@ def test_video_kept_tokens_keep_their_positions(video_runs):
                                                             for r in range(3)]
 
 
-def test_video_setting_with_vllm_video_pruning_is_refused_at_start(video_runs):
-    name, _, _ = video_runs
-    if name != "qwen3_vl":
-        pytest.skip("one family is enough: the refusal is the shared Qwen-style constructor's")
-    output = scenario.run(PATHS[name], name, {"engine": dict(ENGINE, video_pruning_rate=0.5),
-                                              "hf_overrides": {"hiprune": {"video_ratio": 0.5}}, "requests": [{}]},
+def test_video_setting_with_vllm_video_pruning_is_refused_at_start(tiny_model):
+    # Qwen3-VL: one family is enough, the refusal is the shared Qwen-style constructor's.
+    name = "qwen3_vl"
+    output = scenario.run(tiny_model(name), name, {"engine": dict(ENGINE, video_pruning_rate=0.5),
+                                                   "hf_overrides": {"hiprune": {"video_ratio": 0.5}}, "requests": [{}]},
                           expect_failure=True)
     assert "hiprune" in output and "video_pruning_rate" in output and "EVS" in output
