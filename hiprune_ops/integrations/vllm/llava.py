@@ -73,14 +73,14 @@ class HiPruneLlavaForConditionalGeneration(ClipLlavaModelMixin, LlavaForConditio
             return _vllm_api.llava_image_embeddings(self, image_input)
         features, (object_scores, deep_scores) = self.hiprune_taps.scored(
             lambda: _vllm_api.llava_image_features(self, image_input))  # (B, N, C): CLS already dropped
-        if prompts is not None:  # HiPrune++ ranks every token as the language model receives it: projected
-            projected = self.multi_modal_projector(features)
-            indices = self.hiprune_select(object_scores.unbind(0), deep_scores.unbind(0),
-                                          [(grid, grid)] * features.shape[0], keep, features=projected.unbind(0),
-                                          prompts=prompts)
-            return tuple(image if index is None else image[index] for image, index in zip(projected, indices))
+        # HiPrune++ ranks every token as the language model receives it (projected); HiPrune alone projects only
+        # the kept ones.
+        projected = None if prompts is None else self.multi_modal_projector(features)
         indices = self.hiprune_select(object_scores.unbind(0), deep_scores.unbind(0),
-                                      [(grid, grid)] * features.shape[0], keep)
+                                      [(grid, grid)] * features.shape[0], keep,
+                                      features=None if projected is None else projected.unbind(0), prompts=prompts)
+        if projected is not None:
+            return tuple(image if index is None else image[index] for image, index in zip(projected, indices))
         kept = [image if index is None else image[index] for image, index in zip(features, indices)]
         embeddings = self.multi_modal_projector(torch.cat(kept))
         return embeddings.split([t.shape[0] for t in kept])
