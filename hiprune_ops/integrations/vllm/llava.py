@@ -14,16 +14,19 @@ import torch
 
 from .. import families
 from . import _vllm_api
-from ._common import ClipLlavaModelMixin, ProcessorMixin, keep_counts, prompt_inputs
+from ._common import ClipLlavaModelMixin, ProcessorMixin, clip_tower_refusal, keep_counts, prompt_inputs
 from .settings import HiPruneSettings
 from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForConditionalGeneration,
                                               LlavaMultiModalProcessor, LlavaProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+REFUSALS = (clip_tower_refusal("LLaVA"),)
+
 
 class HiPruneLlavaMultiModalProcessor(ProcessorMixin, LlavaMultiModalProcessor):
     geometry = families.LLAVA
     prompt_aware = True
+    config_refusals = REFUSALS
 
     def _image_token_counts(self, processed) -> list[int]:
         pixel_values = processed.get("pixel_values")
@@ -48,8 +51,8 @@ def _build_processor(info, dummy_inputs):
 class HiPruneLlavaForConditionalGeneration(ClipLlavaModelMixin, LlavaForConditionalGeneration):
     geometry = families.LLAVA
     architecture = "LlavaForConditionalGeneration"
-    family_label = "LLaVA"
     prompt_aware = True
+    config_refusals = REFUSALS
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)

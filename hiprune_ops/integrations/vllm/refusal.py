@@ -15,7 +15,7 @@ import importlib
 from typing import Any, Mapping
 
 from . import _vllm_api
-from .settings import HiPruneSettings
+from .settings import HiPruneSettings, request_hiprune_keys
 
 
 def refusal_message(architecture: str) -> str:
@@ -61,7 +61,7 @@ def _refuse_request_keys(architecture: str, processor):
     original = processor._apply_hf_processor_main
 
     def call(mm_items, hf_kwargs: Mapping[str, object], *args, **kwargs):
-        ours = sorted(k for k in hf_kwargs if isinstance(k, str) and k.startswith("hiprune_"))
+        ours = request_hiprune_keys(hf_kwargs)
         if ours:
             raise ValueError(f"mm_processor_kwargs: {', '.join(ours)}: {refusal_message(architecture)}")
         return original(mm_items, hf_kwargs, *args, **kwargs)
