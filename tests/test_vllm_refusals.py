@@ -142,3 +142,17 @@ def test_processor_refuses_every_hiprune_value_with_the_reason():
     assert not processor._hiprune_settings({"max_pixels": 1}).enabled
     allowed = TinyProcessor(model_config())
     assert allowed._hiprune_settings({"hiprune_budget": 4}).keep_count(10) == 4
+
+
+def test_vllms_own_processor_refuses_hiprune_values_with_the_reason():
+    # refusal.py's wrapper: the uncovered architectures', and a Pixtral-style LLaVA's without a setting.
+    from hiprune_ops.integrations.vllm.refusal import refuse_request_keys
+
+    class Processor:
+        def _apply_hf_processor_main(self, mm_items, hf_kwargs, *args, **kwargs):
+            return dict(hf_kwargs)
+
+    processor = refuse_request_keys(Processor(), "hiprune: the reason")
+    assert processor._apply_hf_processor_main([], {"max_pixels": 1}) == {"max_pixels": 1}
+    with pytest.raises(ValueError, match="mm_processor_kwargs: hiprune_budget, hiprune_ratio: hiprune: the reason"):
+        processor._apply_hf_processor_main([], {"hiprune_ratio": 0.5, "hiprune_budget": 1})

@@ -433,8 +433,10 @@ class ModelMixin:
                      total_heads: int, geometry_config, full_depth: Optional[int] = None) -> None:
         """After vLLM's constructor. attention_modules: the tower's attention modules, first layer first (those vLLM
         built: depth of them), each holding its MMEncoderAttention as `.attn` (tapped; with fewer heads than
-        total_heads, the heads are split over tensor-parallel ranks and the scores summed over them); full_depth: the checkpoint's depth when vLLM builds fewer layers (LLaVA stops at the layer
-        feeding the projector), for the default layers. A model the plugin cannot prune gets no taps."""
+        total_heads, the heads are split over tensor-parallel ranks and the scores summed over them); full_depth:
+        the checkpoint's depth when vLLM builds fewer layers (LLaVA stops at the layer feeding the projector), for
+        the default layers. A model the plugin cannot prune (hiprune_unsupported; the FlashInfer ViT backend vLLM
+        picked for a packed tower, found here) gets no taps."""
         modules = [attention_modules[i - 1] for i in self.hiprune_layers(settings, depth, geometry_config, full_depth)]
         if (self.hiprune_unsupported is None and self.packed_tower
                 and "FLASHINFER" in _vllm_api.attention_backend_name(modules[0].attn)):

@@ -15,6 +15,7 @@ import torch
 from .. import families
 from . import _vllm_api
 from ._common import ClipLlavaModelMixin, ProcessorMixin, clip_tower_refusal, keep_counts, prompt_inputs
+from .refusal import refuse_request_keys
 from .settings import HiPruneSettings
 from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForConditionalGeneration,
                                               LlavaMultiModalProcessor, LlavaProcessingInfo)
@@ -40,10 +41,11 @@ class HiPruneLlavaMultiModalProcessor(ProcessorMixin, LlavaMultiModalProcessor):
 def _build_processor(info, dummy_inputs):
     if isinstance(info, LlavaProcessingInfo):
         return HiPruneLlavaMultiModalProcessor(info, dummy_inputs)
+    reason = (f"hiprune: LlavaForConditionalGeneration with {type(info).__name__} (a Pixtral-style LLaVA) is not "
+              "supported by the vLLM plugin")
     if HiPruneSettings.from_hf_config(info.get_hf_config()).enabled:
-        raise NotImplementedError(f"hiprune: LlavaForConditionalGeneration with {type(info).__name__} (a "
-                                  "Pixtral-style LLaVA) is not supported by the vLLM plugin")
-    return _vllm_api.llava_processor_factory()(info, dummy_inputs)  # no setting: vLLM's own
+        raise NotImplementedError(reason)
+    return refuse_request_keys(_vllm_api.llava_processor_factory()(info, dummy_inputs), reason)  # vLLM's own
 
 
 @MULTIMODAL_REGISTRY.register_processor(_build_processor, info=_vllm_api.llava_processing_info_factory(),

@@ -212,7 +212,9 @@ class QwenModelMixin(ModelMixin):
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
         self._hiprune_pending = None
-        if multimodal_embeddings is None or len(multimodal_embeddings) == 0:
+        # vLLM's own model (hiprune_unsupported): its embeddings may carry channels of vLLM's (EVS's positions).
+        if (self.hiprune_unsupported is not None or multimodal_embeddings is None
+                or len(multimodal_embeddings) == 0):
             return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
         width = self.hiprune_width
         plain, offsets, carried = [], [], False
