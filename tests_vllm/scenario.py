@@ -103,6 +103,8 @@ def mrope_positions(prompt_ids: list, image_token: int, grids: list, kept_per_im
 
 
 def _install_position_spy(model):
+    from hiprune_ops.integrations.vllm.settings import PROMPT_IDS_FIELD
+
     captured = []
 
     def hook(module, args, kwargs):
@@ -123,8 +125,9 @@ def _install_position_spy(model):
         width = model.visual_dim + model.multiscale_dim
 
     def embed_multimodal(**kwargs):
-        # vLLM may encode a prompt's images in several calls: each call's embeddings and kept indices are kept.
-        texts.extend(list(map(int, ids.reshape(-1).tolist())) for ids in kwargs.get("hiprune_prompt_ids", []))
+        # vLLM may encode a prompt's images in several calls: each call's embeddings, kept indices and prompt text
+        # ids (the plugin pops them from its own copy of the kwargs) are kept.
+        texts.extend([int(t) for t in ids.reshape(-1).tolist()] for ids in kwargs.get(PROMPT_IDS_FIELD, []))
         out = original(**kwargs)
         embedded.extend(e[:, :width].detach().float().cpu().clone() for e in out)
         kept.extend(None if i is None else i.cpu().tolist() for i in getattr(model, "hiprune_last", []))

@@ -23,7 +23,7 @@ import prompt_checks  # noqa: E402
 import scenario  # noqa: E402
 import serving  # noqa: E402
 import tiny_families  # noqa: E402
-from prompt_checks import BETA, QUESTION, check_extras  # noqa: E402
+from prompt_checks import BETA, check_extras  # noqa: E402
 
 RATIO = 0.25
 SOFT_TOKEN = tiny_families.GEMMA4_SPECIAL["<image_soft_token>"]
@@ -39,12 +39,14 @@ FAMILIES = {
 # A chat in Gemma's shape on the tiny vocabulary: bos, the user turn (image, question), end of turn, the model turn.
 CHAT_TEMPLATE = "<s> {% for message in messages %}{{ message['role'] }} : {{ message['content'] }} </s> {% endfor %}" \
                 "assistant :"
+# Words of its own: the same text ids as another request on the same image would share its cached encoder output.
+CHAT_QUESTION = "what is in the picture"
 VIDEO = {"videos": [[4, 224, 224]]}
 
 
 def chat(arch):
     url = serving.image_data_url(0, tiny_families.FAMILIES[arch].image_size)  # scenario.image(0, size)'s pixels
-    return {"messages": serving.messages(url, QUESTION), "chat_template": CHAT_TEMPLATE}
+    return {"messages": serving.messages(url, CHAT_QUESTION), "chat_template": CHAT_TEMPLATE}
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +160,7 @@ def test_the_same_text_and_tokens_as_apply_hiprune(family):
                                             return_tensors="pt"))
     pixels.pop("num_soft_tokens_per_image", None)
     # vLLM's chat puts the image's placeholder, a newline, then the question (Gemma 4's tiny vocabulary has "\n").
-    question = processor.tokenizer.encode("\n" + QUESTION, add_special_tokens=False)
+    question = processor.tokenizer.encode("\n" + CHAT_QUESTION, add_special_tokens=False)
     for name in ("default", "question", "chat", "no_text"):
         result = results[name]
         ids = torch.tensor([unpruned_prompt(arch, result["prompt_ids"], token, FAMILIES[arch][4])])
