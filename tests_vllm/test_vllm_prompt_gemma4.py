@@ -36,9 +36,13 @@ FAMILIES = {
     "gemma4": (SOFT_TOKEN, {"ratio": RATIO}, scenario.kept(RATIO, 64), {"hiprune_ratio": 1.0}, 64),
     "mistral3": (IMG, {"ratio": RATIO}, scenario.kept(RATIO, 24), {"hiprune_ratio": 1.0}, 24),
 }
-# A chat in Gemma's shape on the tiny vocabulary: bos, the user turn (image, question), end of turn, the model turn.
-CHAT_TEMPLATE = "<s> {% for message in messages %}{{ message['role'] }} : {{ message['content'] }} </s> {% endfor %}" \
-                "assistant :"
+# A chat in Gemma's shape on the tiny vocabulary: bos, the user turn (the family's image placeholder, the question),
+# end of turn, the model turn. The template writes the placeholder, as released templates do (vLLM has no
+# placeholder text for Mistral 3).
+CHAT_TEMPLATE = "<s> {%% for message in messages %%}{{ message['role'] }} :{%% for part in message['content'] %%} " \
+                "{%% if part['type'] == 'text' %%}{{ part['text'] }}{%% else %%}%s{%% endif %%}{%% endfor %%} </s> " \
+                "{%% endfor %%}assistant :"
+PLACEHOLDERS = {"gemma4": "<image_soft_token>", "mistral3": "[IMG]"}
 # Words of its own: the same text ids as another request on the same image would share its cached encoder output.
 CHAT_QUESTION = "what is in the picture"
 VIDEO = {"videos": [[4, 224, 224]]}
@@ -46,7 +50,7 @@ VIDEO = {"videos": [[4, 224, 224]]}
 
 def chat(arch):
     url = serving.image_data_url(0, tiny_families.FAMILIES[arch].image_size)  # scenario.image(0, size)'s pixels
-    return {"messages": serving.messages(url, CHAT_QUESTION), "chat_template": CHAT_TEMPLATE}
+    return {"messages": serving.messages(url, CHAT_QUESTION), "chat_template": CHAT_TEMPLATE % PLACEHOLDERS[arch]}
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +163,7 @@ def test_the_same_text_and_tokens_as_apply_hiprune(family):
     pixels = dict(processor.image_processor([scenario.image(0, tiny_families.FAMILIES[arch].image_size)],
                                             return_tensors="pt"))
     pixels.pop("num_soft_tokens_per_image", None)
-    # vLLM's chat puts the image's placeholder, a newline, then the question (Gemma 4's tiny vocabulary has "\n").
-    question = processor.tokenizer.encode("\n" + CHAT_QUESTION, add_special_tokens=False)
+    question = processor.tokenizer.encode(CHAT_QUESTION, add_special_tokens=False)
     for name in ("default", "question", "chat", "no_text"):
         result = results[name]
         ids = torch.tensor([unpruned_prompt(arch, result["prompt_ids"], token, FAMILIES[arch][4])])
