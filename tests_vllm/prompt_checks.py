@@ -134,21 +134,23 @@ def check_two_questions(family_result, **options):
         assert results[name]["kept"] == [] and results[name]["embeddings"] == [], name
 
 
-def check_beta_0_is_hiprune(family_result):
-    _, _, token, keep, results, baseline = family_result
+# Tests every prompt-aware family passes as it is: a test file imports them (pytest collects them there, on the
+# file's `family` fixture: a family's result).
+def test_beta_0_is_hiprune(family):
+    _, _, _, keep, results, baseline = family
     assert results["beta_0"]["kept"] == baseline["kept"]
     assert len(results["beta_0"]["kept"][0]) == keep
     for key in ("prompt_ids", "tokens", "embeddings"):
         assert results["beta_0"][key] == baseline[key], key
 
 
-def check_no_text(family_result):
-    _, _, token, keep, results, _ = family_result
+def test_no_text_no_extra_tokens(family):
+    _, _, token, keep, results, _ = family
     assert scenario.token_runs(results["no_text"], token) == [keep]
     assert results["no_text"]["kept"] == results["beta_0"]["kept"]
 
 
-def check_bad_request_beta(family_result):
-    results = family_result[4]
+def test_bad_request_beta_fails_that_request_only(family):
+    results = family[4]
     assert "hiprune_prompt_beta must be a number in [0, 1]" in results["bad"]["error"]
     assert "error" not in results["full"]

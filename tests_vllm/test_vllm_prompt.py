@@ -22,6 +22,9 @@ import scenario  # noqa: E402
 import tiny_families  # noqa: E402
 import tiny_models  # noqa: E402
 from prompt_checks import BETA, check_extras  # noqa: E402
+# Collected here, on this file's families.
+from prompt_checks import (test_bad_request_beta_fails_that_request_only, test_beta_0_is_hiprune,  # noqa: E402, F401
+                           test_no_text_no_extra_tokens)
 
 # Per family: its placeholder id, the server default budget / ratio, the budget kept per image, the request that
 # keeps every token.
@@ -58,18 +61,6 @@ def test_per_request_beta(family):
 
 def test_two_questions_on_one_image_each_get_their_own_tokens(family):
     prompt_checks.check_two_questions(family)
-
-
-def test_beta_0_is_hiprune(family):
-    prompt_checks.check_beta_0_is_hiprune(family)
-
-
-def test_no_text_no_extra_tokens(family):
-    prompt_checks.check_no_text(family)
-
-
-def test_bad_request_beta_fails_that_request_only(family):
-    prompt_checks.check_bad_request_beta(family)
 
 
 def test_a_binding_without_prompt_tokens_refuses_prompt_beta(tiny_model):

@@ -24,6 +24,9 @@ import scenario  # noqa: E402
 import serving  # noqa: E402
 import tiny_families  # noqa: E402
 from prompt_checks import BETA, check_extras  # noqa: E402
+# Collected here, on this file's families.
+from prompt_checks import (test_bad_request_beta_fails_that_request_only, test_beta_0_is_hiprune,  # noqa: E402, F401
+                           test_no_text_no_extra_tokens)
 
 RATIO = 0.25
 SOFT_TOKEN = tiny_families.GEMMA4_SPECIAL["<image_soft_token>"]
@@ -105,18 +108,6 @@ def test_the_chat_prompts_question_picks_the_extra_tokens(family):
 
 def test_two_questions_on_one_image_each_get_their_own_tokens(family):
     prompt_checks.check_two_questions(family, **CHECKS[family[0]])
-
-
-def test_beta_0_is_hiprune(family):
-    prompt_checks.check_beta_0_is_hiprune(family)
-
-
-def test_no_text_no_extra_tokens(family):
-    prompt_checks.check_no_text(family)
-
-
-def test_bad_request_beta_fails_that_request_only(family):
-    prompt_checks.check_bad_request_beta(family)
 
 
 def test_mistral3_keeps_every_row_marker_after_the_kept_and_extra_tokens(engines):
