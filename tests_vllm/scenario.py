@@ -13,8 +13,8 @@ those sizes in one prompt (the prompt's image part repeated), "question" for oth
 tiny_families.video), or "messages" (and "chat_template"): a chat in the OpenAI format instead of the prompt. Per request: prompt token ids, generated ids and
 text, or the error text. Runs that can spy on the workers (in-process, or VLLM_ALLOW_INSECURE_SERIALIZATION=1) also
 report the positions the language model received in each step, the kept indices of each image (of each video
-slice), per tensor-parallel rank, and the embeddings the encoder returned (per image or video, without channels the
-plugin adds).
+slice), per tensor-parallel rank, the embeddings the encoder returned (per image or video, without channels the
+plugin adds) and, per image of a HiPrune++ request, the prompt text ids the encoder got ("prompt_text_ids").
 
 Sharing, the pattern every tier-2 file follows (a process start and vLLM's import cost more than most engines):
 - models: the session fixture `tiny_model` (conftest.py) builds each tiny model once per session;
@@ -103,6 +103,8 @@ def mrope_positions(prompt_ids: list, image_token: int, grids: list, kept_per_im
 
 
 def _install_position_spy(model):
+    from hiprune_ops.integrations.vllm.settings import PROMPT_IDS_FIELD
+
     captured = []
 
     def hook(module, args, kwargs):
@@ -116,14 +118,16 @@ def _install_position_spy(model):
     else:
         language.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     model._spy_positions = captured
-    embedded, kept = [], []
+    embedded, kept, texts = [], [], []
     original = model.embed_multimodal
     width = model.config.get_text_config().hidden_size
     if hasattr(model, "multiscale_dim"):  # Qwen3-VL: each row holds the main features, then the deepstack levels
         width = model.visual_dim + model.multiscale_dim
 
     def embed_multimodal(**kwargs):
-        # vLLM may encode a prompt's images in several calls: each call's embeddings and kept indices are kept.
+        # vLLM may encode a prompt's images in several calls: each call's embeddings, kept indices and prompt text
+        # ids (the plugin pops them from its own copy of the kwargs) are kept.
+        texts.extend([int(t) for t in ids.reshape(-1).tolist()] for ids in kwargs.get(PROMPT_IDS_FIELD, []))
         out = original(**kwargs)
         embedded.extend(e[:, :width].detach().float().cpu().clone() for e in out)
         kept.extend(None if i is None else i.cpu().tolist() for i in getattr(model, "hiprune_last", []))
@@ -131,7 +135,7 @@ def _install_position_spy(model):
         return out
 
     model.embed_multimodal = embed_multimodal
-    model._spy_embeddings, model._spy_kept = embedded, kept
+    model._spy_embeddings, model._spy_kept, model._spy_texts = embedded, kept, texts
     return True
 
 
@@ -139,7 +143,8 @@ def _take_spy(model):
     positions, model._spy_positions[:] = list(model._spy_positions), []
     embeddings, model._spy_embeddings[:] = list(model._spy_embeddings), []
     last, model._spy_kept[:] = list(model._spy_kept), []
-    return [p.tolist() for p in positions], last, [e.tolist() for e in embeddings]
+    texts, model._spy_texts[:] = list(model._spy_texts), []
+    return [p.tolist() for p in positions], last, [e.tolist() for e in embeddings], texts
 
 
 def _prompt_and_size(arch: str):
@@ -282,8 +287,8 @@ def answer(model_dir: str, arch: str, spec: dict) -> list:
                   "text": out.outputs[0].text}
         if spy:
             per_rank = llm.apply_model(importable._take_spy)
-            result["positions"], result["kept"], result["embeddings"] = per_rank[0]
-            result["kept_per_rank"] = [kept for _, kept, _ in per_rank]
+            result["positions"], result["kept"], result["embeddings"], result["prompt_text_ids"] = per_rank[0]
+            result["kept_per_rank"] = [rank[1] for rank in per_rank]
         results.append(result)
     return results
 

@@ -10,21 +10,22 @@ is HiPrune; a prompt without text gets no extra tokens; a bad hiprune_prompt_bet
 binding refuses prompt_beta.
 """
 
-import glob
 import os
 import sys
 
 import pytest
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import prompt_checks  # noqa: E402
 import scenario  # noqa: E402
 import tiny_families  # noqa: E402
 import tiny_models  # noqa: E402
+from prompt_checks import BETA, check_extras  # noqa: E402
+# Collected here, on this file's families.
+from prompt_checks import (test_bad_request_beta_fails_that_request_only, test_beta_0_is_hiprune,  # noqa: E402, F401
+                           test_no_text_no_extra_tokens)
 
-BETA = 0.5
-ENGINE = {"enable_prefix_caching": True, "mm_processor_cache_gb": 1}
 # Per family: its placeholder id, the server default budget / ratio, the budget kept per image, the request that
 # keeps every token.
 FAMILIES = {
@@ -32,34 +33,14 @@ FAMILIES = {
     "qwen": (tiny_models.QWEN_IMAGE, {"ratio": 0.25}, 6, {"hiprune_ratio": 1.0}),
     "qwen2_vl": (tiny_families.FAMILIES["qwen2_vl"].image_token, {"ratio": 0.25}, 6, {"hiprune_ratio": 1.0}),
 }
-QUESTION = "what is this"
-REQUESTS = {
-    "default": {},                                                   # the prompt's own question
-    "question": {"question": QUESTION},                              # the same image, another question
-    "again": {},                                                     # the first request again (cached)
-    "no_text": {"question": ""},                                     # no text after the image
-    "beta_0": {"mm_processor_kwargs": {"hiprune_prompt_beta": 0}},   # HiPrune for this request
-    "beta_1": {"mm_processor_kwargs": {"hiprune_prompt_beta": 1.0}},  # another beta for this request
-    "bad": {"mm_processor_kwargs": {"hiprune_prompt_beta": 1.5}},    # refused, the server goes on
-    "full": {},                                                      # every token (set per family)
-    "question_again": {"question": QUESTION},
-}
 
 
 @pytest.fixture(scope="module")
 def engines(tiny_model):
     """arch -> (model dir, results by request name, the baseline's result) of every family: each family's engine
     with prompt_beta and its baseline without, all in one process (scenario.py's sharing pattern)."""
-    jobs = []
-    for arch, (_, default, _, full) in FAMILIES.items():
-        requests = {**REQUESTS, "full": {"mm_processor_kwargs": full}}
-        jobs.append((tiny_model(arch), arch, {"hf_overrides": {"hiprune": {**default, "prompt_beta": BETA}},
-                                              "engine": ENGINE, "requests": list(requests.values())}))
-        jobs.append((tiny_model(arch), arch, {"hf_overrides": {"hiprune": default}, "engine": ENGINE,
-                                              "requests": [{}]}))
-    runs = scenario.run_many(jobs)
-    return {arch: (tiny_model(arch), dict(zip(REQUESTS, runs[2 * i])), runs[2 * i + 1][0])
-            for i, arch in enumerate(FAMILIES)}
+    return prompt_checks.run_engines(tiny_model, {arch: (default, full)
+                                                  for arch, (_, default, _, full) in FAMILIES.items()})
 
 
 @pytest.fixture(params=list(FAMILIES))
@@ -68,66 +49,6 @@ def family(request, engines):
     token, _, keep, _ = FAMILIES[arch]
     model_dir, results, baseline = engines[arch]
     return arch, model_dir, token, keep, results, baseline
-
-
-def extra_count(keep, beta):
-    return int(torch.tensor(beta * keep, dtype=torch.float64).round().item())  # round half to even
-
-
-def prompt_embedding(model_dir, prompt_ids, token):
-    """float64 mean of the language model's embedding rows over the prompt's text: the ids after the last image
-    placeholder, from the first ordinary token to the next special one (the tokenizer's special ids and the token
-    ids config.json names, as integrations/prompt.py)."""
-    import json
-
-    import transformers
-    from safetensors import safe_open
-
-    special = set(transformers.AutoTokenizer.from_pretrained(model_dir).all_special_ids)
-    with open(os.path.join(model_dir, "config.json")) as f:
-        config = json.load(f)
-    for section in (config, config.get("text_config") or {}):
-        for key, value in section.items():
-            if key.endswith(("token_id", "token_ids", "token_index")):
-                special.update(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int))
-    after = prompt_ids[max(i for i, t in enumerate(prompt_ids) if t == token) + 1:]
-    text = []
-    for t in after:
-        if t in special:
-            if text:
-                break
-            continue
-        text.append(t)
-    path = glob.glob(os.path.join(model_dir, "*.safetensors"))[0]
-    with safe_open(path, "pt") as f:
-        name = next(k for k in f.keys() if k.endswith("embed_tokens.weight"))
-        table = f.get_tensor(name).double()
-    return table[text].mean(0), text
-
-
-def expected_extras(full_embeddings, kept, prompt, count):
-    """The `count` not-kept tokens of highest cosine similarity to the prompt (ties: lower index), float64."""
-    features = torch.tensor(full_embeddings, dtype=torch.float64)
-    cosine = torch.nn.functional.cosine_similarity(features, prompt[None], dim=1)
-    left = [i for i in range(features.shape[0]) if i not in set(kept)]
-    return sorted(sorted(left, key=lambda i: (-cosine[i].item(), i))[:count])
-
-
-def check_extras(family_result, name, beta):
-    arch, model_dir, token, keep, results, _ = family_result
-    result, hiprune = results[name], results["beta_0"]["kept"][0]
-    kept = result["kept"][0]
-    count = extra_count(keep, beta)
-    assert len(kept) == keep + count == scenario.token_runs(result, token)[0]
-    assert set(hiprune) <= set(kept) and kept == sorted(kept)
-    prompt, text = prompt_embedding(model_dir, result["prompt_ids"], token)
-    assert text, "the prompt has text"
-    extras = sorted(set(kept) - set(hiprune))
-    assert extras == expected_extras(results["full"]["embeddings"][0], hiprune, prompt, count)
-    # The language model received exactly those tokens of the unpruned image, in raster order.
-    full = torch.tensor(results["full"]["embeddings"][0])
-    assert torch.allclose(torch.tensor(result["embeddings"][0]), full[kept], atol=1e-5, rtol=1e-5)
-    return kept
 
 
 def test_prompt_holds_kept_plus_extra_tokens_most_similar_to_the_prompt(family):
@@ -139,36 +60,7 @@ def test_per_request_beta(family):
 
 
 def test_two_questions_on_one_image_each_get_their_own_tokens(family):
-    """Prefix caching and the processor cache on: the second question's tokens are its own, not the cached first's;
-    the same question again gives the same prompt, tokens and output."""
-    results = family[4]
-    first, second = check_extras(family, "default", BETA), check_extras(family, "question", BETA)
-    assert first != second  # these two questions pick different tokens on this image (else the test shows nothing)
-    for name, twin in (("again", "default"), ("question_again", "question")):
-        for key in ("prompt_ids", "tokens"):
-            assert results[name][key] == results[twin][key], (name, key)
-        # The caches are on: the repeated prompt ran no encoder (its image came from the prefix / encoder cache).
-        assert results[name]["kept"] == [] and results[name]["embeddings"] == [], name
-
-
-def test_beta_0_is_hiprune(family):
-    _, _, token, keep, results, baseline = family
-    assert results["beta_0"]["kept"] == baseline["kept"]
-    assert len(results["beta_0"]["kept"][0]) == keep
-    for key in ("prompt_ids", "tokens", "embeddings"):
-        assert results["beta_0"][key] == baseline[key], key
-
-
-def test_no_text_no_extra_tokens(family):
-    _, _, token, keep, results, _ = family
-    assert scenario.token_runs(results["no_text"], token) == [keep]
-    assert results["no_text"]["kept"] == results["beta_0"]["kept"]
-
-
-def test_bad_request_beta_fails_that_request_only(family):
-    results = family[4]
-    assert "hiprune_prompt_beta must be a number in [0, 1]" in results["bad"]["error"]
-    assert "error" not in results["full"]
+    prompt_checks.check_two_questions(family)
 
 
 def test_a_binding_without_prompt_tokens_refuses_prompt_beta(tiny_model):

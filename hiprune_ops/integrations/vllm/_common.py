@@ -530,10 +530,12 @@ class ModelMixin:
 class StashedKeepModelMixin(ModelMixin):
     """Families whose processor writes a kept count per image that vLLM's tower call, made inside embed_multimodal,
     needs (InternVL, Idefics3, Gemma 4, LLaVA-OneVision): embed_multimodal stashes the counts for it, in
-    _hiprune_keep (and a video's per frame in _hiprune_video_keep)."""
+    _hiprune_keep (and a video's per frame in _hiprune_video_keep), and the images' HiPrune++ fields in
+    _hiprune_prompts (prompt_inputs)."""
 
     _hiprune_keep: Optional[list[int]] = None
     _hiprune_video_keep: Optional[list[int]] = None  # per video: tokens kept per frame (families pruning videos)
+    _hiprune_prompts = None  # per image: (text ids, prompt_beta, extra count); None without extra tokens
 
     def hiprune_take_keep(self, kwargs: dict) -> Optional[list[int]]:
         """Pops the counts the processor wrote, as the tower call needs them."""
@@ -542,10 +544,11 @@ class StashedKeepModelMixin(ModelMixin):
     def embed_multimodal(self, **kwargs):
         self._hiprune_keep = self.hiprune_take_keep(kwargs)
         self._hiprune_video_keep = keep_counts(kwargs, KEEP_FIELDS["video"])
+        self._hiprune_prompts = prompt_inputs(kwargs)
         try:
             return super().embed_multimodal(**kwargs)
         finally:
-            self._hiprune_keep = self._hiprune_video_keep = None
+            self._hiprune_keep = self._hiprune_video_keep = self._hiprune_prompts = None
 
 
 class TiledModelMixin(StashedKeepModelMixin):

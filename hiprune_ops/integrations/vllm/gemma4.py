@@ -17,6 +17,10 @@ Videos: vLLM 0.32.0 makes every frame an image of its own (at most 70 soft token
 run of video placeholders between <start_of_image> and <end_of_image>; every frame is pruned as an image, keeping
 `video_budget` / `video_ratio` of its soft tokens (default: the image setting), as apply_hiprune does, and its run
 shrinks to that count.
+HiPrune++ (prompt_beta): an image's run holds its kept count plus its extra tokens, the not-kept soft tokens (as the
+language model receives them: the projector's output) most similar to the prompt's mean text embedding, as
+apply_hiprune ranks them. Video frames get none in apply_hiprune's way yet: a request with a video and a nonzero
+prompt_beta is refused.
 """
 
 from __future__ import annotations
@@ -47,6 +51,15 @@ def soft_token_counts(config, positions: torch.Tensor) -> tuple[list[tuple[int, 
 class HiPruneGemma4MultiModalProcessor(ProcessorMixin, Gemma4MultiModalProcessor):
     geometry = families.GEMMA4
     video_pruned = True
+    prompt_aware = True
+
+    # Override of ProcessorMixin's (Gemma4MultiModalProcessor._apply_hf_processor_main; checked: vllm 0.32.0): videos
+    # with HiPrune++ are refused, since apply_hiprune adds prompt tokens to every frame and this binding does not.
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs, *args, **kwargs):
+        if "video" in mm_items and self._hiprune_settings(hf_kwargs).prompt_beta > 0:
+            raise ValueError("hiprune_prompt_beta / prompt_beta: the vLLM plugin adds no HiPrune++ prompt tokens to "
+                             "Gemma 4 video frames; send hiprune_prompt_beta 0 with a video")
+        return super()._apply_hf_processor_main(mm_items, hf_kwargs, *args, **kwargs)
 
     def _image_token_counts(self, processed) -> list[int]:
         positions = processed.get(POSITIONS)
@@ -92,6 +105,7 @@ class HiPruneGemma4ForConditionalGeneration(StashedKeepModelMixin, Gemma4ForCond
     geometry = families.GEMMA4
     architecture = "Gemma4ForConditionalGeneration"
     video_pruned = True
+    prompt_aware = True
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         settings = self.hiprune_start(vllm_config)
@@ -104,7 +118,8 @@ class HiPruneGemma4ForConditionalGeneration(StashedKeepModelMixin, Gemma4ForCond
     # Override of Gemma4ForConditionalGeneration._process_image_input (vLLM's tower, pooler and projector over a
     # request's images -> per image its soft tokens); checked: vllm 0.32.0.
     def _process_image_input(self, image_input) -> list[torch.Tensor]:
-        pruned = self._hiprune_frames(image_input["pixel_values"], image_input[POSITIONS], self._hiprune_keep)
+        pruned = self._hiprune_frames(image_input["pixel_values"], image_input[POSITIONS], self._hiprune_keep,
+                                      self._hiprune_prompts)
         return super()._process_image_input(image_input) if pruned is None else pruned
 
     # Override of Gemma4ForConditionalGeneration._process_video_input (every frame through the same tower, pooler
@@ -121,9 +136,10 @@ class HiPruneGemma4ForConditionalGeneration(StashedKeepModelMixin, Gemma4ForCond
         starts = [sum(frames[:i]) for i in range(len(frames))]
         return [torch.cat(pruned[start:start + count]) for start, count in zip(starts, frames)]
 
-    def _hiprune_frames(self, pixel_values, positions, keep) -> Optional[list[torch.Tensor]]:
+    def _hiprune_frames(self, pixel_values, positions, keep, prompts=None) -> Optional[list[torch.Tensor]]:
         """Per image (or video frame), its kept soft tokens: each run alone through vLLM's image path, its scores
-        pooled like its features; None when nothing is pruned (keep None, or every count whole)."""
+        pooled like its features; None when nothing is pruned (keep None, or every count whole). prompts: the
+        images' HiPrune++ fields (prompt_inputs), their extra tokens ranked on the soft tokens."""
         if keep is None:
             return None
         grids, counts = soft_token_counts(self.config, positions)
@@ -148,5 +164,6 @@ class HiPruneGemma4ForConditionalGeneration(StashedKeepModelMixin, Gemma4ForCond
                 deep_scores.append(image_scores[1])
         finally:
             capture.detach()
-        indices = self.hiprune_select(object_scores, deep_scores, grids, keep, merge=self.hiprune_merge)
+        indices = self.hiprune_select(object_scores, deep_scores, grids, keep, merge=self.hiprune_merge,
+                                      features=None if prompts is None else embeddings, prompts=prompts)
         return [e if index is None else e[index] for e, index in zip(embeddings, indices)]

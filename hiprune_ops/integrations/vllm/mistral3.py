@@ -9,6 +9,9 @@ writes the prompt before. So a pruned image's run is written as its kept count o
 the whole run takes embeddings: the encoder returns, row by row, the row's kept tokens and then the marker's own
 text embedding. The language model gets exactly apply_hiprune's sequence; the prompt ids show the markers last.
 Positions are 1-D (recompacted). Refused with the plugin: the FlashInfer ViT backend (it rewrites cu_seqlens).
+HiPrune++ (prompt_beta): the run's [IMG] count is the kept count plus the extra tokens, the not-kept merged tokens
+(the projector's output, as the language model receives them) most similar to the prompt's mean text embedding;
+they take their places in their rows like any kept token.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from .. import families
 from ..selection import merge_scores
 from . import _vllm_api
-from ._common import ModelMixin, ProcessorMixin, flashinfer_refusal, keep_counts, kept_count_of
+from ._common import ModelMixin, ProcessorMixin, flashinfer_refusal, keep_counts, kept_count_of, prompt_inputs
 from vllm.model_executor.models.mistral3 import (Mistral3DummyInputsBuilder, Mistral3ForConditionalGeneration,
                                                  Mistral3MultiModalProcessor, Mistral3ProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -36,6 +39,7 @@ def merged_grid(config, height: int, width: int) -> tuple[int, int]:
 class HiPruneMistral3MultiModalProcessor(ProcessorMixin, Mistral3MultiModalProcessor):
     geometry = families.MISTRAL3
     config_refusals = REFUSALS
+    prompt_aware = True
 
     def _image_token_counts(self, processed) -> list[int]:
         if processed.get("pixel_values") is None:
@@ -87,6 +91,7 @@ class HiPruneMistral3ForConditionalGeneration(ModelMixin, Mistral3ForConditional
     architecture = "Mistral3ForConditionalGeneration"
     config_refusals = REFUSALS
     packed_tower = True
+    prompt_aware = True
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         settings = self.hiprune_start(vllm_config)
@@ -99,6 +104,7 @@ class HiPruneMistral3ForConditionalGeneration(ModelMixin, Mistral3ForConditional
 
     def embed_multimodal(self, **kwargs):
         keep = keep_counts(kwargs)
+        prompts = prompt_inputs(kwargs)
         markers = kwargs.pop(ROW_MARKERS_FIELD, None)
         image_input = _vllm_api.parse_image_input(self, dict(kwargs))
         if image_input is None or keep is None or image_input["type"] != "pixel_values_pixtral":
@@ -113,8 +119,9 @@ class HiPruneMistral3ForConditionalGeneration(ModelMixin, Mistral3ForConditional
         patches = [h * w * m * m for h, w in merged]
         object_scores, deep_scores = ([merge_scores(s.reshape(1, -1), h * m, w * m, m)[0]
                                        for s, (h, w) in zip(layer.split(patches), merged)] for layer in scores)
-        indices = self.hiprune_select(object_scores, deep_scores, merged, keep)
         embeddings = self.multi_modal_projector(torch.cat(features), sizes).split([h * w for h, w in merged])
+        indices = self.hiprune_select(object_scores, deep_scores, merged, keep,
+                                      features=None if prompts is None else embeddings, prompts=prompts)
         out = []
         for image, index, (h, w), ids in zip(embeddings, indices, merged, markers):
             if index is None:

@@ -1,0 +1,156 @@
+"""What the HiPrune++ (prompt_beta) tier-2 files share: the requests each prompt-aware family's engine answers, the
+engines run in one process, and the checks, recomputed outside the plugin in float64.
+
+A family's result, as the checks take it: (arch, model dir, placeholder id, kept count, results by request name, the
+baseline's result). The baseline is the same family's engine without prompt_beta, answering the default request.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+
+import scenario
+
+BETA = 0.5
+ENGINE = {"enable_prefix_caching": True, "mm_processor_cache_gb": 1}
+QUESTION = "what is this"
+REQUESTS = {
+    "default": {},                                                   # the prompt's own question
+    "question": {"question": QUESTION},                              # the same image, another question
+    "again": {},                                                     # the first request again (cached)
+    "no_text": {"question": ""},                                     # no text after the image
+    "beta_0": {"mm_processor_kwargs": {"hiprune_prompt_beta": 0}},   # HiPrune for this request
+    "beta_1": {"mm_processor_kwargs": {"hiprune_prompt_beta": 1.0}},  # another beta for this request
+    "bad": {"mm_processor_kwargs": {"hiprune_prompt_beta": 1.5}},    # refused, the server goes on
+    "full": {},                                                      # every token (set per family)
+    "question_again": {"question": QUESTION},
+}
+
+
+def run_engines(tiny_model, families: dict, engine: dict = None, extra_requests: dict = None) -> dict:
+    """arch -> (model dir, results by request name, the baseline's result), every engine in one process.
+
+    families: arch -> (the server default budget / ratio, the request's mm_processor_kwargs that keep every token);
+    engine: per arch, engine arguments besides ENGINE; extra_requests: per arch, requests by name after REQUESTS'."""
+    jobs, names = [], []
+    for arch, (default, full) in families.items():
+        requests = {**REQUESTS, "full": {"mm_processor_kwargs": full}, **(extra_requests or {}).get(arch, {})}
+        names.append(list(requests))
+        engine_args = {**ENGINE, **(engine or {}).get(arch, {})}
+        jobs.append((tiny_model(arch), arch, {"hf_overrides": {"hiprune": {**default, "prompt_beta": BETA}},
+                                              "engine": engine_args, "requests": list(requests.values())}))
+        jobs.append((tiny_model(arch), arch, {"hf_overrides": {"hiprune": default}, "engine": engine_args,
+                                              "requests": [{}]}))
+    runs = scenario.run_many(jobs)
+    return {arch: (tiny_model(arch), dict(zip(names[i], runs[2 * i])), runs[2 * i + 1][0])
+            for i, arch in enumerate(families)}
+
+
+def extra_count(keep, beta):
+    return int(torch.tensor(beta * keep, dtype=torch.float64).round().item())  # round half to even
+
+
+def special_ids(model_dir) -> set:
+    """The tokenizer's special ids and the token ids config.json names (as integrations/prompt.py)."""
+    import transformers
+
+    special = set(transformers.AutoTokenizer.from_pretrained(model_dir).all_special_ids)
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    for section in (config, config.get("text_config") or {}):
+        for key, value in section.items():
+            if key.endswith(("token_id", "token_ids", "token_index")):
+                special.update(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int))
+    return special
+
+
+def prompt_embedding(model_dir, prompt_ids, token, special=()):
+    """float64 mean of the language model's embedding rows over the prompt's text: the ids after the last image
+    placeholder, from the first ordinary token to the next special one (special_ids, and `special`); and those
+    text ids."""
+    from safetensors import safe_open
+
+    special = special_ids(model_dir) | set(special)
+    after = prompt_ids[max(i for i, t in enumerate(prompt_ids) if t == token) + 1:]
+    text = []
+    for t in after:
+        if t in special:
+            if text:
+                break
+            continue
+        text.append(t)
+    path = glob.glob(os.path.join(model_dir, "*.safetensors"))[0]
+    with safe_open(path, "pt") as f:
+        name = next(k for k in f.keys() if k.endswith("embed_tokens.weight"))
+        table = f.get_tensor(name).double()
+    return table[text].mean(0), text
+
+
+def expected_extras(full_embeddings, kept, prompt, count):
+    """The `count` not-kept tokens of highest cosine similarity to the prompt (ties: lower index), float64."""
+    features = torch.tensor(full_embeddings, dtype=torch.float64)
+    cosine = torch.nn.functional.cosine_similarity(features, prompt[None], dim=1)
+    left = [i for i in range(features.shape[0]) if i not in set(kept)]
+    return sorted(sorted(left, key=lambda i: (-cosine[i].item(), i))[:count])
+
+
+def check_extras(family_result, name, beta, image_rows=None, special=()):
+    """Request `name` of a family: its prompt holds kept + extra placeholders, the extras are the not-kept tokens
+    most similar to its prompt, and the language model received exactly those tokens of the unpruned image (the
+    "full" request's). image_rows(result) -> the received embeddings of the image's tokens (default: all of them);
+    special: markers after the image that are not text, besides special_ids. Returns the kept indices."""
+    arch, model_dir, token, keep, results, _ = family_result
+    result, hiprune = results[name], results["beta_0"]["kept"][0]
+    kept = result["kept"][0]
+    count = extra_count(keep, beta)
+    assert len(kept) == keep + count == scenario.token_runs(result, token)[0]
+    assert set(hiprune) <= set(kept) and kept == sorted(kept)
+    prompt, text = prompt_embedding(model_dir, result["prompt_ids"], token, special)
+    assert text, "the prompt has text"
+    extras = sorted(set(kept) - set(hiprune))
+    assert extras == expected_extras(results["full"]["embeddings"][0], hiprune, prompt, count)
+    # The language model received exactly those tokens of the unpruned image, in raster order.
+    full = torch.tensor(results["full"]["embeddings"][0])
+    received = image_rows(result) if image_rows is not None else result["embeddings"][0]
+    assert torch.allclose(torch.tensor(received), full[kept], atol=1e-5, rtol=1e-5)
+    return kept
+
+
+def check_two_questions(family_result, **options):
+    """Prefix caching and the processor cache on: the second question's tokens are its own, not the cached first's;
+    the same question again gives the same prompt, tokens and output."""
+    results = family_result[4]
+    first = check_extras(family_result, "default", BETA, **options)
+    second = check_extras(family_result, "question", BETA, **options)
+    assert first != second  # these two questions pick different tokens on this image (else the test shows nothing)
+    for name, twin in (("again", "default"), ("question_again", "question")):
+        for key in ("prompt_ids", "tokens"):
+            assert results[name][key] == results[twin][key], (name, key)
+        # The caches are on: the repeated prompt ran no encoder (its image came from the prefix / encoder cache).
+        assert results[name]["kept"] == [] and results[name]["embeddings"] == [], name
+
+
+# Tests every prompt-aware family passes as it is: a test file imports them (pytest collects them there, on the
+# file's `family` fixture: a family's result).
+def test_beta_0_is_hiprune(family):
+    _, _, _, keep, results, baseline = family
+    assert results["beta_0"]["kept"] == baseline["kept"]
+    assert len(results["beta_0"]["kept"][0]) == keep
+    for key in ("prompt_ids", "tokens", "embeddings"):
+        assert results["beta_0"][key] == baseline[key], key
+
+
+def test_no_text_no_extra_tokens(family):
+    _, _, token, keep, results, _ = family
+    assert scenario.token_runs(results["no_text"], token) == [keep]
+    assert results["no_text"]["kept"] == results["beta_0"]["kept"]
+
+
+def test_bad_request_beta_fails_that_request_only(family):
+    results = family[4]
+    assert "hiprune_prompt_beta must be a number in [0, 1]" in results["bad"]["error"]
+    assert "error" not in results["full"]
