@@ -10,7 +10,6 @@ is HiPrune; a prompt without text gets no extra tokens; a bad hiprune_prompt_bet
 binding refuses prompt_beta.
 """
 
-import glob
 import os
 import sys
 
@@ -22,6 +21,7 @@ sys.path.insert(0, HERE)
 import scenario  # noqa: E402
 import tiny_families  # noqa: E402
 import tiny_models  # noqa: E402
+from prompt_checks import expected_extras, extra_count, prompt_embedding  # noqa: E402
 
 BETA = 0.5
 ENGINE = {"enable_prefix_caching": True, "mm_processor_cache_gb": 1}
@@ -68,49 +68,6 @@ def family(request, engines):
     token, _, keep, _ = FAMILIES[arch]
     model_dir, results, baseline = engines[arch]
     return arch, model_dir, token, keep, results, baseline
-
-
-def extra_count(keep, beta):
-    return int(torch.tensor(beta * keep, dtype=torch.float64).round().item())  # round half to even
-
-
-def prompt_embedding(model_dir, prompt_ids, token):
-    """float64 mean of the language model's embedding rows over the prompt's text: the ids after the last image
-    placeholder, from the first ordinary token to the next special one (the tokenizer's special ids and the token
-    ids config.json names, as integrations/prompt.py)."""
-    import json
-
-    import transformers
-    from safetensors import safe_open
-
-    special = set(transformers.AutoTokenizer.from_pretrained(model_dir).all_special_ids)
-    with open(os.path.join(model_dir, "config.json")) as f:
-        config = json.load(f)
-    for section in (config, config.get("text_config") or {}):
-        for key, value in section.items():
-            if key.endswith(("token_id", "token_ids", "token_index")):
-                special.update(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int))
-    after = prompt_ids[max(i for i, t in enumerate(prompt_ids) if t == token) + 1:]
-    text = []
-    for t in after:
-        if t in special:
-            if text:
-                break
-            continue
-        text.append(t)
-    path = glob.glob(os.path.join(model_dir, "*.safetensors"))[0]
-    with safe_open(path, "pt") as f:
-        name = next(k for k in f.keys() if k.endswith("embed_tokens.weight"))
-        table = f.get_tensor(name).double()
-    return table[text].mean(0), text
-
-
-def expected_extras(full_embeddings, kept, prompt, count):
-    """The `count` not-kept tokens of highest cosine similarity to the prompt (ties: lower index), float64."""
-    features = torch.tensor(full_embeddings, dtype=torch.float64)
-    cosine = torch.nn.functional.cosine_similarity(features, prompt[None], dim=1)
-    left = [i for i in range(features.shape[0]) if i not in set(kept)]
-    return sorted(sorted(left, key=lambda i: (-cosine[i].item(), i))[:count])
 
 
 def check_extras(family_result, name, beta):
@@ -172,12 +129,12 @@ def test_bad_request_beta_fails_that_request_only(family):
 
 
 def test_a_binding_without_prompt_tokens_refuses_prompt_beta(tiny_model):
-    """Gemma 3 (tiny family) keeps refusing prompt_beta at start, naming itself."""
-    arch = "gemma3"
+    """Mistral 3 (tiny family) keeps refusing prompt_beta at start, naming itself."""
+    arch = "mistral3"
     model_dir = tiny_model(arch)
     out = scenario.run(model_dir, arch, {"hf_overrides": {"hiprune": {"budget": 16, "prompt_beta": 0.1}},
                                          "requests": [{}]}, expect_failure=True)
-    assert "prompt_beta: the vLLM plugin adds no HiPrune++ prompt tokens for Gemma3ForConditionalGeneration" in out
+    assert "prompt_beta: the vLLM plugin adds no HiPrune++ prompt tokens for Mistral3ForConditionalGeneration" in out
     served, refused = scenario.run(model_dir, arch, {"hf_overrides": {"hiprune": {"budget": 16}}, "requests": [
         {}, {"mm_processor_kwargs": {"hiprune_prompt_beta": 0.1}}]})
     assert "error" not in served
