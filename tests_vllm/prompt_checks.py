@@ -1,5 +1,6 @@
 """What the HiPrune++ tier-2 files share (test_vllm_prompt.py, test_vllm_prompt_tiled.py): the extra count, the
-prompt's text embedding and the expected extra tokens, each recomputed independently of the plugin, in float64."""
+prompt's text embedding and the expected extra tokens, each recomputed independently of the plugin, in float64, and
+the cache-separation check."""
 
 import glob
 import os
@@ -48,3 +49,14 @@ def expected_extras(full_embeddings, kept, prompt, count):
     cosine = torch.nn.functional.cosine_similarity(features, prompt[None], dim=1)
     left = [i for i in range(features.shape[0]) if i not in set(kept)]
     return sorted(sorted(left, key=lambda i: (-cosine[i].item(), i))[:count])
+
+
+def check_questions_cached_apart(results, first, second):
+    """Results by request name: "default" and "question" (two questions on one image, kept indices `first` and
+    `second`) differ, and "again" / "question_again" repeat them, answered from the caches (no encoder run)."""
+    assert first != second  # these two questions pick different tokens on this image (else the test shows nothing)
+    for name, twin in (("again", "default"), ("question_again", "question")):
+        for key in ("prompt_ids", "tokens"):
+            assert results[name][key] == results[twin][key], (name, key)
+        # The caches are on: the repeated prompt ran no encoder (its image came from the prefix / encoder cache).
+        assert results[name]["kept"] == [] and results[name]["embeddings"] == [], name

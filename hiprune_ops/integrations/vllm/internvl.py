@@ -8,9 +8,9 @@ thumbnail, each owning image_seq_length placeholders between <img> and </img>; t
 Processor: each image's kept count per tile goes into its inputs; its prompt keeps <img> and </img> around
 tiles x kept placeholders. Encoder: every tile is scored and selected on its own shuffled grid, the projected
 features are gathered at the kept indices, tile after tile. HiPrune++: every tile gets its extra tokens for its
-image's prompt (its run of placeholders: kept + extra), ranked on the projected features, as apply_hiprune does. Positions are 1-D: the shorter prompt is recompacted,
-as in transformers. Videos pass through unpruned. The tower is not tensor-parallel in vLLM (every rank runs it
-whole): the scores need no reduction.
+image's prompt (tiles x (kept + extra) placeholders), ranked on the projected features, as apply_hiprune does.
+Positions are 1-D: the shorter prompt is recompacted, as in transformers. Videos pass through unpruned. The tower
+is not tensor-parallel in vLLM (every rank runs it whole): the scores need no reduction.
 Refused with a HiPrune setting (as apply_hiprune refuses them): downsample_ratio other than 0.5,
 vision_feature_select_strategy other than "default", and a vision_feature_layer other than the last (vLLM feeds the
 last layer whatever the config says; apply_hiprune would take another).
