@@ -17,9 +17,9 @@ from typing import Optional
 
 import torch
 
+from ... import ops
 from .. import families
 from ..hf._transformers_api import llava_next_layout
-from ... import ops
 from ..settings import split_over_tiles
 from . import _vllm_api
 from ._common import ClipLlavaModelMixin, ProcessorMixin, keep_counts, prompt_inputs, tile_prompts
