@@ -9,7 +9,8 @@ the image's one run) holds kept + extra; the extras are the not-kept tokens of h
 in float64 from the embeddings the language model received for the same image unpruned (hiprune_budget 0 in the same
 engine) and the embedding table; the language model got exactly those rows; prompt_beta 0 is HiPrune; no text, no
 extra tokens; the same image under two questions never shares a cached encoder output (prefix caching and the
-processor cache on). LLaVA-OneVision refuses prompt_beta for a request with a video.
+processor cache on); apply_hiprune on the transformers model of the same checkpoint, given vLLM's prompt, keeps the
+same tokens. LLaVA-OneVision refuses prompt_beta for a request with a video.
 """
 
 import os
@@ -149,3 +150,28 @@ def test_onevision_refuses_prompt_beta_for_a_video_request(engines):
     results = engines["llava_onevision"][1]
     assert "no HiPrune++ prompt tokens to LLaVA-OneVision videos" in results["video"]["error"]
     assert "error" not in results["video_beta_0"]
+
+
+def test_the_same_tokens_as_apply_hiprune(family):
+    """The transformers model of the same checkpoint, given vLLM's unpruned prompt (the "full" request: the default
+    question) and the same image through the same image processor, under apply_hiprune at the same budget and
+    prompt_beta: the same kept tokens per tile as vLLM's default request (the text rule read alike)."""
+    transformers = pytest.importorskip("transformers")
+    import hiprune_ops
+    from hiprune_ops import integrations
+
+    arch, model_dir, results, _ = family
+    model = getattr(transformers, tiny_families.FAMILIES[arch].architecture).from_pretrained(
+        model_dir, dtype=torch.float32).eval()
+    processor = transformers.AutoProcessor.from_pretrained(model_dir)
+    pixels = processor.image_processor([scenario.image(0, tiny_families.FAMILIES[arch].image_size)],
+                                       return_tensors="pt")
+    hiprune_ops.apply_hiprune(model, budget=FAMILIES[arch][0]["budget"], prompt_beta=BETA)
+    ids = torch.tensor([results["full"]["prompt_ids"]])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids),
+              **{key: pixels[key] for key in ("pixel_values", "pixel_attention_mask", "image_sizes") if key in pixels})
+    # Per tile: the grid families record one index tensor per tile, the AnyRes ones one (tiles, kept) per image.
+    kept = [tile.tolist() for image in integrations.hiprune_state(model).last.indices
+            for tile in (image if image.dim() == 2 else [image])]
+    assert kept == results["default"]["kept"]
