@@ -3,14 +3,14 @@ and the AnyRes ones (LLaVA-NeXT, LLaVA-OneVision images), tiny random models on 
 
 As apply_hiprune, every tile (a tile, thumbnail, global image, AnyRes base tile) is its own item: it keeps its
 HiPrune tokens plus prompt_extra_count(kept, tokens per tile, beta) tokens most similar to its image's prompt. One
-engine per family with a server default budget and prompt_beta, many requests each, and one HiPrune engine per
-family (the same budget, no prompt_beta), all in one process: each tile's run of placeholders (InternVL and AnyRes:
-the image's one run) holds kept + extra; the extras are the not-kept tokens of highest cosine similarity, recomputed
-in float64 from the embeddings the language model received for the same image unpruned (hiprune_budget 0 in the same
-engine) and the embedding table; the language model got exactly those rows; prompt_beta 0 is HiPrune; no text, no
-extra tokens; the same image under two questions never shares a cached encoder output (prefix caching and the
-processor cache on); apply_hiprune on the transformers model of the same checkpoint, given vLLM's prompt, keeps the
-same tokens. LLaVA-OneVision refuses prompt_beta for a request with a video.
+engine per family with a server default budget and prompt_beta, many requests each, all in one process: each
+tile's run of placeholders (InternVL and AnyRes: the image's one run) holds kept + extra; the extras are the
+not-kept tokens of highest cosine similarity, recomputed in float64 from the embeddings the language model received
+for the same image unpruned (hiprune_budget 0, same engine) and the embedding table; the language model got exactly
+those rows; no text, no extra tokens; the same image under two questions never shares a cached encoder output
+(prefix caching and the processor cache on). The kept tokens with prompt_beta and with hiprune_prompt_beta 0 are
+apply_hiprune's with and without prompt_beta on the transformers model of the same checkpoint, given vLLM's prompt
+(the HiPrune reference: no second engine). LLaVA-OneVision refuses prompt_beta for a request with a video.
 """
 
 import os
@@ -38,6 +38,8 @@ FAMILIES = {
     "llava_next": ({"budget": 48}, 16, 64, 3, 2),         # the base tile and 1 x 2 tiles: 48 // 3 each
     "llava_onevision": ({"budget": 48}, 16, 64, 3, 2),
 }
+# The families whose prompt without a question still has text: the newline token closing the image or the prompt.
+NEWLINE_TEXT = {"gemma3": tiny_families.GEMMA3_SPECIAL["\n\n"], "paligemma": 151}  # build_paligemma's "\n"
 QUESTION = "what is this"
 REQUESTS = {
     "default": {},                                                     # the prompt's own question
@@ -58,19 +60,16 @@ VIDEO_REQUESTS = {  # LLaVA-OneVision only
 
 @pytest.fixture(scope="module")
 def engines(tiny_model):
-    """name -> (model dir, results by request name, the HiPrune engine's result) of every family."""
+    """name -> (model dir, results by request name) of every family."""
     jobs, names = [], {}
     for name, (default, *_) in FAMILIES.items():
         requests = {**REQUESTS, **(VIDEO_REQUESTS if name == "llava_onevision" else {})}
         engine = dict(ENGINE, limit_mm_per_prompt={"image": 1, "video": 1 if name == "llava_onevision" else 0})
         jobs.append((tiny_model(name), name, {"hf_overrides": {"hiprune": {**default, "prompt_beta": BETA}},
                                               "engine": engine, "requests": list(requests.values())}))
-        jobs.append((tiny_model(name), name, {"hf_overrides": {"hiprune": default}, "engine": engine,
-                                              "requests": [{}]}))
         names[name] = list(requests)
     runs = scenario.run_many(jobs)
-    return {name: (tiny_model(name), dict(zip(names[name], runs[2 * i])), runs[2 * i + 1][0])
-            for i, name in enumerate(FAMILIES)}
+    return {name: (tiny_model(name), dict(zip(names[name], run))) for name, run in zip(FAMILIES, runs)}
 
 
 @pytest.fixture(params=list(FAMILIES))
@@ -90,29 +89,62 @@ def full_rows(name, tile, indices):
     return [GRID * GRID + (row * GRID + i // GRID) * (cols * GRID + 1) + col * GRID + i % GRID for i in indices]
 
 
+def check_received(arch, results, name, count):
+    """Request `name` kept count tokens per tile (in its prompt and its selection) and the language model received
+    exactly their rows of the unpruned image, in apply_hiprune's order."""
+    _, _, _, tiles, _ = FAMILIES[arch]
+    result, full = results[name], results["full"]["embeddings"][0]
+    assert sum(scenario.token_runs(result, tiny_families.FAMILIES[arch].image_token)) == tiles * count
+    assert len(result["kept"]) == tiles
+    rows = []
+    for tile, kept in enumerate(result["kept"]):
+        assert len(kept) == count and kept == sorted(set(kept)), tile
+        rows += full_rows(arch, tile, kept)
+    assert torch.allclose(torch.tensor(result["embeddings"][0]), torch.tensor(full)[sorted(rows)], atol=1e-5,
+                          rtol=1e-5)
+
+
 def check_extras(family, name, beta):
-    """Per tile: HiPrune's tokens plus the independently recomputed prompt matches; the prompt holds them all and
-    the language model got exactly their rows of the unpruned image. Returns the kept indices per tile."""
-    arch, model_dir, results, _ = family
-    _, keep, n, tiles, _ = FAMILIES[arch]
-    token = tiny_families.FAMILIES[arch].image_token
+    """Per tile: HiPrune's tokens plus the independently recomputed prompt matches, all in the prompt and received
+    by the language model. Returns the kept indices per tile."""
+    arch, model_dir, results = family
+    _, keep, n, _, _ = FAMILIES[arch]
     result, hiprune, full = results[name], results["beta_0"]["kept"], results["full"]["embeddings"][0]
     count = min(extra_count(keep, beta), n - keep)
     assert count > 0
-    assert len(result["kept"]) == len(hiprune) == tiles
-    assert sum(scenario.token_runs(result, token)) == tiles * (keep + count)
-    prompt, text = prompt_embedding(model_dir, result["prompt_ids"], token)
+    check_received(arch, results, name, keep + count)
+    prompt, text = prompt_embedding(model_dir, result["prompt_ids"], tiny_families.FAMILIES[arch].image_token)
     assert text, "the prompt has text"
-    rows = []
     for tile, (kept, base) in enumerate(zip(result["kept"], hiprune)):
-        assert len(kept) == keep + count and kept == sorted(kept) and set(base) <= set(kept), tile
         every = [full[row] for row in full_rows(arch, tile, range(n))]
+        assert set(base) <= set(kept), tile
         assert sorted(set(kept) - set(base)) == expected_extras(every, base, prompt, count), tile
-        rows += full_rows(arch, tile, kept)
-    # The language model received exactly those tokens of the unpruned image, in apply_hiprune's order.
-    received = torch.tensor(result["embeddings"][0])
-    assert torch.allclose(received, torch.tensor(full)[sorted(rows)], atol=1e-5, rtol=1e-5)
     return result["kept"]
+
+
+def apply_hiprune_kept(arch, model_dir, results, beta):
+    """Per tile, the kept indices of apply_hiprune at the family's budget and `beta` on the transformers model of
+    the same checkpoint, given vLLM's unpruned prompt (the "full" request: the default question) and the same image
+    through the same image processor. The special ids of the text rule: the config's and the tokenizer's, as the
+    plugin's."""
+    transformers = pytest.importorskip("transformers")
+    import hiprune_ops
+    from hiprune_ops import integrations
+
+    model = getattr(transformers, tiny_families.FAMILIES[arch].architecture).from_pretrained(
+        model_dir, dtype=torch.float32).eval()
+    processor = transformers.AutoProcessor.from_pretrained(model_dir)
+    pixels = processor.image_processor([scenario.image(0, tiny_families.FAMILIES[arch].image_size)],
+                                       return_tensors="pt")
+    hiprune_ops.apply_hiprune(model, budget=FAMILIES[arch][0]["budget"], prompt_beta=beta,
+                              prompt_special_ids=processor.tokenizer.all_special_ids)
+    ids = torch.tensor([results["full"]["prompt_ids"]])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids),
+              **{key: pixels[key] for key in ("pixel_values", "pixel_attention_mask", "image_sizes") if key in pixels})
+    # Per tile: the grid families record one index tensor per tile, the AnyRes ones one (tiles, kept) per image.
+    return [tile.tolist() for image in integrations.hiprune_state(model).last.indices
+            for tile in (image if image.dim() == 2 else [image])]
 
 
 def test_every_tile_holds_kept_plus_extra_tokens_most_similar_to_the_prompt(family):
@@ -124,23 +156,39 @@ def test_per_request_beta(family):
 
 
 def test_beta_0_is_hiprune(family):
-    arch, _, results, baseline = family
-    _, keep, _, tiles, _ = FAMILIES[arch]
-    assert [len(k) for k in results["beta_0"]["kept"]] == [keep] * tiles
-    for key in ("kept", "prompt_ids", "tokens", "embeddings"):
-        assert results["beta_0"][key] == baseline[key], key
+    """hiprune_prompt_beta 0: HiPrune's tokens, apply_hiprune's without prompt_beta on the same checkpoint."""
+    arch, model_dir, results = family
+    check_received(arch, results, "beta_0", FAMILIES[arch][1])
+    assert results["beta_0"]["kept"] == apply_hiprune_kept(arch, model_dir, results, 0.0)
+
+
+def test_the_same_tokens_as_apply_hiprune(family):
+    arch, model_dir, results = family
+    assert results["default"]["kept"] == apply_hiprune_kept(arch, model_dir, results, BETA)
 
 
 def test_no_text_no_extra_tokens(family):
-    arch, _, results, _ = family
-    _, keep, _, tiles, _ = FAMILIES[arch]
-    assert sum(scenario.token_runs(results["no_text"], tiny_families.FAMILIES[arch].image_token)) == tiles * keep
+    """Nothing after the image: no extra tokens. Except where the rule finds a plain token there: Gemma 3's image
+    text ends with "\n\n" and vLLM ends PaliGemma's prompt with "\n", ordinary tokens in these tokenizers (as in the
+    released ones), so they are the text, apply_hiprune's as vLLM's."""
+    arch, model_dir, results = family
+    token = tiny_families.FAMILIES[arch].image_token
+    _, text = prompt_embedding(model_dir, results["no_text"]["prompt_ids"], token)
+    if arch in NEWLINE_TEXT:
+        assert text == [NEWLINE_TEXT[arch]]
+        check_extras(family, "no_text", BETA)
+        return
+    assert text == []
+    check_received(arch, results, "no_text", FAMILIES[arch][1])
     assert results["no_text"]["kept"] == results["beta_0"]["kept"]
 
 
-def test_two_questions_on_one_image_each_get_their_own_tokens(family):
+# Gemma 3's tiny image leaves 10 tokens per tile after HiPrune and both questions pick the same 3 of them.
+@pytest.mark.parametrize("arch", [name for name in FAMILIES if name != "gemma3"])
+def test_two_questions_on_one_image_each_get_their_own_tokens(arch, engines):
     """Prefix caching and the processor cache on: the second question's tokens are its own, not the cached first's;
     the same question again gives the same prompt and output, from the caches (its encoder did not run)."""
+    family = (arch, *engines[arch])
     results = family[2]
     first, second = check_extras(family, "default", BETA), check_extras(family, "question", BETA)
     check_questions_cached_apart(results, first, second)
@@ -151,27 +199,3 @@ def test_onevision_refuses_prompt_beta_for_a_video_request(engines):
     assert "no HiPrune++ prompt tokens to LLaVA-OneVision videos" in results["video"]["error"]
     assert "error" not in results["video_beta_0"]
 
-
-def test_the_same_tokens_as_apply_hiprune(family):
-    """The transformers model of the same checkpoint, given vLLM's unpruned prompt (the "full" request: the default
-    question) and the same image through the same image processor, under apply_hiprune at the same budget and
-    prompt_beta: the same kept tokens per tile as vLLM's default request (the text rule read alike)."""
-    transformers = pytest.importorskip("transformers")
-    import hiprune_ops
-    from hiprune_ops import integrations
-
-    arch, model_dir, results, _ = family
-    model = getattr(transformers, tiny_families.FAMILIES[arch].architecture).from_pretrained(
-        model_dir, dtype=torch.float32).eval()
-    processor = transformers.AutoProcessor.from_pretrained(model_dir)
-    pixels = processor.image_processor([scenario.image(0, tiny_families.FAMILIES[arch].image_size)],
-                                       return_tensors="pt")
-    hiprune_ops.apply_hiprune(model, budget=FAMILIES[arch][0]["budget"], prompt_beta=BETA)
-    ids = torch.tensor([results["full"]["prompt_ids"]])
-    with torch.no_grad():
-        model(input_ids=ids, attention_mask=torch.ones_like(ids),
-              **{key: pixels[key] for key in ("pixel_values", "pixel_attention_mask", "image_sizes") if key in pixels})
-    # Per tile: the grid families record one index tensor per tile, the AnyRes ones one (tiles, kept) per image.
-    kept = [tile.tolist() for image in integrations.hiprune_state(model).last.indices
-            for tile in (image if image.dim() == 2 else [image])]
-    assert kept == results["default"]["kept"]
