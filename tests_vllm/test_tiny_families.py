@@ -41,12 +41,13 @@ EXPECTED = {
     # as LLaVA-NeXT without CLS; a video: each frame's 8x8 pooled 2x2, one newline after the last frame
     "llava_onevision": (8 * 8 + 8 * (16 + 1), F.VIDEO_FRAMES * 4 * 4 + 1),
     "idefics3": (3 * (8 // 2) ** 2, None),                      # 1x2 tiles + global image, pixel_shuffle 2
+    "smolvlm": (3 * (16 // 4) ** 2, None),                      # the same tiles of 16x16 patches, pixel_shuffle 4
     "blip2": (8, None),                                         # the Q-Former's 8 queries, whatever the image
 }
 # One process per group: a crash loses one group, and each process pays vLLM's import once.
 GROUPS = [["qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"],
           ["glm4v", "glm4v_moe", "internvl", "gemma3", "paligemma", "blip2"],
-          ["llava_next", "mistral3", "gemma4", "llava_onevision", "idefics3"]]
+          ["llava_next", "mistral3", "gemma4", "llava_onevision", "idefics3", "smolvlm"]]
 
 
 def test_every_family_is_expected_and_grouped():

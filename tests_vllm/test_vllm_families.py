@@ -33,12 +33,18 @@ TWO_IMAGE_SEED = 10  # other images than the one-image requests': no cache hit
 
 
 UNCOVERED = "blip2"  # its language model sees Q-Former queries, not patches: no binding, none planned
+# Qwen3-VL with vLLM's own video pruning (EVS), which the plugin cannot run with, and no HiPrune setting. EVS kills
+# the CPU build's engine at its first image (docs/vllm.md): text-only chats run, the refused request never reaches it.
+EVS = "qwen3_vl with video_pruning_rate"
+EVS_ENGINE = {"limit_mm_per_prompt": {"image": 1, "video": 0}, "video_pruning_rate": 0.5}
+TEXT_ONLY = {"messages": [{"role": "user", "content": "describe the picture please"}],
+             "chat_template": "{% for m in messages %}user : {{ m['content'] }} {% endfor %}"}
 
 
 @pytest.fixture(scope="module")
 def engines(tiny_model):
-    """name -> (vanilla runs, pruned runs) of every Qwen-style family and of the uncovered family (the latter with
-    the plugin but no setting): all engines without the plugin in one process, all with it in another."""
+    """name -> (vanilla runs, pruned runs) of every Qwen-style family, of the uncovered family and of EVS (the last
+    two with the plugin but no setting): all engines without the plugin in one process, all with it in another."""
     vanilla_jobs, pruned_jobs = [], []
     for name, (_, sizes, engine) in QWEN_FAMILIES.items():
         engine = dict(engine, limit_mm_per_prompt={"image": 2, "video": 0})
@@ -56,9 +62,13 @@ def engines(tiny_model):
     vanilla_jobs.append((tiny_model(UNCOVERED), UNCOVERED, {"requests": [{}]}))
     pruned_jobs.append((tiny_model(UNCOVERED), UNCOVERED,
                         {"requests": [{}, {"mm_processor_kwargs": {"hiprune_budget": 4}}]}))
+    vanilla_jobs.append((tiny_model("qwen3_vl"), "qwen3_vl", {"engine": EVS_ENGINE, "requests": [TEXT_ONLY]}))
+    pruned_jobs.append((tiny_model("qwen3_vl"), "qwen3_vl", {"engine": EVS_ENGINE, "requests": [
+        TEXT_ONLY, {"mm_processor_kwargs": {"hiprune_budget": 4}}, TEXT_ONLY]}))
     vanilla = scenario.run_many(vanilla_jobs, plugin=False)
     pruned = scenario.run_many(pruned_jobs)
-    return {job[1]: runs for job, runs in zip(pruned_jobs, zip(vanilla, pruned))}
+    names = [job[1] for job in pruned_jobs[:-1]] + [EVS]
+    return dict(zip(names, zip(vanilla, pruned)))
 
 
 @pytest.fixture(scope="module", params=list(QWEN_FAMILIES))
@@ -150,3 +160,12 @@ def test_uncovered_architecture_without_a_setting_is_vllms_own(uncovered, engine
     vanilla, ours = engines[uncovered[0]]
     assert ours[0]["prompt_ids"] == vanilla[0]["prompt_ids"] and ours[0]["tokens"] == vanilla[0]["tokens"]
     assert "hiprune_budget" in ours[1]["error"] and "not covered" in ours[1]["error"]
+
+
+# -- a binding that cannot prune with this engine: vLLM's own without a setting ------------------------------------
+def test_vllm_video_pruning_without_a_setting_starts_as_vllms_own_and_refuses_hiprune_requests(engines):
+    vanilla, ours = engines[EVS]
+    for answered in (ours[0], ours[2]):  # the engine served on after the refused request
+        assert answered["prompt_ids"] == vanilla[0]["prompt_ids"] and answered["tokens"] == vanilla[0]["tokens"]
+    error = ours[1]["error"]
+    assert "hiprune_budget" in error and "Qwen3VLForConditionalGeneration" in error and "EVS" in error, error

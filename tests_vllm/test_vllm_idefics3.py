@@ -1,7 +1,9 @@
-"""Tier 2 for Idefics3 (Idefics3ForConditionalGeneration) in real vLLM.
+"""Tier 2 for Idefics3 (Idefics3ForConditionalGeneration) and SmolVLM (SmolVLMForConditionalGeneration, the same
+binding) in real vLLM.
 
-Tiny random model from tiny_families.py (112 px tiles of 8 x 8 patches, pixel_shuffle 2: 16 tokens per tile);
-requests, engines and expected counts shared with the other tiled family (tiled_cases.py).
+Tiny random models from tiny_families.py (112 px tiles; Idefics3: 8 x 8 patches, pixel_shuffle 2; SmolVLM: 16 x 16
+patches, pixel_shuffle 4: 16 tokens per tile either way); requests, engines and expected counts shared with the
+other tiled family (tiled_cases.py). Tensor parallelism is checked on Idefics3 only (one more process).
 """
 
 import os
@@ -25,13 +27,19 @@ def idefics3(tiny_model):
     return engines(NAME, tiny_model)
 
 
+@pytest.fixture(scope="module", params=[NAME, "smolvlm"])
+def family(request, tiny_model):
+    """(vanilla results, pruned results, model path) of Idefics3, then of SmolVLM."""
+    return engines(request.param, tiny_model)
+
+
 def runs(result, token=CONTEXT):
     """Lengths of the runs of `token` in the prompt."""
     return scenario.token_runs(result, token)
 
 
-def test_idefics3_placeholders_per_tile_and_per_request(idefics3):
-    vanilla, pruned, _ = idefics3
+def test_idefics3_placeholders_per_tile_and_per_request(family):
+    vanilla, pruned, _ = family
     counts = [sum(runs(r)) for r in pruned[:6]] + [sum(runs(pruned[7]))]
     assert counts == [3 * DEFAULT, 3 * PER_TILE, 3 * 3, 8 * DEFAULT, 48 + 80, 3 * DEFAULT, 3 * kept(0.25)]
     # Per tile: the kept indices the encoder chose, one list per tile, DEFAULT each.
@@ -44,18 +52,18 @@ def test_idefics3_placeholders_per_tile_and_per_request(idefics3):
     assert "hiprune_budget" in pruned[6]["error"] and "16" in pruned[6]["error"]
 
 
-def test_idefics3_full_budget_equals_vllm_without_plugin(idefics3):
-    vanilla, pruned, _ = idefics3
+def test_idefics3_full_budget_equals_vllm_without_plugin(family):
+    vanilla, pruned, _ = family
     check_full_budget_equals_vllm_without_plugin(vanilla, pruned)
 
 
-def test_idefics3_kept_embeddings_are_the_towers_at_the_kept_indices(idefics3):
-    vanilla, pruned, _ = idefics3
+def test_idefics3_kept_embeddings_are_the_towers_at_the_kept_indices(family):
+    vanilla, pruned, _ = family
     check_kept_embeddings_are_the_towers_at_the_kept_indices(vanilla, pruned)
 
 
-def test_idefics3_positions_are_recompacted(idefics3):
-    check_positions_are_recompacted(idefics3[1])
+def test_idefics3_positions_are_recompacted(family):
+    check_positions_are_recompacted(family[1])
 
 
 def test_idefics3_tensor_parallel_ranks_select_the_same_tokens(idefics3, two_ranks):

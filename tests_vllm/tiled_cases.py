@@ -1,8 +1,9 @@
-"""What the tier-2 tests of the tiled families share (test_vllm_internvl.py, test_vllm_idefics3.py): both tiny models
-of tiny_families.py have 112 px tiles of 8 x 8 patches, shuffled 2 x 2 to 16 tokens per tile, plus one thumbnail
-(InternVL) or global image (Idefics3) per image; the same requests; one engine without the plugin and one with it,
-shared by all cases of both files: both families' engines run once per session, in one process per plugin mode
-(scenario.run_many). Expected counts are computed from the tiles and the budget rule.
+"""What the tier-2 tests of the tiled families share (test_vllm_internvl.py, test_vllm_idefics3.py): their tiny
+models of tiny_families.py have 112 px tiles of 16 tokens each (InternVL, Idefics3: 8 x 8 patches shuffled 2 x 2;
+SmolVLM: 16 x 16 patches shuffled 4 x 4), plus one thumbnail (InternVL) or global image (Idefics3, SmolVLM) per
+image; the same requests; one engine without the plugin and one with it per family, shared by all cases of both
+files: every family's engines run once per session, in one process per plugin mode (scenario.run_many). Expected
+counts are computed from the tiles and the budget rule.
 """
 
 import scenario
@@ -32,7 +33,7 @@ REQUESTS = [
 ]
 
 
-NAMES = ("internvl", "idefics3")
+NAMES = ("internvl", "idefics3", "smolvlm")
 _RUNS: dict = {}  # name -> (vanilla results, pruned results, model path), filled once per session
 
 

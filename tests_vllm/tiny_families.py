@@ -5,7 +5,6 @@ one) into a folder that vLLM's CPU build loads like a released checkpoint. Tower
 and a deep layer that differ), language models 2, widths 64 (head_dim 32, as vLLM's CPU kernels want). Where
 transformers 5.19 saves something a released checkpoint holds otherwise (a key level, an expert layout, a config
 field vLLM reads), the builder writes what the released files hold, and says so.
-Not here: SmolVLM (its processor needs the num2words package, which the vLLM venv does not install).
 
     python tiny_families.py build ROOT [NAME ...]       # writes ROOT/NAME for each family
     python tiny_families.py run NAME MODEL_DIR          # one engine, one image (and one video) request, greedy
@@ -333,19 +332,31 @@ IDEFICS_SPECIAL = {"<fake_token_around_image>": 150, "<image>": 151, "<end_of_ut
                                            for r in range(1, 7) for c in range(1, 7)}}
 
 
-def build_idefics3(path: str, seed: int = 14) -> str:
-    """SigLIP-style tower at 112 px (8 x 8 patches), pixel_shuffle 2 -> 16 tokens per tile; a 112 x 224 image is
-    split into 1 x 2 tiles plus the global image."""
-    config = transformers.Idefics3Config(vision_config=dict(SIGLIP, image_size=112),
-                                         text_config=dict(TEXT, model_type="llama"), scale_factor=2,
-                                         image_token_id=151, pad_token_id=0, torch_dtype="float32")
-    _save(transformers.Idefics3ForConditionalGeneration, config, path, seed)
-    image_processor = transformers.Idefics3ImageProcessor(size={"longest_edge": 224},
-                                                          max_image_size={"longest_edge": 112})
+def _build_idefics(kind: str, path: str, seed: int, patch_size: int, scale_factor: int, **processor_parts) -> str:
+    """Idefics3's layout (kind: "Idefics3" or "SmolVLM", transformers' class prefix): 112 px tiles of
+    (112 / patch_size)^2 patches, pixel_shuffle scale_factor -> 16 tokens per tile; a 112 x 224 image is 1 x 2 tiles
+    plus the global image."""
+    config = getattr(transformers, f"{kind}Config")(
+        vision_config=dict(SIGLIP, image_size=112, patch_size=patch_size), text_config=dict(TEXT, model_type="llama"),
+        scale_factor=scale_factor, image_token_id=151, pad_token_id=0, torch_dtype="float32")
+    _save(getattr(transformers, f"{kind}ForConditionalGeneration"), config, path, seed)
+    image_processor = getattr(transformers, f"{kind}ImageProcessor")(size={"longest_edge": 224},
+                                                                      max_image_size={"longest_edge": 112})
     tokenizer = _tokenizer(IDEFICS_SPECIAL, VOCAB, extra_special_tokens={"image_token": "<image>"})
-    transformers.Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
-                                   image_seq_len=16).save_pretrained(path)
+    getattr(transformers, f"{kind}Processor")(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=16,
+                                              **processor_parts).save_pretrained(path)
     return path
+
+
+def build_idefics3(path: str, seed: int = 14) -> str:
+    """8 x 8 patches (14 px) per tile, pixel_shuffle 2."""
+    return _build_idefics("Idefics3", path, seed, patch_size=14, scale_factor=2)
+
+
+def build_smolvlm(path: str, seed: int = 15) -> str:
+    """SmolVLM's pixel_shuffle 4: 16 x 16 patches (7 px) per tile. Its processor needs the num2words package."""
+    return _build_idefics("SmolVLM", path, seed, patch_size=7, scale_factor=4,
+                          video_processor=transformers.SmolVLMVideoProcessor())
 
 
 # The audio tokens only let the processor be built (the config has no audio tower); newline runs as for Gemma 3.
@@ -450,6 +461,8 @@ FAMILIES: dict[str, Family] = {
                               "user : <video> describe the picture", video_token=151),
     "idefics3": Family("Idefics3ForConditionalGeneration", build_idefics3, "user : <image> describe the picture",
                        (112, 224), 151),
+    "smolvlm": Family("SmolVLMForConditionalGeneration", build_smolvlm, "user : <image> describe the picture",
+                      (112, 224), 151),
     # No placeholder in the text: the processor puts the query tokens first. No binding (see build_blip2).
     "blip2": Family("Blip2ForConditionalGeneration", build_blip2, "describe the picture", (112, 112), 150),
 }

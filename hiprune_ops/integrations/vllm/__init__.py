@@ -9,7 +9,10 @@ subclasses under vLLM's own architecture names (SUPPORTED_ARCHITECTURES). Withou
 "hiprune" or HIPRUNE_BUDGET) and without a per-request value, they run exactly vLLM's code. Keys of the "hiprune"
 dict: those of apply_hiprune (budget or ratio, video_budget or video_ratio where the binding prunes videos, alpha,
 object_layer, deep_layer, neighborhood, official, prompt_beta where it adds HiPrune++ prompt tokens), with the same
-rules (settings.py); the per-request keys are settings.REQUEST_KEYS.
+rules (settings.py); the per-request keys are settings.REQUEST_KEYS. What a binding cannot prune with (vLLM options
+such as EVS or the encoder CUDA graph, a checkpoint layout it cannot follow) stops the engine at start only with a
+server default, naming the reason; without one the model is vLLM's own and a request's hiprune_* value is refused
+(_common.prepare_vllm_config).
 
 Every other multimodal architecture vLLM ships is pointed at refusal.py: vLLM's own class, which fails engine
 start when a HiPrune setting is given (it would prune nothing), naming the covered architectures.
@@ -36,6 +39,7 @@ _MODELS = {
         "hiprune_ops.integrations.vllm.internvl:HiPruneInternVLForConditionalGeneration",
     "Idefics3ForConditionalGeneration":
         "hiprune_ops.integrations.vllm.idefics3:HiPruneIdefics3ForConditionalGeneration",
+    "SmolVLMForConditionalGeneration": "hiprune_ops.integrations.vllm.idefics3:HiPruneSmolVLMForConditionalGeneration",
     "Gemma3ForConditionalGeneration": "hiprune_ops.integrations.vllm.gemma3:HiPruneGemma3ForConditionalGeneration",
     "PaliGemmaForConditionalGeneration":
         "hiprune_ops.integrations.vllm.paligemma:HiPrunePaliGemmaForConditionalGeneration",

@@ -23,7 +23,7 @@ from ..settings import resolve_layer
 from . import _vllm_api
 from .scores import TowerTaps
 from .settings import (HIPRUNE_KEEP_FIELD, KEEP_FIELDS, PROMPT_BETA_FIELD, PROMPT_EXTRA_FIELD, PROMPT_IDS_FIELD,
-                       PROMPT_IDS_KWARG, HiPruneSettings, strip_request_keys)
+                       PROMPT_IDS_KWARG, HiPruneSettings, request_hiprune_keys, strip_request_keys)
 
 PROMPT_FIELDS = (PROMPT_IDS_FIELD, PROMPT_BETA_FIELD, PROMPT_EXTRA_FIELD)
 
@@ -33,11 +33,13 @@ def logger():
     return init_logger("hiprune_ops.integrations.vllm")
 
 
-def prepare_vllm_config(vllm_config, model_name: str, video_pruned: bool = False,
-                        prompt_aware: bool = False) -> HiPruneSettings:
-    """The server default, and the vLLM features that cannot run with the q/k taps, turned off or refused.
+def prepare_vllm_config(vllm_config, model_name: str, video_pruned: bool = False, prompt_aware: bool = False,
+                        unsupported: Optional[str] = None) -> HiPruneSettings:
+    """The server default, checked, and the vLLM features that cannot run with the q/k taps turned off.
 
-    Called before the parent constructor builds the tower, so a compiled encoder is never built.
+    unsupported: why the plugin cannot prune with this engine (first_reason of the binding's refusals), or None.
+    Then a server default stops the engine here, with that reason; without one the engine is vLLM's own, its
+    options untouched. Called before the parent constructor builds the tower, so a compiled encoder is never built.
     """
     settings = HiPruneSettings.from_hf_config(vllm_config.model_config.hf_config)
     if settings.video_given and not video_pruned:
@@ -45,15 +47,79 @@ def prepare_vllm_config(vllm_config, model_name: str, video_pruned: bool = False
     if settings.prompt_beta > 0 and not prompt_aware:
         raise ValueError(f"hiprune: prompt_beta: the vLLM plugin adds no HiPrune++ prompt tokens for {model_name} "
                          f"(covered: {', '.join(PROMPT_AWARE)}); leave it out or set it to 0")
+    if refuse_at_start(settings, unsupported):
+        return settings
     compilation = vllm_config.compilation_config
-    # Checked: vllm 0.32.0, CompilationConfig.compile_mm_encoder / cudagraph_mm_encoder.
+    # Checked: vllm 0.32.0, CompilationConfig.compile_mm_encoder.
     if getattr(compilation, "compile_mm_encoder", False):
         compilation.compile_mm_encoder = False
         logger().warning("hiprune: compile_mm_encoder turned off for %s (the q/k taps run eagerly)", model_name)
-    if getattr(compilation, "cudagraph_mm_encoder", False):
-        raise ValueError(f"hiprune: {model_name} with cudagraph_mm_encoder=True is not supported (a replayed "
-                         "encoder graph skips the q/k taps); turn the encoder CUDA graph off")
     return settings
+
+
+def refuse_at_start(settings: HiPruneSettings, unsupported: Optional[str]) -> bool:
+    """The one start rule for what the plugin cannot prune: with a server default, the engine does not start (the
+    reason raised); without one, True: the model runs as vLLM's own, and a request asking for pruning is refused."""
+    if unsupported is None:
+        return False
+    if settings.enabled:
+        raise NotImplementedError(unsupported)
+    logger().info("%s; the model runs as vLLM's own, a request giving a hiprune_* value is refused", unsupported)
+    return True
+
+
+# -- why the plugin cannot prune: each check returns the reason or None ---------------------------------------------
+# Config refusals read vLLM's ModelConfig (the checkpoint's hf_config, the multimodal options): the processor runs
+# them too and refuses a request's hiprune_* values with the reason. Engine refusals read the whole VllmConfig,
+# which the processor never sees: the model alone knows them (a pruned request then fails in the encoder).
+def first_reason(checks: Sequence, config, architecture: str) -> Optional[str]:
+    return next((reason for check in checks if (reason := check(config, architecture)) is not None), None)
+
+
+def evs_refusal(model_config, architecture: str) -> Optional[str]:
+    # Checked: vllm 0.32.0, MultiModalConfig.is_multimodal_pruning_enabled (video_pruning_rate, EVS).
+    multimodal = getattr(model_config, "multimodal_config", None)
+    if multimodal is not None and multimodal.is_multimodal_pruning_enabled():
+        return (f"hiprune: {architecture} with vLLM's own video pruning (video_pruning_rate, EVS) is not supported: "
+                "the HiPrune plugin prunes videos itself; use one or the other")
+    return None
+
+
+FLASHINFER_REASON = ("hiprune: {} with the FlashInfer ViT attention backend is not supported (it rewrites the "
+                     "images' cu_seqlens)")
+
+
+def flashinfer_refusal(model_config, architecture: str) -> Optional[str]:
+    """The FlashInfer ViT backend asked for (mm_encoder_attn_backend); the one vLLM picks is checked at bind."""
+    # Checked: vllm 0.32.0, MultiModalConfig.mm_encoder_attn_backend (None, or an AttentionBackendEnum).
+    backend = getattr(getattr(model_config, "multimodal_config", None), "mm_encoder_attn_backend", None)
+    return FLASHINFER_REASON.format(architecture) if "FLASHINFER" in str(backend).upper() else None
+
+
+def cuda_graph_refusal(vllm_config, architecture: str) -> Optional[str]:
+    # Checked: vllm 0.32.0, CompilationConfig.cudagraph_mm_encoder.
+    if getattr(vllm_config.compilation_config, "cudagraph_mm_encoder", False):
+        return (f"hiprune: {architecture} with cudagraph_mm_encoder=True is not supported (a replayed encoder graph "
+                "skips the q/k taps); turn the encoder CUDA graph off")
+    return None
+
+
+def pipeline_refusal(vllm_config, architecture: str) -> Optional[str]:
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        return (f"hiprune: {architecture} with pipeline parallelism is not supported (later stages would not get "
+                "the kept tokens' M-RoPE positions)")
+    return None
+
+
+class RefusedTaps:
+    """In place of TowerTaps on a model the plugin cannot prune: no hook anywhere; pruning asked for fails with the
+    reason (a request the processor could not refuse: an engine refusal)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def scored(self, run):
+        raise ValueError(self.reason)
 
 
 def keep_counts(kwargs: dict, field: str = HIPRUNE_KEEP_FIELD) -> Optional[list[int]]:
@@ -166,10 +232,22 @@ class ProcessorMixin:
     prompt_aware = False  # the binding adds HiPrune++ prompt tokens to images (PROMPT_AWARE)
 
     _hiprune_profiling = False  # set while vLLM processes its dummy inputs
+    config_refusals: tuple = ()  # the binding's config refusals (the model's too): a request's hiprune_* is refused
+
+    def _hiprune_unsupported(self) -> Optional[str]:
+        """Why the plugin cannot prune with this model config, or None (ModelMixin.hiprune_start: the same checks)."""
+        model_config = self.info.ctx.model_config
+        return first_reason(self.config_refusals, model_config, model_config.architecture)
 
     def _hiprune_settings(self, mm_kwargs: Mapping[str, object]) -> HiPruneSettings:
         if self._hiprune_profiling:
             return HiPruneSettings()  # off: every image keeps all its tokens
+        unsupported = self._hiprune_unsupported()
+        if unsupported is not None:  # vLLM's own model (a server default would have stopped the engine)
+            given = request_hiprune_keys(mm_kwargs)
+            if given:
+                raise ValueError(f"mm_processor_kwargs: {', '.join(given)}: {unsupported}")
+            return HiPruneSettings()
         settings = HiPruneSettings.from_hf_config(self.info.get_hf_config()).for_request(mm_kwargs)
         if settings.video_given and not self.video_pruned:
             raise ValueError("mm_processor_kwargs: hiprune_video_budget / hiprune_video_ratio: the vLLM plugin prunes "
@@ -372,18 +450,35 @@ class ModelMixin:
 
     video_pruned = False  # the binding prunes videos (video_budget / video_ratio are refused otherwise)
     prompt_aware = False  # the binding adds HiPrune++ prompt tokens to images (prompt_beta is refused otherwise)
+    config_refusals: tuple = ()  # checks of vLLM's ModelConfig, the binding's processor runs them too
+    engine_refusals: tuple = (cuda_graph_refusal,)  # checks of the VllmConfig (the model alone sees it)
+    packed_tower = False  # images packed with cu_seqlens, which vLLM's FlashInfer ViT backend rewrites
+    hiprune_unsupported: Optional[str] = None  # why the plugin cannot prune here: the model is vLLM's own
 
     def hiprune_start(self, vllm_config) -> HiPruneSettings:
-        """Before vLLM's constructor: the server default, checked, and vLLM's options the taps cannot run with."""
-        return prepare_vllm_config(vllm_config, self.architecture, self.video_pruned, self.prompt_aware)
+        """Before vLLM's constructor: the server default, checked, and why the plugin cannot prune with this
+        engine (hiprune_unsupported): with a server default the engine does not start, without one it is vLLM's."""
+        self.hiprune_unsupported = (first_reason(self.config_refusals, vllm_config.model_config, self.architecture)
+                                    or first_reason(self.engine_refusals, vllm_config, self.architecture))
+        return prepare_vllm_config(vllm_config, self.architecture, self.video_pruned, self.prompt_aware,
+                                   self.hiprune_unsupported)
 
     def hiprune_bind(self, settings: HiPruneSettings, attention_modules: Sequence[torch.nn.Module], depth: int,
                      total_heads: int, geometry_config, full_depth: Optional[int] = None) -> None:
         """After vLLM's constructor. attention_modules: the tower's attention modules, first layer first (those vLLM
         built: depth of them), each holding its MMEncoderAttention as `.attn` (tapped; with fewer heads than
-        total_heads, the heads are split over tensor-parallel ranks and the scores summed over them); full_depth: the checkpoint's depth when vLLM builds fewer layers (LLaVA stops at the layer
-        feeding the projector), for the default layers."""
+        total_heads, the heads are split over tensor-parallel ranks and the scores summed over them); full_depth:
+        the checkpoint's depth when vLLM builds fewer layers (LLaVA stops at the layer feeding the projector), for
+        the default layers. A model the plugin cannot prune (hiprune_unsupported; the FlashInfer ViT backend vLLM
+        picked for a packed tower, found here) gets no taps."""
         modules = [attention_modules[i - 1] for i in self.hiprune_layers(settings, depth, geometry_config, full_depth)]
+        if (self.hiprune_unsupported is None and self.packed_tower
+                and "FLASHINFER" in _vllm_api.attention_backend_name(modules[0].attn)):
+            self.hiprune_unsupported = FLASHINFER_REASON.format(self.architecture)
+            refuse_at_start(settings, self.hiprune_unsupported)
+        if self.hiprune_unsupported is not None:
+            self.hiprune_taps = RefusedTaps(self.hiprune_unsupported)
+            return
         self.hiprune_taps = TowerTaps([module.attn for module in modules], total_heads,
                                       _vllm_api.tp_all_reduce(modules[0].attn, total_heads),
                                       num_prefix=self.geometry.num_prefix)
@@ -520,28 +615,24 @@ def clip_tower_unsupported(config, family: str):
     return None
 
 
+def clip_tower_refusal(family: str):
+    """The config refusal of a LLaVA-style family with a CLIP tower (clip_tower_unsupported)."""
+    return lambda model_config, architecture: clip_tower_unsupported(model_config.hf_config, family)
+
+
 class ClipLlavaModelMixin(ModelMixin):
     """LLaVA-style models whose CLIP (LLaVA-OneVision: SigLIP) tower vLLM builds up to the layer feeding the
-    projector (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision): a checkpoint the plugin cannot prune runs as vLLM's own,
-    refused only with a setting."""
-
-    family_label: str  # the family's name in errors
+    projector (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision): a checkpoint the plugin cannot prune (config_refusals) runs
+    as vLLM's own, refused only with a setting."""
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         settings = self.hiprune_start(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = self.config
-        self.hiprune_unsupported = self.hiprune_tower_unsupported(config)
+        self.hiprune_grid = config.vision_config.image_size // config.vision_config.patch_size
         if self.hiprune_unsupported is not None:
-            if settings.enabled:
-                raise NotImplementedError(self.hiprune_unsupported)
-            return  # vLLM's own model; a request asking for pruning is refused in embed_multimodal
+            return  # vLLM's own model; a request asking for pruning is refused (processor, else embed_multimodal)
         layers = self.vision_tower.vision_model.encoder.layers
         self.hiprune_bind(settings, [layer.self_attn for layer in layers], len(layers),
                           config.vision_config.num_attention_heads, config,
                           full_depth=config.vision_config.num_hidden_layers)
-        self.hiprune_grid = config.vision_config.image_size // config.vision_config.patch_size
-
-    def hiprune_tower_unsupported(self, config):
-        """Why the plugin cannot prune this checkpoint, or None."""
-        return clip_tower_unsupported(config, self.family_label)

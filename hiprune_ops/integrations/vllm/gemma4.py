@@ -131,6 +131,8 @@ class HiPruneGemma4ForConditionalGeneration(StashedKeepModelMixin, Gemma4ForCond
             raise RuntimeError(f"hiprune: {len(keep)} kept counts for {len(counts)} images")
         if all(k >= n for k, n in zip(keep, counts)):
             return None
+        if self.hiprune_unsupported is not None:  # an engine refusal, which the processor could not see
+            raise ValueError(self.hiprune_unsupported)
         capture = SlotScores(self.hiprune_attention, [self.hiprune_object_layer, self.hiprune_deep_layer]).attach()
         try:
             embeddings, object_scores, deep_scores = [], [], []

@@ -13,7 +13,8 @@ Tensor parallelism: the tower's heads are sharded; the partial scores are summed
 towers (_vllm_api.tp_all_reduce reads the sharding from the tapped attention's heads).
 Refused per request, as apply_hiprune refuses it: a tile with padded patches (a pixel_attention_mask with zeros
 inside a real tile): vLLM's tower attends to them unmasked, transformers' masks them.
-SmolVLM (a subclass in vLLM) is not bound: its processor could not be built in the test environment.
+SmolVLM (SmolVLMForConditionalGeneration, a subclass of Idefics3's classes in vLLM, its own processing info) is the
+same binding: only its scale_factor differs (4: a 4 x 4 group of patches per token), read from its config.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..selection import merge_scores
 from ._common import TiledModelMixin, TiledProcessorMixin, shrink_runs
 from vllm.model_executor.models.idefics3 import (Idefics3DummyInputsBuilder, Idefics3ForConditionalGeneration,
                                                  Idefics3MultiModalProcessor, Idefics3ProcessingInfo)
+from vllm.model_executor.models.smolvlm import SmolVLMForConditionalGeneration, SmolVLMProcessingInfo
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 
@@ -74,3 +76,10 @@ class HiPruneIdefics3ForConditionalGeneration(TiledModelMixin, Idefics3ForCondit
         return self.hiprune_select_tiles(features, merge_scores(object_scores, size, size, k).unbind(0),
                                          merge_scores(deep_scores, size, size, k).unbind(0), (size // k, size // k),
                                          keep, tiles, self._hiprune_prompts)
+
+
+# vLLM's SmolVLM processor is Idefics3's with SmolVLM's processing info: so is ours.
+@MULTIMODAL_REGISTRY.register_processor(HiPruneIdefics3MultiModalProcessor, info=SmolVLMProcessingInfo,
+                                        dummy_inputs=Idefics3DummyInputsBuilder)
+class HiPruneSmolVLMForConditionalGeneration(HiPruneIdefics3ForConditionalGeneration, SmolVLMForConditionalGeneration):
+    architecture = "SmolVLMForConditionalGeneration"

@@ -43,8 +43,12 @@ def unsupported(config) -> str | None:
     return None
 
 
+REFUSALS = (lambda model_config, architecture: unsupported(model_config.hf_config),)
+
+
 class HiPruneInternVLMultiModalProcessor(TiledProcessorMixin, InternS1MultiModalProcessor):
     geometry = families.INTERNVL
+    config_refusals = REFUSALS
     tiles_field, tile_tokens_attr, image_end_attr = "image_num_patches", "image_seq_length", "end_image_token"
     prompt_aware = True
 
@@ -60,18 +64,16 @@ class HiPruneInternVLMultiModalProcessor(TiledProcessorMixin, InternS1MultiModal
 class HiPruneInternVLForConditionalGeneration(TiledModelMixin, InternS1ForConditionalGeneration):
     geometry = families.INTERNVL
     architecture = ARCHITECTURE
+    config_refusals = REFUSALS
     prompt_aware = True
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         settings = self.hiprune_start(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = self.config
-        self.hiprune_unsupported = unsupported(config)
         self.hiprune_per_tile = self.num_image_token  # vLLM's tokens per tile
         if self.hiprune_unsupported is not None:
-            if settings.enabled:
-                raise NotImplementedError(self.hiprune_unsupported)
-            return  # vLLM's own model; a request asking for pruning is refused in _process_vision_input
+            return  # vLLM's own model; a request asking for pruning is refused (processor, else _process_vision_input)
         layers = self.vision_tower.encoder.layer
         self.hiprune_bind(settings, [layer.attention for layer in layers], len(layers),
                           config.vision_config.num_attention_heads, config)

@@ -14,16 +14,20 @@ import torch
 
 from .. import families
 from . import _vllm_api
-from ._common import ClipLlavaModelMixin, ProcessorMixin, keep_counts, prompt_inputs
+from ._common import ClipLlavaModelMixin, ProcessorMixin, clip_tower_refusal, keep_counts, prompt_inputs
+from .refusal import refuse_request_keys
 from .settings import HiPruneSettings
 from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForConditionalGeneration,
                                               LlavaMultiModalProcessor, LlavaProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+REFUSALS = (clip_tower_refusal("LLaVA"),)
+
 
 class HiPruneLlavaMultiModalProcessor(ProcessorMixin, LlavaMultiModalProcessor):
     geometry = families.LLAVA
     prompt_aware = True
+    config_refusals = REFUSALS
 
     def _image_token_counts(self, processed) -> list[int]:
         pixel_values = processed.get("pixel_values")
@@ -37,10 +41,11 @@ class HiPruneLlavaMultiModalProcessor(ProcessorMixin, LlavaMultiModalProcessor):
 def _build_processor(info, dummy_inputs):
     if isinstance(info, LlavaProcessingInfo):
         return HiPruneLlavaMultiModalProcessor(info, dummy_inputs)
+    reason = (f"hiprune: LlavaForConditionalGeneration with {type(info).__name__} (a Pixtral-style LLaVA) is not "
+              "supported by the vLLM plugin")
     if HiPruneSettings.from_hf_config(info.get_hf_config()).enabled:
-        raise NotImplementedError(f"hiprune: LlavaForConditionalGeneration with {type(info).__name__} (a "
-                                  "Pixtral-style LLaVA) is not supported by the vLLM plugin")
-    return _vllm_api.llava_processor_factory()(info, dummy_inputs)  # no setting: vLLM's own
+        raise NotImplementedError(reason)
+    return refuse_request_keys(_vllm_api.llava_processor_factory()(info, dummy_inputs), reason)  # vLLM's own
 
 
 @MULTIMODAL_REGISTRY.register_processor(_build_processor, info=_vllm_api.llava_processing_info_factory(),
@@ -48,8 +53,8 @@ def _build_processor(info, dummy_inputs):
 class HiPruneLlavaForConditionalGeneration(ClipLlavaModelMixin, LlavaForConditionalGeneration):
     geometry = families.LLAVA
     architecture = "LlavaForConditionalGeneration"
-    family_label = "LLaVA"
     prompt_aware = True
+    config_refusals = REFUSALS
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)

@@ -22,7 +22,8 @@ from .. import families
 from ..hf._transformers_api import llava_next_layout
 from ..settings import split_over_tiles
 from . import _vllm_api
-from ._common import ClipLlavaModelMixin, ProcessorMixin, keep_counts, prompt_inputs, tile_prompts
+from ._common import (ClipLlavaModelMixin, ProcessorMixin, clip_tower_refusal, keep_counts, prompt_inputs,
+                      tile_prompts)
 from .settings import HiPruneSettings
 from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
 from vllm.model_executor.models.llava_next import (LlavaNextForConditionalGeneration, LlavaNextMultiModalProcessor,
@@ -97,8 +98,12 @@ class AnyResProcessorMixin(ProcessorMixin):
         return fields
 
 
+REFUSALS = (clip_tower_refusal("LLaVA-NeXT"),)
+
+
 class HiPruneLlavaNextMultiModalProcessor(AnyResProcessorMixin, LlavaNextMultiModalProcessor):
     geometry = families.LLAVA_NEXT
+    config_refusals = REFUSALS
 
 
 def tile_keep_counts(kwargs: dict) -> Optional[list[int]]:
@@ -160,7 +165,7 @@ class AnyResModelMixin(ClipLlavaModelMixin):
 class HiPruneLlavaNextForConditionalGeneration(AnyResModelMixin, LlavaNextForConditionalGeneration):
     geometry = families.LLAVA_NEXT
     architecture = "LlavaNextForConditionalGeneration"
-    family_label = "LLaVA-NeXT"
+    config_refusals = REFUSALS
 
     def embed_multimodal(self, **kwargs):
         keep = tile_keep_counts(kwargs)

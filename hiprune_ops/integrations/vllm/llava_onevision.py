@@ -48,6 +48,10 @@ def siglip_tower_unsupported(config):
     return None
 
 
+# vLLM's ModelConfig -> why the plugin cannot prune it (processor and model: _common.first_reason).
+REFUSALS = (lambda model_config, architecture: siglip_tower_unsupported(model_config.hf_config),)
+
+
 def frame_tokens(config) -> int:
     """Pooled tokens of one video frame."""
     grid = config.vision_config.image_size // config.vision_config.patch_size
@@ -58,6 +62,7 @@ def frame_tokens(config) -> int:
 class HiPruneLlavaOnevisionMultiModalProcessor(AnyResProcessorMixin, LlavaOnevisionMultiModalProcessor):
     geometry = families.LLAVA_ONEVISION
     video_pruned = True
+    config_refusals = REFUSALS
 
     def _full_count(self, config, image_size) -> int:
         height, width = (int(v) for v in image_size)
@@ -104,11 +109,8 @@ class HiPruneLlavaOnevisionForConditionalGeneration(AnyResModelMixin, StashedKee
                                                     LlavaOnevisionForConditionalGeneration):
     geometry = families.LLAVA_ONEVISION
     architecture = "LlavaOnevisionForConditionalGeneration"
-    family_label = "LLaVA-OneVision"
     video_pruned = True
-
-    def hiprune_tower_unsupported(self, config):
-        return siglip_tower_unsupported(config)
+    config_refusals = REFUSALS
 
     def hiprune_take_keep(self, kwargs: dict):
         return tile_keep_counts(kwargs)

@@ -18,13 +18,14 @@ import torch
 from .. import families
 from ..selection import merge_scores
 from . import _vllm_api
-from ._common import ModelMixin, ProcessorMixin, keep_counts, kept_count_of
+from ._common import ModelMixin, ProcessorMixin, flashinfer_refusal, keep_counts, kept_count_of
 from vllm.model_executor.models.mistral3 import (Mistral3DummyInputsBuilder, Mistral3ForConditionalGeneration,
                                                  Mistral3MultiModalProcessor, Mistral3ProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
 ROW_MARKERS_FIELD = "hiprune_row_markers"  # per image: the ids of [IMG_BREAK] and [IMG_END]
+REFUSALS = (flashinfer_refusal,)  # processor and model (_common.first_reason)
 
 
 def merged_grid(config, height: int, width: int) -> tuple[int, int]:
@@ -34,6 +35,7 @@ def merged_grid(config, height: int, width: int) -> tuple[int, int]:
 
 class HiPruneMistral3MultiModalProcessor(ProcessorMixin, Mistral3MultiModalProcessor):
     geometry = families.MISTRAL3
+    config_refusals = REFUSALS
 
     def _image_token_counts(self, processed) -> list[int]:
         if processed.get("pixel_values") is None:
@@ -83,6 +85,8 @@ class HiPruneMistral3MultiModalProcessor(ProcessorMixin, Mistral3MultiModalProce
 class HiPruneMistral3ForConditionalGeneration(ModelMixin, Mistral3ForConditionalGeneration):
     geometry = families.MISTRAL3
     architecture = "Mistral3ForConditionalGeneration"
+    config_refusals = REFUSALS
+    packed_tower = True
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         settings = self.hiprune_start(vllm_config)
@@ -92,9 +96,6 @@ class HiPruneMistral3ForConditionalGeneration(ModelMixin, Mistral3ForConditional
         self.hiprune_bind(settings, [layer.attention for layer in layers], len(layers),
                           config.vision_config.num_attention_heads, config,
                           full_depth=config.vision_config.num_hidden_layers)
-        if "FLASHINFER" in _vllm_api.attention_backend_name(self.hiprune_taps.taps[0].module):
-            raise NotImplementedError(f"hiprune: {self.architecture} with the FlashInfer ViT attention backend is "
-                                      "not supported (it rewrites the images' cu_seqlens)")
 
     def embed_multimodal(self, **kwargs):
         keep = keep_counts(kwargs)

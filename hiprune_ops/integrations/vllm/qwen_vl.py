@@ -30,13 +30,19 @@ import torch
 
 from ..qwen_positions import MediaItem, kept_grid_offsets, merged_raster_scores, mrope_positions
 from . import _vllm_api
-from ._common import ModelMixin, ProcessorMixin, item_kept_count, keep_counts, prompt_inputs
+from ._common import (ModelMixin, ProcessorMixin, evs_refusal, flashinfer_refusal, item_kept_count, keep_counts,
+                      pipeline_refusal, prompt_inputs)
 from .scores import pack_scores, score_channels, unpack_scores
 from .settings import KEEP_FIELDS
 
 
+# vLLM's ModelConfig -> why the plugin cannot prune it (processor and model: _common.first_reason).
+REFUSALS = (evs_refusal, flashinfer_refusal)
+
+
 class QwenProcessorMixin(ProcessorMixin):
     video_pruned = True
+    config_refusals = REFUSALS
 
     def _video_slice_counts(self, processed) -> list[tuple[int, int]]:
         grid_thw = processed.get("video_grid_thw")
@@ -76,23 +82,16 @@ class _ScoredVisual:
 
 class QwenModelMixin(ModelMixin):
     video_pruned = True
+    config_refusals = REFUSALS
+    engine_refusals = ModelMixin.engine_refusals + (pipeline_refusal,)
+    packed_tower = True
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        name = self.architecture
         settings = self.hiprune_start(vllm_config)
-        if vllm_config.model_config.multimodal_config.is_multimodal_pruning_enabled():
-            # vLLM's EVS fails on its CPU build anyway (0.32.0: the CPU runner keeps its EVS path off, docs/vllm.md).
-            raise ValueError(f"hiprune: {name} with vLLM's own video pruning (video_pruning_rate, EVS) is not "
-                             "supported: the HiPrune plugin prunes videos itself; use one or the other")
-        if vllm_config.parallel_config.pipeline_parallel_size > 1:
-            raise NotImplementedError(f"hiprune: {name} with pipeline parallelism is not supported (later stages "
-                                      "would not get the kept tokens' M-RoPE positions)")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         vision_config = self.config.vision_config
         self.hiprune_bind(settings, [block.attn for block in self.visual.blocks], len(self.visual.blocks),
                           vision_config.num_heads, vision_config)
-        if "FLASHINFER" in _vllm_api.attention_backend_name(self.hiprune_taps.taps[0].module):
-            raise NotImplementedError(f"hiprune: {name} with the FlashInfer ViT attention backend is not supported")
         self.hiprune_width = self.hiprune_embedding_width()
         self._hiprune_keep: dict[str, Optional[list[int]]] = {}
         self._hiprune_prompts = None  # HiPrune++ fields of this encoder call's images (prompt_inputs)
@@ -213,7 +212,9 @@ class QwenModelMixin(ModelMixin):
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
         self._hiprune_pending = None
-        if multimodal_embeddings is None or len(multimodal_embeddings) == 0:
+        # vLLM's own model (hiprune_unsupported): its embeddings may carry channels of vLLM's (EVS's positions).
+        if (self.hiprune_unsupported is not None or multimodal_embeddings is None
+                or len(multimodal_embeddings) == 0):
             return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
         width = self.hiprune_width
         plain, offsets, carried = [], [], False

@@ -15,7 +15,7 @@ import importlib
 from typing import Any, Mapping
 
 from . import _vllm_api
-from .settings import HiPruneSettings
+from .settings import HiPruneSettings, request_hiprune_keys
 
 
 def refusal_message(architecture: str) -> str:
@@ -47,23 +47,23 @@ def _refusing_class(architecture: str) -> type:
 
         def build_processor(info, dummy_inputs):
             _check(architecture, info.get_hf_config())
-            return _refuse_request_keys(architecture, factories.processor(info, dummy_inputs))
+            return refuse_request_keys(factories.processor(info, dummy_inputs), refusal_message(architecture))
 
         cls = MULTIMODAL_REGISTRY.register_processor(build_processor, info=factories.info,
                                                      dummy_inputs=factories.dummy_inputs)(cls)
     return cls
 
 
-def _refuse_request_keys(architecture: str, processor):
-    """The processor, refusing any request that carries a hiprune_* value (it would be dropped, or confuse the
-    Hugging Face processor)."""
+def refuse_request_keys(processor, reason: str):
+    """vLLM's own processor, refusing with `reason` any request that carries a hiprune_* value (it would be dropped,
+    or confuse the Hugging Face processor)."""
     # Override of BaseMultiModalProcessor._apply_hf_processor_main on this instance; checked: vllm 0.32.0.
     original = processor._apply_hf_processor_main
 
     def call(mm_items, hf_kwargs: Mapping[str, object], *args, **kwargs):
-        ours = sorted(k for k in hf_kwargs if isinstance(k, str) and k.startswith("hiprune_"))
+        ours = request_hiprune_keys(hf_kwargs)
         if ours:
-            raise ValueError(f"mm_processor_kwargs: {', '.join(ours)}: {refusal_message(architecture)}")
+            raise ValueError(f"mm_processor_kwargs: {', '.join(ours)}: {reason}")
         return original(mm_items, hf_kwargs, *args, **kwargs)
 
     processor._apply_hf_processor_main = call
@@ -78,4 +78,4 @@ def __getattr__(name: str):
     return cls
 
 
-__all__ = ["refusal_message"]
+__all__ = ["refusal_message", "refuse_request_keys"]

@@ -111,6 +111,11 @@ class HiPruneSettings(PruneSettings):
             raise type(error)(f"mm_processor_kwargs: {error}") from None
 
 
+def request_hiprune_keys(mm_kwargs: Mapping[str, Any]) -> list[str]:
+    """The hiprune_* keys a request gives (known or not), sorted: what a model the plugin cannot prune refuses."""
+    return sorted(k for k in mm_kwargs if isinstance(k, str) and k.startswith("hiprune_"))
+
+
 def strip_request_keys(mm_kwargs: Mapping[str, Any]) -> dict:
     """mm kwargs without ours, for the Hugging Face processor (which does not know them)."""
     return {k: v for k, v in mm_kwargs.items() if k not in REQUEST_KEYS and k != PROMPT_IDS_KWARG}
