@@ -1,5 +1,5 @@
-"""What the HiPrune++ (prompt_beta) tier-2 files share: the requests each prompt-aware family's engine answers, the
-engines run in one process, and the checks, recomputed outside the plugin in float64.
+"""What the HiPrune++ (prompt_beta) tier-2 files (test_vllm_prompt*.py) share: the requests each prompt-aware
+family's engine answers, the engines run in one process, and the checks, recomputed outside the plugin in float64.
 
 A family's result, as the checks take it: (arch, model dir, placeholder id, kept count, results by request name, the
 baseline's result). The baseline is the same family's engine without prompt_beta, answering the default request.
@@ -126,6 +126,12 @@ def check_two_questions(family_result, **options):
     results = family_result[4]
     first = check_extras(family_result, "default", BETA, **options)
     second = check_extras(family_result, "question", BETA, **options)
+    check_questions_cached_apart(results, first, second)
+
+
+def check_questions_cached_apart(results, first, second):
+    """Results by request name: "default" and "question" (two questions on one image, kept indices `first` and
+    `second`) differ, and "again" / "question_again" repeat them, answered from the caches (no encoder run)."""
     assert first != second  # these two questions pick different tokens on this image (else the test shows nothing)
     for name, twin in (("again", "default"), ("question_again", "question")):
         for key in ("prompt_ids", "tokens"):

@@ -157,9 +157,12 @@ def _prompt_and_size(arch: str):
 
 
 def _media_part(prompt: str):
-    """(head, the placeholder words from the first to the last non-text word, tail) of a prompt."""
+    """(head, the placeholder words from the first to the last non-text word, tail) of a prompt; a prompt without
+    placeholders (PaliGemma's: the processor puts the image first) is all tail."""
     words = prompt.split(" ")
     marked = [i for i, w in enumerate(words) if w.startswith("<") or w.startswith("[")]
+    if not marked:
+        return [], [], words
     return words[:marked[0]], words[marked[0]:marked[-1] + 1], words[marked[-1] + 1:]
 
 

@@ -61,16 +61,3 @@ def test_per_request_beta(family):
 
 def test_two_questions_on_one_image_each_get_their_own_tokens(family):
     prompt_checks.check_two_questions(family)
-
-
-def test_a_binding_without_prompt_tokens_refuses_prompt_beta(tiny_model):
-    """Gemma 3 (tiny family) keeps refusing prompt_beta at start, naming itself."""
-    arch = "gemma3"
-    model_dir = tiny_model(arch)
-    out = scenario.run(model_dir, arch, {"hf_overrides": {"hiprune": {"budget": 16, "prompt_beta": 0.1}},
-                                         "requests": [{}]}, expect_failure=True)
-    assert "prompt_beta: the vLLM plugin adds no HiPrune++ prompt tokens for Gemma3ForConditionalGeneration" in out
-    served, refused = scenario.run(model_dir, arch, {"hf_overrides": {"hiprune": {"budget": 16}}, "requests": [
-        {}, {"mm_processor_kwargs": {"hiprune_prompt_beta": 0.1}}]})
-    assert "error" not in served
-    assert "hiprune_prompt_beta: the vLLM plugin adds no HiPrune++ prompt tokens for this model" in refused["error"]

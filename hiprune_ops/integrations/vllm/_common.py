@@ -166,6 +166,26 @@ def prompt_inputs(kwargs: dict) -> Optional[tuple[list[torch.Tensor], list[float
     return ([i.reshape(-1) for i in ids], [float(b) for b in torch.as_tensor(betas).reshape(-1).tolist()], extras)
 
 
+def tile_prompts(prompts: Optional[tuple[list[torch.Tensor], list[float], list[int]]], tiles: Sequence[int],
+                 split: bool = False) -> Optional[tuple[list[torch.Tensor], list[float], list[int]]]:
+    """prompt_inputs per image -> per tile: every tile of an image has its text ids and prompt_beta; its extra
+    tokens are the image's (written per tile), or with `split` the image's total over its tiles (AnyRes)."""
+    if prompts is None:
+        return None
+    ids, betas, extras = prompts
+
+    def each(values):
+        return [value for value, count in zip(values, tiles) for _ in range(count)]
+
+    return each(ids), each(betas), each([e // count if split else e for e, count in zip(extras, tiles)])
+
+
+def expand_placeholder(ids, target: int, expansion: Sequence[int]) -> list[int]:
+    """ids with every `target` (the image placeholder vLLM replaces) replaced by `expansion`: HiPrune++'s text rule
+    then reads the prompt as apply_hiprune does, after the image's tokens and the markers that close them."""
+    return [t for token in ids for t in (expansion if token == target else [token])]
+
+
 def shrink_runs(ids, token: int, kept: int) -> list[int]:
     """ids with every run of `token` cut to its first `kept` (one run per tile; the markers between runs stay)."""
     out, run = [], 0
@@ -301,8 +321,7 @@ class ProcessorMixin:
                 processed[PROMPT_IDS_FIELD] = torch.tensor([list(text_ids)] * len(counts), dtype=torch.int64)
                 processed[PROMPT_BETA_FIELD] = torch.tensor([beta] * len(counts), dtype=torch.float64)
                 processed[PROMPT_EXTRA_FIELD] = torch.tensor(
-                    [ops.prompt_extra_count(k, n, beta, has_text=bool(text_ids)) for k, n in zip(kept, counts)],
-                    dtype=torch.int64)
+                    self._extra_counts(beta, bool(text_ids), kept, counts, processed), dtype=torch.int64)
         videos = self._video_slice_counts(processed) if self.video_pruned else []
         if videos:
             per_slice = [settings.keep_count(n, clamp=self.geometry.sizes_vary,
@@ -315,6 +334,11 @@ class ProcessorMixin:
         """Kept tokens per image out of its `counts`; a family whose budget splits over tiles overrides it."""
         return [settings.keep_count(n, clamp=self.geometry.sizes_vary, default_ratio=self.geometry.default_ratio)
                 for n in counts]
+
+    def _extra_counts(self, beta: float, has_text: bool, kept: list[int], counts: list[int], processed) -> list[int]:
+        """HiPrune++ tokens per image on top of its kept count, in the same unit (per tile for tiled families);
+        a family that counts an image whole but selects it tile by tile (AnyRes) overrides it."""
+        return [ops.prompt_extra_count(k, n, beta, has_text=has_text) for k, n in zip(kept, counts)]
 
     # Override of BaseMultiModalProcessor._get_mm_fields_config; checked: vllm 0.32.0.
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
@@ -370,12 +394,22 @@ class ProcessorMixin:
 
 class TiledProcessorMixin(ProcessorMixin):
     """Families whose images are tiles of one size between marker tokens (InternVL, Idefics3): the kept count
-    written is per tile. Subclasses set tiles_field (the processor output counting an image's tiles) and
-    tile_tokens_attr (the Hugging Face processor's tokens per tile), and define _shortened(full, token, kept, item)
-    -> the image's prompt ids with `kept` placeholders per tile (item: its processed inputs)."""
+    written is per tile (HiPrune++: the extra count too). Subclasses set tiles_field (the processor output counting
+    an image's tiles), tile_tokens_attr (the Hugging Face processor's tokens per tile) and image_end_attr (its
+    marker closing an image's expansion), and define _shortened(full, token, kept, item) -> the image's prompt ids
+    with `kept` placeholders per tile (item: its processed inputs)."""
 
     tiles_field: str
     tile_tokens_attr: str
+    image_end_attr: str
+
+    def _prompt_text_ids(self, prompt_ids: Sequence[int]) -> list[int]:
+        # vLLM expands each image placeholder to its tiles' runs, the last closed by the end marker: the text
+        # follows that marker (a plain word in some tokenizers), as in the prompt apply_hiprune reads.
+        processor = self.info.get_hf_processor()
+        end = self.info.get_tokenizer().encode(getattr(processor, self.image_end_attr), add_special_tokens=False)
+        token = processor.image_token_id
+        return super()._prompt_text_ids(expand_placeholder(prompt_ids, token, [token, *end]))
 
     def _image_token_counts(self, processed) -> list[int]:
         num_patches = processed.get(self.tiles_field)
@@ -516,12 +550,18 @@ class ModelMixin:
         return out
 
     def hiprune_select_tiles(self, features, object_scores, deep_scores, grid: tuple[int, int],
-                             keep: Sequence[int], tiles: Sequence[int]) -> list[torch.Tensor]:
+                             keep: Sequence[int], tiles: Sequence[int],
+                             prompts: Optional[tuple[list[torch.Tensor], list[float], list[int]]] = None,
+                             ) -> list[torch.Tensor]:
         """Families whose images are tiles of one grid (InternVL, Idefics3, Gemma 3, PaliGemma): every tile selected
         on its own grid, keeping its image's per-tile count; per image, its tiles' kept features, tile after tile.
-        features: (tiles, tokens, D); object_scores / deep_scores: per tile, merged like the features."""
+        features: (tiles, tokens, D) as the language model receives them; object_scores / deep_scores: per tile,
+        merged like the features; prompts (prompt_inputs, per image, extra tokens per tile): HiPrune++, every tile
+        of an image getting its extra tokens for the image's prompt, as apply_hiprune's tiles do."""
         tile_keep = [k for k, count in zip(keep, tiles) for _ in range(count)]
-        indices = self.hiprune_select(object_scores, deep_scores, [grid] * len(features), tile_keep)
+        indices = self.hiprune_select(object_scores, deep_scores, [grid] * len(features), tile_keep,
+                                      features=None if prompts is None else list(features),
+                                      prompts=tile_prompts(prompts, tiles))
         kept = [tile if index is None else tile[index] for tile, index in zip(features, indices)]
         starts = [sum(tiles[:i]) for i in range(len(tiles))]
         return [torch.cat(kept[start:start + count]) for start, count in zip(starts, tiles)]
@@ -535,7 +575,7 @@ class StashedKeepModelMixin(ModelMixin):
 
     _hiprune_keep: Optional[list[int]] = None
     _hiprune_video_keep: Optional[list[int]] = None  # per video: tokens kept per frame (families pruning videos)
-    _hiprune_prompts = None  # per image: (text ids, prompt_beta, extra count); None without extra tokens
+    _hiprune_prompts = None  # HiPrune++ fields of the call's images (prompt_inputs), for prompt_aware bindings
 
     def hiprune_take_keep(self, kwargs: dict) -> Optional[list[int]]:
         """Pops the counts the processor wrote, as the tower call needs them."""

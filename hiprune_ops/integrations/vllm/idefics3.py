@@ -7,7 +7,8 @@ owning image_seq_len placeholders after its own marker tokens; the budget counts
 Processor: each image's kept count per tile goes into its inputs; in its prompt every tile's run of placeholders
 shrinks to that count, the markers (<fake_token_around_image>, <row_i_col_j>, <global-img>, newlines) stay.
 Encoder: every tile is scored and selected on its own shuffled grid; the projected features are gathered at the
-kept indices, tile after tile. Positions are 1-D: the shorter prompt is recompacted, as in transformers.
+kept indices, tile after tile (HiPrune++: each tile's kept + extra tokens for its image's prompt, as
+apply_hiprune). Positions are 1-D: the shorter prompt is recompacted, as in transformers.
 Tensor parallelism: the tower's heads are sharded; the partial scores are summed over the ranks as for the other
 towers (_vllm_api.tp_all_reduce reads the sharding from the tapped attention's heads).
 Refused per request, as apply_hiprune refuses it: a tile with padded patches (a pixel_attention_mask with zeros
@@ -29,7 +30,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 class HiPruneIdefics3MultiModalProcessor(TiledProcessorMixin, Idefics3MultiModalProcessor):
     geometry = families.IDEFICS3
-    tiles_field, tile_tokens_attr = "num_patches", "image_seq_len"
+    tiles_field, tile_tokens_attr, image_end_attr = "num_patches", "image_seq_len", "fake_image_token"
+    prompt_aware = True
 
     def _shortened(self, full, token: int, kept: int, item) -> list[int]:
         return shrink_runs(full, token, kept)  # every tile's run; its markers stay
@@ -40,6 +42,7 @@ class HiPruneIdefics3MultiModalProcessor(TiledProcessorMixin, Idefics3MultiModal
 class HiPruneIdefics3ForConditionalGeneration(TiledModelMixin, Idefics3ForConditionalGeneration):
     geometry = families.IDEFICS3
     architecture = "Idefics3ForConditionalGeneration"
+    prompt_aware = True
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         settings = self.hiprune_start(vllm_config)
@@ -72,7 +75,7 @@ class HiPruneIdefics3ForConditionalGeneration(TiledModelMixin, Idefics3ForCondit
         size, k = self.hiprune_grid, self.hiprune_merge
         return self.hiprune_select_tiles(features, merge_scores(object_scores, size, size, k).unbind(0),
                                          merge_scores(deep_scores, size, size, k).unbind(0), (size // k, size // k),
-                                         keep, tiles)
+                                         keep, tiles, self._hiprune_prompts)
 
 
 # vLLM's SmolVLM processor is Idefics3's with SmolVLM's processing info: so is ours.

@@ -7,9 +7,10 @@ deep layer the one feeding the projector (the last: vLLM always feeds it), ratio
 thumbnail, each owning image_seq_length placeholders between <img> and </img>; the budget counts per tile.
 Processor: each image's kept count per tile goes into its inputs; its prompt keeps <img> and </img> around
 tiles x kept placeholders. Encoder: every tile is scored and selected on its own shuffled grid, the projected
-features are gathered at the kept indices, tile after tile. Positions are 1-D: the shorter prompt is recompacted,
-as in transformers. Videos pass through unpruned. The tower is not tensor-parallel in vLLM (every rank runs it
-whole): the scores need no reduction.
+features are gathered at the kept indices, tile after tile. HiPrune++: every tile gets its extra tokens for its
+image's prompt (tiles x (kept + extra) placeholders), ranked on the projected features, as apply_hiprune does.
+Positions are 1-D: the shorter prompt is recompacted, as in transformers. Videos pass through unpruned. The tower
+is not tensor-parallel in vLLM (every rank runs it whole): the scores need no reduction.
 Refused with a HiPrune setting (as apply_hiprune refuses them): downsample_ratio other than 0.5,
 vision_feature_select_strategy other than "default", and a vision_feature_layer other than the last (vLLM feeds the
 last layer whatever the config says; apply_hiprune would take another).
@@ -48,7 +49,8 @@ REFUSALS = (lambda model_config, architecture: unsupported(model_config.hf_confi
 class HiPruneInternVLMultiModalProcessor(TiledProcessorMixin, InternS1MultiModalProcessor):
     geometry = families.INTERNVL
     config_refusals = REFUSALS
-    tiles_field, tile_tokens_attr = "image_num_patches", "image_seq_length"
+    tiles_field, tile_tokens_attr, image_end_attr = "image_num_patches", "image_seq_length", "end_image_token"
+    prompt_aware = True
 
     def _shortened(self, full, token: int, kept: int, item) -> list[int]:
         """One run of placeholders for all tiles between <img> and </img>: tiles x kept of them."""
@@ -63,6 +65,7 @@ class HiPruneInternVLForConditionalGeneration(TiledModelMixin, InternS1ForCondit
     geometry = families.INTERNVL
     architecture = ARCHITECTURE
     config_refusals = REFUSALS
+    prompt_aware = True
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         settings = self.hiprune_start(vllm_config)
@@ -94,5 +97,5 @@ class HiPruneInternVLForConditionalGeneration(TiledModelMixin, InternS1ForCondit
         h, w = self.hiprune_grid
         return tuple(self.hiprune_select_tiles(features, merge_scores(object_scores, h, w, 2).unbind(0),
                                                merge_scores(deep_scores, h, w, 2).unbind(0), (h // 2, w // 2),
-                                               keep, tiles))
+                                               keep, tiles, self._hiprune_prompts))
 

@@ -7,6 +7,8 @@ tile, at most a tile's tokens), a ratio applies per tile. Processor: a pruned im
 Encoder: each tile's patches are scored and selected on its own; a pruned image is its base tile's kept tokens, then
 the other tiles' kept tokens in raster order of the tiled grid, without unpadding or newline tokens (as
 apply_hiprune packs it). An image that keeps every token is packed by vLLM's own code. 1-D positions, recompacted.
+HiPrune++ (as apply_hiprune): every tile of a pruned image gets prompt_extra_count(its kept count) extra tokens for
+the image's prompt, ranked on the projected features; the image's placeholders are tiles x (kept + extra).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from typing import Optional
 
 import torch
 
+from ... import ops
 from .. import families
 from ..hf._transformers_api import llava_next_layout
 from ..settings import split_over_tiles
 from . import _vllm_api
-from ._common import ClipLlavaModelMixin, ProcessorMixin, clip_tower_refusal, keep_counts
+from ._common import (ClipLlavaModelMixin, ProcessorMixin, clip_tower_refusal, keep_counts, prompt_inputs,
+                      tile_prompts)
 from .settings import HiPruneSettings
 from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
 from vllm.model_executor.models.llava_next import (LlavaNextForConditionalGeneration, LlavaNextMultiModalProcessor,
@@ -50,7 +54,10 @@ TILE_KEEP_FIELD = "hiprune_keep_per_tile"
 class AnyResProcessorMixin(ProcessorMixin):
     """LLaVA-NeXT-style processors (a base tile and AnyRes tiles): an image keeps tiles x its per-tile count, or all
     its tokens (_full_count: base, unpadded tiles, newlines) when the per-tile count keeps every tile whole; the
-    per-tile count goes to the encoder in TILE_KEEP_FIELD."""
+    per-tile count goes to the encoder in TILE_KEEP_FIELD. HiPrune++: each tile's extra tokens, tiles x them per
+    image."""
+
+    prompt_aware = True
 
     def _full_count(self, config, image_size) -> int:
         return tile_layout(config, image_size)[2]
@@ -72,6 +79,15 @@ class AnyResProcessorMixin(ProcessorMixin):
             per_tile.append(keep)
         processed[TILE_KEEP_FIELD] = torch.tensor(per_tile, dtype=torch.int64)
         return kept
+
+    def _extra_counts(self, beta, has_text, kept, counts, processed) -> list[int]:
+        config = self.info.get_hf_config()
+        grid_tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+        extras = []
+        for size, keep in zip(processed["image_sizes"], processed[TILE_KEEP_FIELD].tolist()):
+            rows, cols, _ = tile_layout(config, size)
+            extras.append((rows * cols + 1) * ops.prompt_extra_count(keep, grid_tokens, beta, has_text=has_text))
+        return extras
 
     # Override of BaseMultiModalProcessor._get_mm_fields_config; checked: vllm 0.32.0.
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
@@ -100,10 +116,14 @@ class AnyResModelMixin(ClipLlavaModelMixin):
     """LLaVA-NeXT-style models: subclasses define _tile_features(pixels) -> (tiles, patches, C), the tower's features
     before the projector, and _packed(image_size, tile_embeddings) -> vLLM's own packing of an unpruned image."""
 
-    def hiprune_anyres_images(self, image_input, keep: Optional[list[int]]) -> Optional[list[torch.Tensor]]:
+    prompt_aware = True
+
+    def hiprune_anyres_images(self, image_input, keep: Optional[list[int]], prompts=None,
+                              ) -> Optional[list[torch.Tensor]]:
         """Per image of vLLM's parsed input, its embeddings: its tiles' kept tokens, base tile first, then the
         other tiles' in raster order of the tiled grid; an image that keeps every token as vLLM packs it. None when
-        no image is pruned (keep: per image, the tokens each tile keeps; vLLM's own path runs)."""
+        no image is pruned (keep: per image, the tokens each tile keeps; vLLM's own path runs). prompts
+        (prompt_inputs, per image): HiPrune++, every tile getting its share of its image's extra tokens."""
         grid = self.hiprune_grid
         if (image_input is None or keep is None or image_input["type"] != "pixel_values"
                 or all(k >= grid * grid for k in keep)):
@@ -115,9 +135,12 @@ class AnyResModelMixin(ClipLlavaModelMixin):
         pixels = torch.cat([images[:count] for images, count in zip(image_input["pixel_values"], tiles)])
         features, (object_scores, deep_scores) = self.hiprune_taps.scored(lambda: self._tile_features(pixels))
         per_tile = [k for k, count in zip(keep, tiles) for _ in range(count)]
+        projected = self.multi_modal_projector(features)
         indices = self.hiprune_select(object_scores.unbind(0), deep_scores.unbind(0),
-                                      [(grid, grid)] * features.shape[0], per_tile)
-        embeddings = self.multi_modal_projector(features).split(tiles)
+                                      [(grid, grid)] * features.shape[0], per_tile,
+                                      features=None if prompts is None else list(projected),
+                                      prompts=tile_prompts(prompts, tiles, split=True))
+        embeddings = projected.split(tiles)
         starts = [sum(tiles[:i]) for i in range(len(tiles))]
         indices = [indices[start:start + count] for start, count in zip(starts, tiles)]
         out = []
@@ -146,7 +169,8 @@ class HiPruneLlavaNextForConditionalGeneration(AnyResModelMixin, LlavaNextForCon
 
     def embed_multimodal(self, **kwargs):
         keep = tile_keep_counts(kwargs)
-        pruned = self.hiprune_anyres_images(_vllm_api.parse_image_input(self, dict(kwargs)), keep)
+        prompts = prompt_inputs(kwargs)
+        pruned = self.hiprune_anyres_images(_vllm_api.parse_image_input(self, dict(kwargs)), keep, prompts)
         return super().embed_multimodal(**kwargs) if pruned is None else pruned
 
     def _tile_features(self, pixels: torch.Tensor) -> torch.Tensor:

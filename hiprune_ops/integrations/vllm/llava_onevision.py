@@ -15,6 +15,8 @@ token): every frame runs through the tower and projector and is pooled bilinearl
 patch scores pooled the same way (families.bilinear_pool); each frame keeps `video_budget` / `video_ratio` of its
 pooled tokens (default: the image setting), selected on the pooled grid, and the video's run shrinks to frames x
 kept + 1, the newline last: the tokens apply_hiprune keeps (hf/llava_onevision.py).
+HiPrune++: images as LLaVA-NeXT's (llava_next.py: extra tokens per tile). A request with a video and prompt_beta is
+refused (apply_hiprune adds prompt tokens to every frame; this binding does not yet).
 """
 
 from __future__ import annotations
@@ -73,6 +75,15 @@ class HiPruneLlavaOnevisionMultiModalProcessor(AnyResProcessorMixin, LlavaOnevis
         per_frame = frame_tokens(self.info.get_hf_config())
         return [(int(video.shape[0]), per_frame) for video in videos]
 
+    # Override of BaseMultiModalProcessor.apply (through ProcessorMixin's); checked: vllm 0.32.0.
+    def apply(self, inputs, *args, **kwargs):
+        if ("video" in inputs.mm_data_items and not self._hiprune_profiling
+                and self._hiprune_settings(inputs.hf_processor_mm_kwargs).prompt_beta > 0):
+            raise ValueError("hiprune: prompt_beta: the vLLM plugin adds no HiPrune++ prompt tokens to "
+                             "LLaVA-OneVision videos; set mm_processor_kwargs hiprune_prompt_beta to 0 for a "
+                             "request with a video")
+        return super().apply(inputs, *args, **kwargs)
+
     def _video_item_slices(self, item) -> int:
         return int(item["pixel_values_videos"].data.shape[0])
 
@@ -107,7 +118,7 @@ class HiPruneLlavaOnevisionForConditionalGeneration(AnyResModelMixin, StashedKee
     # Override of LlavaOnevisionForConditionalGeneration._process_image_input (vLLM's images of one
     # embed_multimodal call -> per image its embeddings; its videos go their own way); checked: vllm 0.32.0.
     def _process_image_input(self, image_input):
-        pruned = self.hiprune_anyres_images(image_input, self._hiprune_keep)
+        pruned = self.hiprune_anyres_images(image_input, self._hiprune_keep, self._hiprune_prompts)
         return super()._process_image_input(image_input) if pruned is None else pruned
 
     def _tile_features(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,9 @@ whole tower). Processor: every run of the image's placeholder token, one per til
 tile; the markers around it stay. Encoder: the object and deep layers' q and k are scored in vLLM's SigLIP
 attention, the patch scores pooled k x k like the features, the selection step picks each tile's kept tokens out of
 the projector's output. Positions are 1-D (recompacted); the bidirectional image block follows the placeholders.
+HiPrune++: every tile gets its extra tokens for its image's prompt, ranked on the projector's output, and its run
+of placeholders holds kept + extra (as apply_hiprune). PaliGemma's prompt text has no placeholder (vLLM inserts the
+image tokens before it and a newline after it): the text rule reads that prompt, the one apply_hiprune sees.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from .. import families
 from ..selection import merge_scores
 from . import _vllm_api
-from ._common import ModelMixin, ProcessorMixin, keep_counts, shrunk_image_updates
+from ._common import ModelMixin, ProcessorMixin, keep_counts, prompt_inputs, shrunk_image_updates
 from vllm.model_executor.models.paligemma import (PaliGemmaDummyInputsBuilder, PaliGemmaForConditionalGeneration,
                                                   PaliGemmaMultiModalProcessor, PaliGemmaProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -29,6 +32,8 @@ def tokens_per_tile(geometry: families.Geometry, config) -> int:
 
 class SiglipGridProcessorMixin(ProcessorMixin):
     """Subclasses define _tiles(processed) -> tiles per image (the kept count written is per tile)."""
+
+    prompt_aware = True
 
     def _image_token_counts(self, processed) -> list[int]:
         if processed.get("pixel_values") is None:
@@ -47,6 +52,8 @@ class SiglipGridModelMixin(ModelMixin):
     """Subclasses define, of vLLM's parsed image input, _tiles -> tiles per image and _pixels -> (tiles, 3, H, W),
     and _embed_tiles(pixel_values) -> (tiles, tokens, D): vLLM's own tower and projector call."""
 
+    prompt_aware = True
+
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         settings = self.hiprune_start(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -62,6 +69,7 @@ class SiglipGridModelMixin(ModelMixin):
 
     def embed_multimodal(self, **kwargs):
         keep = keep_counts(kwargs)
+        prompts = prompt_inputs(kwargs)
         image_input = _vllm_api.parse_image_input(self, dict(kwargs))
         if (image_input is None or keep is None or image_input["type"] != "pixel_values"
                 or all(k >= self.hiprune_tokens for k in keep)):
@@ -71,7 +79,8 @@ class SiglipGridModelMixin(ModelMixin):
         side, k = self.hiprune_side, self.hiprune_merge
         object_scores, deep_scores = (merge_scores(s.reshape(len(embeddings), -1), side, side, k).unbind(0)
                                       for s in scores)
-        return self.hiprune_select_tiles(embeddings, object_scores, deep_scores, (side // k, side // k), keep, tiles)
+        return self.hiprune_select_tiles(embeddings, object_scores, deep_scores, (side // k, side // k), keep, tiles,
+                                         prompts)
 
 
 class HiPrunePaliGemmaMultiModalProcessor(SiglipGridProcessorMixin, PaliGemmaMultiModalProcessor):
@@ -79,6 +88,13 @@ class HiPrunePaliGemmaMultiModalProcessor(SiglipGridProcessorMixin, PaliGemmaMul
 
     def _tiles(self, processed) -> list[int]:
         return [1] * len(processed["pixel_values"])
+
+    def _prompt_text_ids(self, prompt_ids):
+        # vLLM inserts the image tokens before the prompt (its text holds no placeholder) and ends it with "\n"
+        # (PaliGemmaMultiModalProcessor.apply; checked: vllm 0.32.0): the text rule reads that prompt.
+        newline = self.info.get_tokenizer().get_vocab()["\n"]
+        ids = [self.info.get_hf_config().image_token_index, *prompt_ids]
+        return super()._prompt_text_ids(ids if ids[-1] == newline else ids + [newline])
 
 
 @MULTIMODAL_REGISTRY.register_processor(HiPrunePaliGemmaMultiModalProcessor, info=PaliGemmaProcessingInfo,

@@ -1,0 +1,201 @@
+"""Tier 2: HiPrune++ (prompt_beta) in the vLLM plugin for the tiled families (InternVL, Idefics3, Gemma 3, PaliGemma)
+and the AnyRes ones (LLaVA-NeXT, LLaVA-OneVision images), tiny random models on vLLM's CPU build.
+
+As apply_hiprune, every tile (a tile, thumbnail, global image, AnyRes base tile) is its own item: it keeps its
+HiPrune tokens plus prompt_extra_count(kept, tokens per tile, beta) tokens most similar to its image's prompt. One
+engine per family with a server default budget and prompt_beta, many requests each, all in one process: each
+tile's run of placeholders (InternVL and AnyRes: the image's one run) holds kept + extra; the extras are the
+not-kept tokens of highest cosine similarity, recomputed in float64 from the embeddings the language model received
+for the same image unpruned (hiprune_budget 0, same engine) and the embedding table; the language model got exactly
+those rows; no text, no extra tokens; the same image under two questions never shares a cached encoder output
+(prefix caching and the processor cache on). The kept tokens with prompt_beta and with hiprune_prompt_beta 0 are
+apply_hiprune's with and without prompt_beta on the transformers model of the same checkpoint, given vLLM's prompt
+(the HiPrune reference: no second engine). LLaVA-OneVision refuses prompt_beta for a request with a video.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import scenario  # noqa: E402
+import tiny_families  # noqa: E402
+from prompt_checks import check_questions_cached_apart, expected_extras, extra_count, prompt_embedding  # noqa: E402
+
+BETA = 0.5
+ENGINE = {"enable_prefix_caching": True, "mm_processor_cache_gb": 1}
+GRID = 8  # the AnyRes models' patches per tile side
+# Per family: the server default budget, tokens kept per tile, tokens per tile, tiles of the test image (its
+# tiny_families size), and the AnyRes tile columns (None: the unpruned image's embeddings are its tiles' in order).
+FAMILIES = {
+    "internvl": ({"budget": 6}, 6, 16, 3, None),          # 112 x 224: 2 tiles and the thumbnail
+    "idefics3": ({"budget": 6}, 6, 16, 3, None),          # 2 tiles and the global image
+    "gemma3": ({"budget": 6}, 6, 16, 1, None),
+    "paligemma": ({"budget": 16}, 16, 64, 1, None),
+    "llava_next": ({"budget": 48}, 16, 64, 3, 2),         # the base tile and 1 x 2 tiles: 48 // 3 each
+    "llava_onevision": ({"budget": 48}, 16, 64, 3, 2),
+}
+# The families whose prompt without a question still has text: the newline token closing the image or the prompt.
+NEWLINE_TEXT = {"gemma3": tiny_families.GEMMA3_SPECIAL["\n\n"], "paligemma": 151}  # build_paligemma's "\n"
+QUESTION = "what is this"
+REQUESTS = {
+    "default": {},                                                     # the prompt's own question
+    "question": {"question": QUESTION},                                # the same image, another question
+    "again": {},                                                       # the first request again (cached)
+    "question_again": {"question": QUESTION},
+    "no_text": {"question": ""},                                       # no text after the image
+    "beta_0": {"mm_processor_kwargs": {"hiprune_prompt_beta": 0}},     # HiPrune for this request
+    "beta_1": {"mm_processor_kwargs": {"hiprune_prompt_beta": 1.0}},   # another beta for this request
+    "full": {"mm_processor_kwargs": {"hiprune_budget": 0}},            # every token: the reference embeddings
+}
+VIDEO = {"videos": [[4, 112, 112]]}
+VIDEO_REQUESTS = {  # LLaVA-OneVision only
+    "video": dict(VIDEO),                                                                # refused
+    "video_beta_0": dict(VIDEO, mm_processor_kwargs={"hiprune_prompt_beta": 0}),        # served
+}
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model):
+    """name -> (model dir, results by request name) of every family."""
+    jobs, names = [], {}
+    for name, (default, *_) in FAMILIES.items():
+        requests = {**REQUESTS, **(VIDEO_REQUESTS if name == "llava_onevision" else {})}
+        engine = dict(ENGINE, limit_mm_per_prompt={"image": 1, "video": 1 if name == "llava_onevision" else 0})
+        jobs.append((tiny_model(name), name, {"hf_overrides": {"hiprune": {**default, "prompt_beta": BETA}},
+                                              "engine": engine, "requests": list(requests.values())}))
+        names[name] = list(requests)
+    runs = scenario.run_many(jobs)
+    return {name: (tiny_model(name), dict(zip(names[name], run))) for name, run in zip(FAMILIES, runs)}
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request, engines):
+    return request.param, *engines[request.param]
+
+
+def full_rows(name, tile, indices):
+    """Where each token (index on its tile's grid) of a tile sits among the unpruned image's embeddings: tile after
+    tile, or (AnyRes) the base tile, then the tiled grid row by row with a newline closing each row."""
+    *_, n, _, cols = FAMILIES[name]
+    if cols is None:
+        return [tile * n + i for i in indices]
+    if tile == 0:
+        return list(indices)
+    row, col = divmod(tile - 1, cols)
+    return [GRID * GRID + (row * GRID + i // GRID) * (cols * GRID + 1) + col * GRID + i % GRID for i in indices]
+
+
+def check_received(arch, results, name, count):
+    """Request `name` kept count tokens per tile (in its prompt and its selection) and the language model received
+    exactly their rows of the unpruned image, in apply_hiprune's order."""
+    _, _, _, tiles, _ = FAMILIES[arch]
+    result, full = results[name], results["full"]["embeddings"][0]
+    assert sum(scenario.token_runs(result, tiny_families.FAMILIES[arch].image_token)) == tiles * count
+    assert len(result["kept"]) == tiles
+    rows = []
+    for tile, kept in enumerate(result["kept"]):
+        assert len(kept) == count and kept == sorted(set(kept)), tile
+        rows += full_rows(arch, tile, kept)
+    assert torch.allclose(torch.tensor(result["embeddings"][0]), torch.tensor(full)[sorted(rows)], atol=1e-5,
+                          rtol=1e-5)
+
+
+def check_extras(family, name, beta):
+    """Per tile: HiPrune's tokens plus the independently recomputed prompt matches, all in the prompt and received
+    by the language model. Returns the kept indices per tile."""
+    arch, model_dir, results = family
+    _, keep, n, _, _ = FAMILIES[arch]
+    result, hiprune, full = results[name], results["beta_0"]["kept"], results["full"]["embeddings"][0]
+    count = min(extra_count(keep, beta), n - keep)
+    assert count > 0
+    check_received(arch, results, name, keep + count)
+    prompt, text = prompt_embedding(model_dir, result["prompt_ids"], tiny_families.FAMILIES[arch].image_token)
+    assert text, "the prompt has text"
+    for tile, (kept, base) in enumerate(zip(result["kept"], hiprune)):
+        every = [full[row] for row in full_rows(arch, tile, range(n))]
+        assert set(base) <= set(kept), tile
+        assert sorted(set(kept) - set(base)) == expected_extras(every, base, prompt, count), tile
+    return result["kept"]
+
+
+def apply_hiprune_kept(arch, model_dir, results, beta):
+    """Per tile, the kept indices of apply_hiprune at the family's budget and `beta` on the transformers model of
+    the same checkpoint, given vLLM's unpruned prompt (the "full" request: the default question) and the same image
+    through the same image processor. The special ids of the text rule: the config's and the tokenizer's, as the
+    plugin's."""
+    transformers = pytest.importorskip("transformers")
+    import hiprune_ops
+    from hiprune_ops import integrations
+
+    model = getattr(transformers, tiny_families.FAMILIES[arch].architecture).from_pretrained(
+        model_dir, dtype=torch.float32).eval()
+    processor = transformers.AutoProcessor.from_pretrained(model_dir)
+    pixels = processor.image_processor([scenario.image(0, tiny_families.FAMILIES[arch].image_size)],
+                                       return_tensors="pt")
+    hiprune_ops.apply_hiprune(model, budget=FAMILIES[arch][0]["budget"], prompt_beta=beta,
+                              prompt_special_ids=processor.tokenizer.all_special_ids)
+    ids = torch.tensor([results["full"]["prompt_ids"]])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids),
+              **{key: pixels[key] for key in ("pixel_values", "pixel_attention_mask", "image_sizes") if key in pixels})
+    # Per tile: the grid families record one index tensor per tile, the AnyRes ones one (tiles, kept) per image.
+    return [tile.tolist() for image in integrations.hiprune_state(model).last.indices
+            for tile in (image if image.dim() == 2 else [image])]
+
+
+def test_every_tile_holds_kept_plus_extra_tokens_most_similar_to_the_prompt(family):
+    check_extras(family, "default", BETA)
+
+
+def test_per_request_beta(family):
+    check_extras(family, "beta_1", 1.0)
+
+
+def test_beta_0_is_hiprune(family):
+    """hiprune_prompt_beta 0: HiPrune's tokens, apply_hiprune's without prompt_beta on the same checkpoint."""
+    arch, model_dir, results = family
+    check_received(arch, results, "beta_0", FAMILIES[arch][1])
+    assert results["beta_0"]["kept"] == apply_hiprune_kept(arch, model_dir, results, 0.0)
+
+
+def test_the_same_tokens_as_apply_hiprune(family):
+    arch, model_dir, results = family
+    assert results["default"]["kept"] == apply_hiprune_kept(arch, model_dir, results, BETA)
+
+
+def test_no_text_no_extra_tokens(family):
+    """Nothing after the image: no extra tokens. Except where the rule finds a plain token there: Gemma 3's image
+    text ends with "\n\n" and vLLM ends PaliGemma's prompt with "\n", ordinary tokens in these tokenizers (as in the
+    released ones), so they are the text, apply_hiprune's as vLLM's."""
+    arch, model_dir, results = family
+    token = tiny_families.FAMILIES[arch].image_token
+    _, text = prompt_embedding(model_dir, results["no_text"]["prompt_ids"], token)
+    if arch in NEWLINE_TEXT:
+        assert text == [NEWLINE_TEXT[arch]]
+        check_extras(family, "no_text", BETA)
+        return
+    assert text == []
+    check_received(arch, results, "no_text", FAMILIES[arch][1])
+    assert results["no_text"]["kept"] == results["beta_0"]["kept"]
+
+
+# Gemma 3's tiny image leaves 10 tokens per tile after HiPrune and both questions pick the same 3 of them.
+@pytest.mark.parametrize("arch", [name for name in FAMILIES if name != "gemma3"])
+def test_two_questions_on_one_image_each_get_their_own_tokens(arch, engines):
+    """Prefix caching and the processor cache on: the second question's tokens are its own, not the cached first's;
+    the same question again gives the same prompt and output, from the caches (its encoder did not run)."""
+    family = (arch, *engines[arch])
+    results = family[2]
+    first, second = check_extras(family, "default", BETA), check_extras(family, "question", BETA)
+    check_questions_cached_apart(results, first, second)
+
+
+def test_onevision_refuses_prompt_beta_for_a_video_request(engines):
+    results = engines["llava_onevision"][1]
+    assert "no HiPrune++ prompt tokens to LLaVA-OneVision videos" in results["video"]["error"]
+    assert "error" not in results["video_beta_0"]
+
