@@ -368,6 +368,48 @@ def test_video_slices_keep_their_markers_and_positions(video_family):
                                                         for r in range(3)]
 
 
+# -- the same tokens as apply_hiprune ------------------------------------------------------------------------------
+def apply_hiprune_kept(served, kind):
+    """apply_hiprune(ratio, prompt_beta=BETA, the tokenizer's special ids) on the same checkpoint, run in
+    transformers on the unpruned prompt vLLM built for the image (video) of the "full" ("video_full") request, which
+    asks the same question as "default" ("video"), with the pixels of the Hugging Face processor: the kept indices
+    per image (video slice)."""
+    import transformers
+    from transformers.video_utils import VideoMetadata
+
+    import hiprune_ops
+    from hiprune_ops import integrations
+
+    family = tiny_families.FAMILIES[served.name]
+    processor = transformers.AutoProcessor.from_pretrained(served.model_dir)
+    if kind == "image":
+        pixels = processor.image_processor(images=[scenario.image(0, family.image_size)], return_tensors="pt")
+        prompt_ids = served.results["full"]["prompt_ids"]
+    else:  # as vLLM's processor calls it: frames already sampled, their metadata
+        frames, metadata = tiny_families.video(100, FRAMES, family.image_size)
+        metadata = VideoMetadata(**{k: v for k, v in metadata.items() if k != "do_sample_frames"})
+        pixels = processor.video_processor(videos=[frames], video_metadata=[metadata], do_sample_frames=False,
+                                           return_tensors="pt")
+        prompt_ids = served.results["video_full"]["prompt_ids"]
+    model = getattr(transformers, family.architecture).from_pretrained(served.model_dir, dtype=torch.float32).eval()
+    hiprune_ops.apply_hiprune(model, ratio=served.case.default["ratio"], prompt_beta=BETA,
+                              prompt_special_ids=processor.tokenizer.all_special_ids)
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), **{k: v for k, v in pixels.items()
+                                                                     if k != "video_metadata"})
+    state = integrations.hiprune_state(model)
+    return [index.tolist() for index in (state.last if kind == "image" else state.last_video).indices]
+
+
+@pytest.mark.parametrize("name,kind", [("qwen3_vl", "image"), ("qwen3_vl", "video"), ("glm4v", "image"),
+                                       ("qwen2_vl", "video")])
+def test_the_same_tokens_as_apply_hiprune(engines, name, kind):
+    served = engines[name]
+    ours = served.results["default" if kind == "image" else "video"]["kept"]
+    assert apply_hiprune_kept(served, kind) == ours
+
+
 # -- the covered list and the refusal --------------------------------------------------------------------------------
 def test_the_covered_list_follows_the_bindings_flags(monkeypatch):
     """prompt_aware_architectures reads the bound classes' flags: a binding turning its flag on is listed."""
