@@ -12,6 +12,8 @@ A binding is two subclasses of vLLM's own classes, reading the family's geometry
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -23,9 +25,12 @@ from ..settings import resolve_layer
 from . import _vllm_api
 from .scores import TowerTaps
 from .settings import (HIPRUNE_KEEP_FIELD, KEEP_FIELDS, PROMPT_BETA_FIELD, PROMPT_EXTRA_FIELD, PROMPT_IDS_FIELD,
-                       PROMPT_IDS_KWARG, HiPruneSettings, request_hiprune_keys, strip_request_keys)
+                       PROMPT_IDS_KWARG, VIDEO_PROMPT_FIELDS, HiPruneSettings, request_hiprune_keys,
+                       strip_request_keys)
 
 PROMPT_FIELDS = (PROMPT_IDS_FIELD, PROMPT_BETA_FIELD, PROMPT_EXTRA_FIELD)
+# Per modality, the HiPrune++ fields the processor writes per item: text ids, prompt_beta, extra tokens (per slice).
+PROMPT_FIELDS_OF = {"image": PROMPT_FIELDS, "video": VIDEO_PROMPT_FIELDS}
 
 
 def logger():
@@ -46,7 +51,7 @@ def prepare_vllm_config(vllm_config, model_name: str, video_pruned: bool = False
         raise ValueError(f"hiprune: video_budget / video_ratio: the vLLM plugin prunes no video of {model_name}")
     if settings.prompt_beta > 0 and not prompt_aware:
         raise ValueError(f"hiprune: prompt_beta: the vLLM plugin adds no HiPrune++ prompt tokens for {model_name} "
-                         f"(covered: {', '.join(PROMPT_AWARE)}); leave it out or set it to 0")
+                         f"(covered: {', '.join(prompt_aware_architectures())}); leave it out or set it to 0")
     if refuse_at_start(settings, unsupported):
         return settings
     compilation = vllm_config.compilation_config
@@ -133,9 +138,18 @@ def keep_counts(kwargs: dict, field: str = HIPRUNE_KEEP_FIELD) -> Optional[list[
     return [int(k) for k in keep.reshape(-1).tolist()]
 
 
-# The architectures whose bindings add HiPrune++ prompt tokens (prompt_aware); the others refuse prompt_beta.
-PROMPT_AWARE = ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-                "Qwen2_5_VLForConditionalGeneration")
+@functools.lru_cache(maxsize=None)
+def prompt_aware_architectures() -> tuple[str, ...]:
+    """The architectures whose bound model classes (vllm/__init__.py's _MODELS) add HiPrune++ prompt tokens (their
+    `prompt_aware`): read from the classes, so a binding that turns its flag on is listed with no list to edit."""
+    from . import _MODELS
+
+    covered = []
+    for architecture, target in _MODELS.items():
+        module, _, name = target.partition(":")
+        if getattr(getattr(importlib.import_module(module), name), "prompt_aware", False):
+            covered.append(architecture)
+    return tuple(covered)
 
 
 def item_kept_count(item, modality: str = "image") -> Optional[int]:
@@ -144,7 +158,7 @@ def item_kept_count(item, modality: str = "image") -> Optional[int]:
     field = item.get(KEEP_FIELDS[modality]) if hasattr(item, "get") else None
     if field is None:
         return None
-    extra = item.get(PROMPT_EXTRA_FIELD) if modality == "image" else None
+    extra = item.get(PROMPT_FIELDS_OF[modality][2])
     return int(field.data) + (0 if extra is None else int(extra.data))
 
 
@@ -153,10 +167,11 @@ def kept_count_of(out_mm_kwargs, item_idx: int, modality: str = "image") -> Opti
     return item_kept_count(out_mm_kwargs[modality][item_idx], modality)
 
 
-def prompt_inputs(kwargs: dict) -> Optional[tuple[list[torch.Tensor], list[float], list[int]]]:
-    """Pops the HiPrune++ fields the processor wrote per image: (text ids, prompt_beta, extra tokens) per image;
-    None when no image gets extra tokens (prompt_beta 0, no text) or the binding writes none."""
-    ids, betas, extras = (kwargs.pop(name, None) for name in PROMPT_FIELDS)
+def prompt_inputs(kwargs: dict, modality: str = "image") -> Optional[tuple[list[torch.Tensor], list[float], list[int]]]:
+    """Pops the HiPrune++ fields the processor wrote per item of a modality: (text ids, prompt_beta, extra tokens
+    (a video's: per slice)) per item; None when no item gets extra tokens (prompt_beta 0, no text) or the binding
+    writes none."""
+    ids, betas, extras = (kwargs.pop(name, None) for name in PROMPT_FIELDS_OF[modality])
     if ids is None:
         return None
     extras = [int(e) for e in torch.as_tensor(extras).reshape(-1).tolist()]
@@ -229,7 +244,8 @@ class ProcessorMixin:
 
     geometry: families.Geometry
     video_pruned = False
-    prompt_aware = False  # the binding adds HiPrune++ prompt tokens to images (PROMPT_AWARE)
+    prompt_aware = False  # the binding adds HiPrune++ prompt tokens to images (prompt_aware_architectures)
+    video_prompt_aware = False  # and to each slice of a video (else prompt_beta with a video is refused)
 
     _hiprune_profiling = False  # set while vLLM processes its dummy inputs
     config_refusals: tuple = ()  # the binding's config refusals (the model's too): a request's hiprune_* is refused
@@ -254,30 +270,35 @@ class ProcessorMixin:
                              "no video of this model")
         if settings.prompt_beta > 0 and not self.prompt_aware:
             raise ValueError("mm_processor_kwargs: hiprune_prompt_beta: the vLLM plugin adds no HiPrune++ prompt "
-                             f"tokens for this model (covered: {', '.join(PROMPT_AWARE)})")
+                             f"tokens for this model (covered: {', '.join(prompt_aware_architectures())})")
         return settings
+
+    @functools.cached_property
+    def _prompt_token_ids(self) -> tuple[list[int], set[int], set[int]]:
+        """(visual placeholder, special, end-of-turn) ids of prompt.py's rule, from apply_hiprune's configs
+        (hf/base.py): the model's, its text config's and its generation config's (whose eos may be the only
+        end-of-turn id), with the tokenizer's special ids. Read once: the generation config comes from disk."""
+        config = self.info.get_hf_config()
+        configs = (config, getattr(config, "text_config", None), _vllm_api.generation_config(self.info))
+        visual_ids = prompt.config_token_ids(config, names=("image_token_id", "image_token_index", "video_token_id",
+                                                            "video_token_index"))
+        special_ids = prompt.config_token_ids(*configs) | set(self.info.get_tokenizer().all_special_ids)
+        return sorted(visual_ids), special_ids, prompt.config_token_ids(*configs, names=("eos_token_id",))
 
     def _prompt_text_ids(self, prompt_ids: Sequence[int]) -> list[int]:
         """The prompt's text token ids by prompt.py's rule (as apply_hiprune): after the last image or video
         placeholder, up to the next special or end-of-turn token."""
-        config = self.info.get_hf_config()
-        tokenizer = self.info.get_tokenizer()
-        configs = (config, getattr(config, "text_config", None))
-        visual_ids = prompt.config_token_ids(config, names=("image_token_id", "image_token_index", "video_token_id",
-                                                            "video_token_index"))
-        end_ids = prompt.config_token_ids(*configs, names=("eos_token_id",))
-        if tokenizer.eos_token_id is not None:
-            end_ids.add(int(tokenizer.eos_token_id))
-        special_ids = prompt.config_token_ids(*configs) | set(tokenizer.all_special_ids)
+        visual_ids, special_ids, end_ids = self._prompt_token_ids
         ids = torch.tensor([list(prompt_ids)], dtype=torch.int64)
-        visual = torch.isin(ids, torch.tensor(sorted(visual_ids), dtype=torch.int64))
+        visual = torch.isin(ids, torch.tensor(visual_ids, dtype=torch.int64))
         return ids[prompt.text_mask(ids, visual, special_ids, end_ids=end_ids)].tolist()
 
     # Override of BaseMultiModalProcessor.apply (inputs.prompt: the prompt's token ids); checked: vllm 0.32.0.
     # HiPrune++: the request's prompt text ids join the processor kwargs, which vLLM hashes with each item, so the
     # same image under another prompt never shares a processor, encoder or prefix cache entry.
     def apply(self, inputs, *args, **kwargs):
-        if self.prompt_aware and not self._hiprune_profiling and "image" in inputs.mm_data_items:
+        modalities = ("image", "video") if self.video_prompt_aware else ("image",)
+        if self.prompt_aware and not self._hiprune_profiling and any(m in inputs.mm_data_items for m in modalities):
             if self._hiprune_settings(inputs.hf_processor_mm_kwargs).prompt_beta > 0:
                 mm_kwargs = {**inputs.hf_processor_mm_kwargs, PROMPT_IDS_KWARG: self._prompt_text_ids(inputs.prompt)}
                 inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=mm_kwargs)
@@ -315,20 +336,34 @@ class ProcessorMixin:
         if counts:
             kept = self._kept_counts(settings, counts, processed)
             processed[HIPRUNE_KEEP_FIELD] = torch.tensor(kept, dtype=torch.int64)
-            if self.prompt_aware:  # every image carries the fields (beta 0: none), so any two batch together
-                text_ids = hf_kwargs.get(PROMPT_IDS_KWARG) or []
-                beta = float(settings.prompt_beta)
-                processed[PROMPT_IDS_FIELD] = torch.tensor([list(text_ids)] * len(counts), dtype=torch.int64)
-                processed[PROMPT_BETA_FIELD] = torch.tensor([beta] * len(counts), dtype=torch.float64)
-                processed[PROMPT_EXTRA_FIELD] = torch.tensor(
-                    self._extra_counts(beta, bool(text_ids), kept, counts, processed), dtype=torch.int64)
+            if self.prompt_aware:
+                processed.update(self._prompt_fields("image", hf_kwargs, settings, kept, counts, processed))
         videos = self._video_slice_counts(processed) if self.video_pruned else []
         if videos:
             per_slice = [settings.keep_count(n, clamp=self.geometry.sizes_vary,
                                              default_ratio=self.geometry.default_ratio, kind="video")
                          for _, n in videos]
             processed[KEEP_FIELDS["video"]] = torch.tensor(per_slice, dtype=torch.int64)
+            if self.video_prompt_aware:
+                processed.update(self._prompt_fields("video", hf_kwargs, settings, per_slice, [n for _, n in videos]))
+            elif settings.prompt_beta > 0:
+                raise ValueError("hiprune_prompt_beta: the vLLM plugin adds no HiPrune++ prompt tokens to the videos "
+                                 "of this model (its images only); send the video without prompt_beta")
         return processed
+
+    def _prompt_fields(self, modality: str, hf_kwargs, settings: HiPruneSettings, kept: list[int],
+                       counts: list[int], processed=None) -> dict:
+        """HiPrune++ fields of a modality's items (PROMPT_FIELDS_OF), kept / counts per item (a video's: per slice;
+        an image's extra count from _extra_counts). Every item carries them (beta 0: no extra tokens), so any two
+        items batch together."""
+        text_ids = list(hf_kwargs.get(PROMPT_IDS_KWARG) or [])
+        beta = float(settings.prompt_beta)
+        extras = (self._extra_counts(beta, bool(text_ids), kept, counts, processed) if modality == "image"
+                  else [ops.prompt_extra_count(k, n, beta, has_text=bool(text_ids)) for k, n in zip(kept, counts)])
+        ids_field, beta_field, extra_field = PROMPT_FIELDS_OF[modality]
+        return {ids_field: torch.tensor([text_ids] * len(kept), dtype=torch.int64),
+                beta_field: torch.tensor([beta] * len(kept), dtype=torch.float64),
+                extra_field: torch.tensor(extras, dtype=torch.int64)}
 
     def _kept_counts(self, settings: HiPruneSettings, counts: list[int], processed) -> list[int]:
         """Kept tokens per image out of its `counts`; a family whose budget splits over tiles overrides it."""
@@ -347,8 +382,9 @@ class ProcessorMixin:
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         for modality in ("image", "video") if self.video_pruned else ("image",):
             fields[KEEP_FIELDS[modality]] = MultiModalFieldConfig.batched(modality)
-        if self.prompt_aware:
-            fields.update({name: MultiModalFieldConfig.batched("image") for name in PROMPT_FIELDS})
+        for modality, aware in (("image", self.prompt_aware), ("video", self.video_prompt_aware)):
+            if aware:
+                fields.update({name: MultiModalFieldConfig.batched(modality) for name in PROMPT_FIELDS_OF[modality]})
         return fields
 
     # Override of BaseMultiModalProcessor._get_prompt_updates; checked: vllm 0.32.0. Every image update's
@@ -526,7 +562,7 @@ class ModelMixin:
                 indices[i] = index
         for i, index in enumerate(indices):  # the processor wrote keep + extra placeholders
             if (keeps[i] + extras[i]) != (index.numel() if index is not None else keeps[i]):
-                raise RuntimeError(f"hiprune: image {i} got {0 if index is None else index.numel()} tokens, its "
+                raise RuntimeError(f"hiprune: item {i} got {0 if index is None else index.numel()} tokens, its "
                                    f"prompt holds {keeps[i] + extras[i]}")
         self.hiprune_last = list(indices)
         return self.hiprune_last

@@ -97,6 +97,14 @@ def qwen3_vl_frames(model, input_tokens, feature):
                                   spatial_merge_size=config.vision_config.spatial_merge_size)
 
 
+def generation_config(processing_info):
+    """The checkpoint's generation config values that differ from the defaults (its eos_token_id among them), as an
+    object prompt.config_token_ids reads. Checked: vllm 0.32.0, BaseProcessingInfo.ctx.model_config and
+    ModelConfig.try_get_generation_config() (generation_config.json, else derived from the model config)."""
+    from types import SimpleNamespace
+    return SimpleNamespace(**processing_info.ctx.model_config.try_get_generation_config())
+
+
 def run_data_parallel_tower(tower, pixel_values, grid_thw):
     """vLLM's mm_encoder_tp_mode="data" runner for M-RoPE towers (each rank runs whole items, then a gather).
     Checked: vllm 0.32.0, vllm.model_executor.models.vision.run_dp_sharded_mrope_vision_model."""

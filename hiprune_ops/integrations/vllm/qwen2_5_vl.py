@@ -17,14 +17,12 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 class HiPruneQwen2_5_VLMultiModalProcessor(QwenProcessorMixin, Qwen2_5_VLMultiModalProcessor):
     geometry = families.QWEN2_5_VL
-    prompt_aware = True
 
 
 @MULTIMODAL_REGISTRY.register_processor(HiPruneQwen2_5_VLMultiModalProcessor, info=Qwen2_5_VLProcessingInfo,
                                         dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
 class HiPruneQwen2_5_VLForConditionalGeneration(QwenModelMixin, Qwen2_5_VLForConditionalGeneration):
     geometry = families.QWEN2_5_VL
-    prompt_aware = True
     architecture = "Qwen2_5_VLForConditionalGeneration"
 
     def window_index(self, t, h, w):

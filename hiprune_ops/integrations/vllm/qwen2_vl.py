@@ -15,12 +15,10 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 class HiPruneQwen2VLMultiModalProcessor(QwenProcessorMixin, Qwen2VLMultiModalProcessor):
     geometry = families.QWEN2_VL
-    prompt_aware = True
 
 
 @MULTIMODAL_REGISTRY.register_processor(HiPruneQwen2VLMultiModalProcessor, info=Qwen2VLProcessingInfo,
                                         dummy_inputs=Qwen2VLDummyInputsBuilder)
 class HiPruneQwen2VLForConditionalGeneration(QwenModelMixin, Qwen2VLForConditionalGeneration):
     geometry = families.QWEN2_VL
-    prompt_aware = True
     architecture = "Qwen2VLForConditionalGeneration"

@@ -7,7 +7,9 @@ Encoder: the object and deep blocks' q and k are scored in vLLM's packed ViT att
 own cu_seqlens); the patch scores are averaged over each 2x2 merge unit and put in raster order
 (qwen_positions.merged_raster_scores, with the window index of Qwen2.5-VL's windows; Qwen2-VL runs in raster
 order); the selection step picks the kept merged tokens of each image and of each video slice on its own grid, as
-apply_hiprune does.
+apply_hiprune does. HiPrune++ (prompt_beta): each image and each video slice gets its extra tokens
+(_common.ProcessorMixin writes their counts), ranked on the merged features at the language model's width
+(Qwen3-VL's deepstack levels follow in the same rows and are gathered with them).
 
 M-RoPE positions, without vLLM's video-pruning machinery (which needs video_pruning_rate and is off in vLLM's CPU
 runner): get_mrope_input_positions, run when a request arrives, gives the text its unpruned positions and each
@@ -43,6 +45,7 @@ REFUSALS = (evs_refusal, flashinfer_refusal)
 class QwenProcessorMixin(ProcessorMixin):
     video_pruned = True
     config_refusals = REFUSALS
+    prompt_aware = video_prompt_aware = True
 
     def _video_slice_counts(self, processed) -> list[tuple[int, int]]:
         grid_thw = processed.get("video_grid_thw")
@@ -85,6 +88,7 @@ class QwenModelMixin(ModelMixin):
     config_refusals = REFUSALS
     engine_refusals = ModelMixin.engine_refusals + (pipeline_refusal,)
     packed_tower = True
+    prompt_aware = True
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         settings = self.hiprune_start(vllm_config)
@@ -94,7 +98,7 @@ class QwenModelMixin(ModelMixin):
                           vision_config.num_heads, vision_config)
         self.hiprune_width = self.hiprune_embedding_width()
         self._hiprune_keep: dict[str, Optional[list[int]]] = {}
-        self._hiprune_prompts = None  # HiPrune++ fields of this encoder call's images (prompt_inputs)
+        self._hiprune_prompts: dict = {}  # per modality, HiPrune++ fields of this encoder call's items (prompt_inputs)
         self._hiprune_pending = None
 
     def hiprune_embedding_width(self) -> int:
@@ -117,11 +121,11 @@ class QwenModelMixin(ModelMixin):
     # -- encoder -------------------------------------------------------------------------------------------------
     def embed_multimodal(self, **kwargs):
         self._hiprune_keep = {modality: keep_counts(kwargs, KEEP_FIELDS[modality]) for modality in ("image", "video")}
-        self._hiprune_prompts = prompt_inputs(kwargs)
+        self._hiprune_prompts = {modality: prompt_inputs(kwargs, modality) for modality in ("image", "video")}
         try:
             return super().embed_multimodal(**kwargs)
         finally:
-            self._hiprune_keep, self._hiprune_prompts = {}, None
+            self._hiprune_keep, self._hiprune_prompts = {}, {}
 
     def _scored_visual(self, pixel_values, grid_thw):
         """(merged embeddings in raster order, object scores, deep scores), scores per merged token."""
@@ -171,7 +175,9 @@ class QwenModelMixin(ModelMixin):
         slices = [(i, s) for i, (t, _, _) in enumerate(grid_thw) for s in range(t)]
         spans = {(i, s): slice(s * planes[i], (s + 1) * planes[i]) for i, s in slices}
         grids = {i: (h // merge, w // merge) for i, (_, h, w) in enumerate(grid_thw)}
-        prompts = self._hiprune_prompts if modality == "image" else None  # an image is one slice
+        prompts = self._hiprune_prompts.get(modality)
+        if prompts is not None:  # per item -> per slice: a video's slices share its prompt and extra count
+            prompts = tuple([values[i] for i, _ in slices] for values in prompts)
         width = self.config.get_text_config().hidden_size  # Qwen3-VL's deepstack levels follow: not ranked
         features = None if prompts is None else [per_item[i][0][spans[i, s], :width] for i, s in slices]
         indices = self.hiprune_select([per_item[i][1][0][spans[i, s]] for i, s in slices],

@@ -31,6 +31,9 @@ KEEP_FIELDS = {"image": HIPRUNE_KEEP_FIELD, "video": "hiprune_video_keep"}
 PROMPT_IDS_FIELD = "hiprune_prompt_ids"
 PROMPT_BETA_FIELD = "hiprune_prompt_beta_value"
 PROMPT_EXTRA_FIELD = "hiprune_prompt_extra"
+# The same per video (bindings whose videos get prompt tokens per temporal slice): its prompt's text ids, the
+# request's prompt_beta, the extra tokens of each of its slices.
+VIDEO_PROMPT_FIELDS = ("hiprune_video_prompt_ids", "hiprune_video_prompt_beta_value", "hiprune_video_prompt_extra")
 # The request's prompt text ids, put in the processor kwargs by the processor's apply so that vLLM's item hash (its
 # processor, encoder and prefix caches) depends on them; not a request key (the leading underscore).
 PROMPT_IDS_KWARG = "_hiprune_prompt_ids"
