@@ -92,7 +92,7 @@ def prompt_embedding(model_dir, prompt_ids, token, special=()):
 
 def expected_extras(full_embeddings, kept, prompt, count):
     """The `count` not-kept tokens of highest cosine similarity to the prompt (ties: lower index), float64."""
-    features = torch.tensor(full_embeddings, dtype=torch.float64)
+    features = torch.as_tensor(full_embeddings, dtype=torch.float64)
     cosine = torch.nn.functional.cosine_similarity(features, prompt[None], dim=1)
     left = [i for i in range(features.shape[0]) if i not in set(kept)]
     return sorted(sorted(left, key=lambda i: (-cosine[i].item(), i))[:count])

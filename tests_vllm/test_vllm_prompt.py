@@ -27,12 +27,13 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import prompt_checks  # noqa: E402
 import scenario  # noqa: E402
 import tiny_families  # noqa: E402
 import tiny_models  # noqa: E402
+from prompt_checks import BETA, ENGINE, QUESTION, REQUESTS, check_questions_cached_apart, extra_count  # noqa: E402
 from test_vllm_video import expected_positions  # noqa: E402  (the unpruned run's positions at the kept tokens)
 
-from prompt_checks import BETA, ENGINE, QUESTION, REQUESTS, check_questions_cached_apart, extra_count  # noqa: E402
 WIDTH = tiny_families.TEXT["hidden_size"]  # the features ranked: the language model's width
 QWEN_RATIO = ({"ratio": 0.25}, 6, {"hiprune_ratio": 1.0})  # 6 x 4 merged tokens per image or video slice
 
@@ -195,12 +196,10 @@ def embedding_table(served):
 
 
 def expected_extras(full_embeddings, kept, prompt, count):
-    """The `count` not-kept tokens of highest cosine similarity to the prompt (ties: lower index), float64, on the
-    language model's width (the rows may hold Qwen3-VL's deepstack levels after it)."""
-    features = torch.tensor(full_embeddings, dtype=torch.float64)[:, :WIDTH]
-    cosine = torch.nn.functional.cosine_similarity(features, prompt[None], dim=1)
-    left = [i for i in range(features.shape[0]) if i not in set(kept)]
-    return sorted(sorted(left, key=lambda i: (-cosine[i].item(), i))[:count])
+    """prompt_checks.expected_extras on the language model's width (the rows may hold Qwen3-VL's deepstack levels
+    after it)."""
+    return prompt_checks.expected_extras(torch.as_tensor(full_embeddings, dtype=torch.float64)[:, :WIDTH], kept,
+                                         prompt, count)
 
 
 def placeholder_runs(served, per_slice, video=False):
