@@ -20,7 +20,7 @@ from hf_testing import TEXT, left_pad, spied_forward, unpatch  # noqa: E402
 from test_hf_pooled_grid import (BREAK, IMAGE_END, INPUTS, START, END, _all_features,  # noqa: E402, F401
                                  gemma3, internvl, mistral3)
 from test_hf_pooled_grid import IMAGE as GRID_IMAGE  # noqa: E402
-from test_hf_qwen_vl import IMG, VID, _model, make_inputs  # noqa: E402
+from test_hf_qwen_vl import END, IMG, PATCH_DIM, START, VID, _model, make_inputs  # noqa: E402
 from test_integrations import IMAGE, N, _clip, llava, llava_next, next_inputs  # noqa: E402, F401
 from test_hf_gemma4_onevision import VIDEO, _gemma4_all_features, gemma4, gemma4_inputs  # noqa: E402, F401
 from test_hf_gemma4_onevision import IMAGE as GEMMA4_IMAGE  # noqa: E402
@@ -176,6 +176,57 @@ def test_qwen_style_images_and_video_slices(name, kind):
                              kind=kind)
     finally:
         unpatch(model)
+
+
+GLM_VIDEO_START, GLM_VIDEO_END = 154, 155  # test_hf_qwen_vl's tiny GLM configs
+GLM_QUESTIONS = [[40, 41, 42], [60, 61], []]  # the last row: the video, then the end of the turn
+
+
+def glm_video_inputs(questions=GLM_QUESTIONS, frames=2, side=8):
+    """GLM-4V's own video prompt (its processor's layout), one video of `frames` temporal slices per row:
+    <|begin_of_video|>, per slice <|begin_of_image|> placeholders <|end_of_image|> and its timestamp (plain text:
+    the processor writes the seconds as digits), <|end_of_video|>, then the row's question and eos; left-padded."""
+    n = side * side // 4
+    rows, types = [], []
+    for question in questions:
+        video = [GLM_VIDEO_START]
+        for s in range(frames):
+            video += [START] + [IMG] * n + [END, 20 + s]  # 20, 21: the timestamps
+        video.append(GLM_VIDEO_END)
+        rows.append([1, 5] + video + question + [2])
+        types.append([2 if t == IMG else 0 for t in rows[-1]])
+    ids, mask = left_pad(rows)
+    grid = torch.tensor([[frames, side, side]] * len(rows))
+    pixels = torch.randn(int(grid.prod(-1).sum()), PATCH_DIM, generator=torch.Generator().manual_seed(11))
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=left_pad(types)[0].int(),
+                pixel_values_videos=pixels, video_grid_thw=grid)
+
+
+@pytest.mark.parametrize("name", ["glm4v", "glm46v"])
+def test_glm_video_timestamps_are_not_prompt_text(name):
+    # GLM writes each frame's timestamp after its placeholders: after the last frame comes a timestamp, then
+    # <|end_of_video|>, then the question. The prompt text is the question; a row with none has no text.
+    model = _model(name)
+    inputs = glm_video_inputs()
+    try:
+        hiprune_ops.apply_hiprune(model, budget=5, video_budget=5, prompt_beta=BETA)
+        embeddings = integrations.hiprune_state(model).prompt_embeddings(inputs)
+    finally:
+        unpatch(model)
+    table = model.get_input_embeddings().weight.detach()
+    for row, (question, embedding) in enumerate(zip(GLM_QUESTIONS, embeddings)):
+        if not question:
+            assert embedding is None, row
+            continue
+        torch.testing.assert_close(embedding, table[question].float().mean(0), atol=0, rtol=0)
+    # The pipeline: every slice adds the tokens nearest its row's question, none for the row without one.
+    special = prompt.config_token_ids(model.config, model.config.text_config) | {0, 1, 2}
+    try:
+        added = assert_prompt_tokens(model, inputs, 5, _qwen_features(model, inputs, "video"), {IMG}, special,
+                                     kind="video", visual={IMG, GLM_VIDEO_END})
+    finally:
+        unpatch(model)
+    assert [a.numel() for a in added] == [1, 1, 1, 1, 0, 0]  # round(0.25 * 5) per slice; two slices per row
 
 
 @pytest.mark.parametrize("name,markers", [("internvl", [START, END]), ("gemma3", []),

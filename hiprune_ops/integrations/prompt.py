@@ -1,14 +1,15 @@
 """HiPrune++'s prompt side, for every framework: which tokens of a prompt are its text, and which prompt row each
 visual item belongs to.
 
-The prompt text of a row (the rule, as one function): the tokens after the row's last visual placeholder, up to
-the first special token after them or the first end-of-turn token (eos) after the placeholder, whichever comes
-first, leaving out padding (attention_mask 0) and special tokens. Special tokens: the config's token ids
-(placeholders, image start / end markers, bos / eos / pad) and any the caller adds (a tokenizer's
-all_special_ids); end-of-turn tokens: the config's and generation config's eos ids (Qwen's <|im_end|>, Gemma's
-<end_of_turn>). So in a chat the text is the question of the turn that carries the latest image; template words
-that are not special tokens ("ASSISTANT:" in LLaVA-1.5's plain template) count as text. A row with no such token
-(an image followed by the end of its turn) has no text: its items get no extra tokens.
+The prompt text of a row (the rule, as one function): the tokens after the row's last visual token (its
+placeholders; where a video's prompt interleaves text with its frames, as GLM-4V's timestamps, the whole video
+through its end marker: `spans`), up to the first special token after them or the first end-of-turn token (eos)
+after it, whichever comes first, leaving out padding (attention_mask 0) and special tokens. Special
+tokens: the config's token ids (placeholders, image start / end markers, bos / eos / pad) and any the caller adds (a
+tokenizer's all_special_ids); end-of-turn tokens: the config's and generation config's eos ids (Qwen's <|im_end|>,
+Gemma's <end_of_turn>). So in a chat the text is the question of the turn that carries the latest image; template
+words that are not special tokens ("ASSISTANT:" in LLaVA-1.5's plain template) count as text. A row with no such
+token (an image followed by the end of its turn) has no text: its items get no extra tokens.
 No framework import here.
 """
 
@@ -45,7 +46,7 @@ def _first(where: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 def text_mask(input_ids: torch.Tensor, visual: torch.Tensor, special_ids: Iterable[int],
               attention_mask: Optional[torch.Tensor] = None, end_ids: Iterable[int] = ()) -> torch.Tensor:
-    """(B, L) bool: each row's prompt text by the module's rule. visual: (B, L) bool, the visual placeholders;
+    """(B, L) bool: each row's prompt text by the module's rule. visual: (B, L) bool, the visual tokens;
     end_ids: the end-of-turn ids (special too)."""
     def among(ids):
         return torch.isin(input_ids, torch.tensor(sorted(set(ids)), dtype=input_ids.dtype, device=input_ids.device))
@@ -61,6 +62,13 @@ def text_mask(input_ids: torch.Tensor, visual: torch.Tensor, special_ids: Iterab
     end = torch.minimum(_first(after & special & (positions > first_text), positions),
                         _first(after & end_of_turn, positions))
     return candidate & (positions < end) & visual.any(1, keepdim=True)
+
+
+def spans(input_ids: torch.Tensor, start_id: int, end_id: int) -> torch.Tensor:
+    """(B, L) bool: the tokens from each start_id through the next end_id, both included (a start without an end
+    runs to the row's end)."""
+    opened, closed = (input_ids == start_id).cumsum(1), (input_ids == end_id).cumsum(1)
+    return (opened > closed) | (input_ids == end_id)
 
 
 def mean_embeddings(embeddings: torch.Tensor, mask: torch.Tensor) -> list[Optional[torch.Tensor]]:

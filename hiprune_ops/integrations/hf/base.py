@@ -141,14 +141,20 @@ class Adapter:
     def placeholder_mask(self, kind: str, kwargs: dict) -> torch.Tensor:
         return kwargs["input_ids"] == getattr(self.model.config, f"{kind}_token_id")
 
-    def prompt_embeddings(self, kwargs: dict) -> list[Optional[torch.Tensor]]:
-        """HiPrune++: per prompt row, the mean input embedding of its text (prompt.py's rule), or None (no text)."""
-        input_ids = kwargs["input_ids"]
-        visual = torch.zeros_like(input_ids, dtype=torch.bool)
+    def prompt_visual(self, kwargs: dict) -> torch.Tensor:
+        """(B, L) bool: the visual tokens of prompt.py's text rule (the text follows the last of them): the
+        placeholders of every kind given."""
+        visual = torch.zeros_like(kwargs["input_ids"], dtype=torch.bool)
         for kind, key in self.media_keys.items():
             if kwargs.get(key) is not None:
                 visual |= self.placeholder_mask(kind, kwargs)
-        text = prompt.text_mask(input_ids, visual, self.special_ids, kwargs.get("attention_mask"), self.end_ids)
+        return visual
+
+    def prompt_embeddings(self, kwargs: dict) -> list[Optional[torch.Tensor]]:
+        """HiPrune++: per prompt row, the mean input embedding of its text (prompt.py's rule), or None (no text)."""
+        input_ids = kwargs["input_ids"]
+        text = prompt.text_mask(input_ids, self.prompt_visual(kwargs), self.special_ids, kwargs.get("attention_mask"),
+                                self.end_ids)
         with torch.no_grad():
             return prompt.mean_embeddings(self.model.get_input_embeddings()(input_ids), text)
 

@@ -4,6 +4,9 @@ images and videos.
 
 - A video goes through the tower as one grid (1, h, w) per temporal slice (cu_seqlens per frame), as
   get_video_features does; each slice is then pruned on its own grid like every Qwen-style video.
+- A video's prompt interleaves its frames with their timestamps (`<|begin_of_image|>` placeholders
+  `<|end_of_image|>` seconds, per frame) between `<|begin_of_video|>` and `<|end_of_video|>`: all of it is the
+  video, so HiPrune++'s prompt text (prompt.py's rule) starts after `<|end_of_video|>`, never at the last timestamp.
 - Video placeholders use the image token id; mm_token_type_ids (the processor's output, 1 image, 2 video) tells
   them apart and is required with videos. transformers scatters images and videos into that one id, so a prompt
   with both is handed over as one image stream in prompt order (transformers itself cannot take such a prompt).
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import families
+from .. import families, prompt
 from .qwen_vl import KIND_TYPE, QwenVLAdapter
 
 
@@ -37,6 +40,13 @@ class Glm4vAdapter(QwenVLAdapter):
                                  "frames use the image placeholder id")
             return (kwargs["input_ids"] == self.image_token_id).int()
         return types
+
+    def prompt_visual(self, kwargs):
+        visual = super().prompt_visual(kwargs)
+        if kwargs.get("pixel_values_videos") is None:
+            return visual
+        config = self.model.config  # the video's markers and timestamps count as visual: the text follows them
+        return visual | prompt.spans(kwargs["input_ids"], config.video_start_token_id, config.video_end_token_id)
 
     def placeholder_mask(self, kind, kwargs):
         return (kwargs["input_ids"] == self.image_token_id) & (self.token_types(kwargs) == KIND_TYPE[kind])
