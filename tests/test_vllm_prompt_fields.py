@@ -78,3 +78,14 @@ def test_video_fields_carry_extra_tokens_per_slice(text):
 def test_prompt_fields_of_each_modality_are_distinct():
     image, video = _common.PROMPT_FIELDS_OF["image"], _common.PROMPT_FIELDS_OF["video"]
     assert len(set(image) | set(video)) == 6 and image == _common.PROMPT_FIELDS
+
+
+def test_a_familys_image_extra_count_leaves_video_slices_to_the_default():
+    class AnyRes(_common.ProcessorMixin):  # an override as LLaVA-NeXT's: its images' count is its own
+        def _extra_counts(self, beta, has_text, kept, counts, processed):
+            return [99] * len(kept)
+
+    settings = HiPruneSettings(enabled=True, ratio=0.25, prompt_beta=0.5)
+    fields = {modality: AnyRes()._prompt_fields(modality, {PROMPT_IDS_KWARG: [30]}, settings, [6], [24])
+              for modality in ("image", "video")}
+    assert [fields[m][_common.PROMPT_FIELDS_OF[m][2]].tolist() for m in ("image", "video")] == [[99], [3]]

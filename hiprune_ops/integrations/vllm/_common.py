@@ -353,13 +353,13 @@ class ProcessorMixin:
 
     def _prompt_fields(self, modality: str, hf_kwargs, settings: HiPruneSettings, kept: list[int],
                        counts: list[int], processed=None) -> dict:
-        """HiPrune++ fields of a modality's items (PROMPT_FIELDS_OF), kept / counts per item (a video's: per slice;
-        an image's extra count from _extra_counts). Every item carries them (beta 0: no extra tokens), so any two
-        items batch together."""
+        """HiPrune++ fields of a modality's items (PROMPT_FIELDS_OF), kept / counts per item (a video's: per slice).
+        Every item carries them (beta 0: no extra tokens), so any two items batch together."""
         text_ids = list(hf_kwargs.get(PROMPT_IDS_KWARG) or [])
         beta = float(settings.prompt_beta)
-        extras = (self._extra_counts(beta, bool(text_ids), kept, counts, processed) if modality == "image"
-                  else [ops.prompt_extra_count(k, n, beta, has_text=bool(text_ids)) for k, n in zip(kept, counts)])
+        # A family's _extra_counts override counts its images (AnyRes tiles); a video slice is one grid: the default.
+        extra_counts = type(self)._extra_counts if modality == "image" else ProcessorMixin._extra_counts
+        extras = extra_counts(self, beta, bool(text_ids), kept, counts, processed)
         ids_field, beta_field, extra_field = PROMPT_FIELDS_OF[modality]
         return {ids_field: torch.tensor([text_ids] * len(kept), dtype=torch.int64),
                 beta_field: torch.tensor([beta] * len(kept), dtype=torch.float64),
