@@ -54,40 +54,54 @@ def extra_count(keep, beta):
     return int(torch.tensor(beta * keep, dtype=torch.float64).round().item())  # round half to even
 
 
-def special_ids(model_dir) -> set:
-    """The tokenizer's special ids and the token ids config.json names (as integrations/prompt.py)."""
+def prompt_ids_of(model_dir) -> tuple[set, set]:
+    """(special, end-of-turn) ids as integrations/prompt.py takes them: special, the tokenizer's special ids and the
+    token ids config.json and generation_config.json name (their text configs too); end-of-turn, their eos ids."""
     import transformers
 
-    special = set(transformers.AutoTokenizer.from_pretrained(model_dir).all_special_ids)
-    with open(os.path.join(model_dir, "config.json")) as f:
-        config = json.load(f)
-    for section in (config, config.get("text_config") or {}):
-        for key, value in section.items():
-            if key.endswith(("token_id", "token_ids", "token_index")):
-                special.update(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int))
-    return special
+    special, ends = set(transformers.AutoTokenizer.from_pretrained(model_dir).all_special_ids), set()
+    for file in ("config.json", "generation_config.json"):
+        path = os.path.join(model_dir, file)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            config = json.load(f)
+        for section in (config, config.get("text_config") or {}):
+            for key, value in section.items():
+                if key.endswith(("token_id", "token_ids", "token_index")):
+                    ids = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)]
+                    special.update(ids)
+                    if key == "eos_token_id":
+                        ends.update(ids)
+    return special, ends
 
 
-def prompt_embedding(model_dir, prompt_ids, token, special=()):
-    """float64 mean of the language model's embedding rows over the prompt's text: the ids after the last image
-    placeholder, from the first ordinary token to the next special one (special_ids, and `special`); and those
-    text ids."""
+def embedding_table(model_dir, dtype=torch.float32):
+    """The language model's input embedding table in float64, rounded first to the engine's dtype (`dtype`)."""
     from safetensors import safe_open
 
-    special = special_ids(model_dir) | set(special)
-    after = prompt_ids[max(i for i, t in enumerate(prompt_ids) if t == token) + 1:]
+    path = glob.glob(os.path.join(model_dir, "*.safetensors"))[0]
+    with safe_open(path, "pt") as f:
+        table = f.get_tensor(next(k for k in f.keys() if k.endswith("embed_tokens.weight")))
+    return table.to(dtype).double()
+
+
+def prompt_embedding(model_dir, prompt_ids, token, special=(), dtype=torch.float32):
+    """float64 mean of the language model's embedding rows (embedding_table) over the prompt's text, and those text
+    ids: the ids after the last `token` (the image placeholder), from the first ordinary token to the next special
+    one, or to the first end-of-turn one (prompt_ids_of; `special`: more ids that are not text)."""
+    special_ids, ends = prompt_ids_of(model_dir)
+    special_ids |= set(special)
     text = []
-    for t in after:
-        if t in special:
+    for t in prompt_ids[max(i for i, t in enumerate(prompt_ids) if t == token) + 1:]:
+        if t in ends:
+            break
+        if t in special_ids:
             if text:
                 break
             continue
         text.append(t)
-    path = glob.glob(os.path.join(model_dir, "*.safetensors"))[0]
-    with safe_open(path, "pt") as f:
-        name = next(k for k in f.keys() if k.endswith("embed_tokens.weight"))
-        table = f.get_tensor(name).double()
-    return table[text].mean(0), text
+    return embedding_table(model_dir, dtype)[text].mean(0), text
 
 
 def expected_extras(full_embeddings, kept, prompt, count):
@@ -102,7 +116,7 @@ def check_extras(family_result, name, beta, image_rows=None, special=()):
     """Request `name` of a family: its prompt holds kept + extra placeholders, the extras are the not-kept tokens
     most similar to its prompt, and the language model received exactly those tokens of the unpruned image (the
     "full" request's). image_rows(result) -> the received embeddings of the image's tokens (default: all of them);
-    special: markers after the image that are not text, besides special_ids. Returns the kept indices."""
+    special: markers after the image that are not text, besides prompt_ids_of's. Returns the kept indices."""
     arch, model_dir, token, keep, results, _ = family_result
     result, hiprune = results[name], results["beta_0"]["kept"][0]
     kept = result["kept"][0]

@@ -15,7 +15,6 @@ on a copy whose generation config names one more eos (a plain word, as Qwen's <|
 prompt text ends before it, as apply_hiprune's.
 """
 
-import glob
 import json
 import os
 import shutil
@@ -149,50 +148,12 @@ def video_family(request, engines):
 
 
 def prompt_embedding(served, prompt_ids, token):
-    """float64 mean of the language model's embedding rows over the prompt's text: the ids after the last visual
-    placeholder, from the first ordinary token to the next special one, or to the first end-of-turn one (special
-    ids: the tokenizer's and the token ids config.json and generation_config.json name; end-of-turn: their eos ids,
-    as integrations/prompt.py)."""
-    import transformers
-
-    model_dir = served.model_dir
-    special = set(transformers.AutoTokenizer.from_pretrained(model_dir).all_special_ids)
-    ends = set()
-    sections = []
-    for file in ("config.json", "generation_config.json"):
-        path = os.path.join(model_dir, file)
-        if os.path.exists(path):
-            with open(path) as f:
-                config = json.load(f)
-            sections += [config, config.get("text_config") or {}]
-    for section in sections:
-        for key, value in section.items():
-            if key.endswith(("token_id", "token_ids", "token_index")):
-                ids = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)]
-                special.update(ids)
-                if key == "eos_token_id":
-                    ends.update(ids)
-    after = prompt_ids[max(i for i, t in enumerate(prompt_ids) if t == token) + 1:]
-    text = []
-    for t in after:
-        if t in ends:
-            break
-        if t in special:
-            if text:
-                break
-            continue
-        text.append(t)
-    return embedding_table(served)[text].mean(0), text
+    """prompt_checks.prompt_embedding on the served model, its table rounded to the engine's dtype."""
+    return prompt_checks.prompt_embedding(served.model_dir, prompt_ids, token, dtype=engine_dtype(served))
 
 
-def embedding_table(served):
-    """The language model's input embedding table in float64, rounded to the engine's dtype (Qwen3.5: bfloat16)."""
-    from safetensors import safe_open
-
-    path = glob.glob(os.path.join(served.model_dir, "*.safetensors"))[0]
-    with safe_open(path, "pt") as f:
-        table = f.get_tensor(next(k for k in f.keys() if k.endswith("embed_tokens.weight")))
-    return table.to(getattr(torch, engine_of(served.name).get("dtype", "float32"))).double()
+def engine_dtype(served):
+    return getattr(torch, engine_of(served.name).get("dtype", "float32"))  # Qwen3.5: bfloat16
 
 
 def expected_extras(full_embeddings, kept, prompt, count):
@@ -300,7 +261,7 @@ def test_the_generation_configs_eos_ends_the_prompt_text(engines):
     assert text == ids[at - 2:at]  # "a picture"
     check_extras(served, "eos", BETA)
     # Where it matters: the whole question (the text without the generation config's eos) picks other tokens.
-    whole = embedding_table(served)[ids[at - 2:]].mean(0)
+    whole = prompt_checks.embedding_table(served.model_dir, engine_dtype(served))[ids[at - 2:]].mean(0)
     full, base = served.results["full"]["embeddings"][0], served.results["beta_0"]["kept"][0]
     count = extra_count(served.case.keep, BETA)
     assert expected_extras(full, base, whole, count) != expected_extras(full, base, prompt, count)
