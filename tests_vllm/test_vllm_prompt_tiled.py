@@ -1,5 +1,5 @@
-"""Tier 2: HiPrune++ (prompt_beta) in the vLLM plugin for the tiled families (InternVL, Idefics3, Gemma 3, PaliGemma)
-and the AnyRes ones (LLaVA-NeXT, LLaVA-OneVision images), tiny random models on vLLM's CPU build.
+"""Tier 2: HiPrune++ (prompt_beta) in the vLLM plugin for the tiled families (InternVL, Idefics3, SmolVLM, Gemma 3,
+PaliGemma) and the AnyRes ones (LLaVA-NeXT, LLaVA-OneVision images), tiny random models on vLLM's CPU build.
 
 As apply_hiprune, every tile (a tile, thumbnail, global image, AnyRes base tile) is its own item: it keeps its
 HiPrune tokens plus prompt_extra_count(kept, tokens per tile, beta) tokens most similar to its image's prompt. One
@@ -33,13 +33,17 @@ GRID = 8  # the AnyRes models' patches per tile side
 FAMILIES = {
     "internvl": ({"budget": 6}, 6, 16, 3, None),          # 112 x 224: 2 tiles and the thumbnail
     "idefics3": ({"budget": 6}, 6, 16, 3, None),          # 2 tiles and the global image
+    "smolvlm": ({"budget": 6}, 6, 16, 3, None),           # Idefics3's binding, pixel_shuffle 4: as idefics3
     "gemma3": ({"budget": 6}, 6, 16, 1, None),
     "paligemma": ({"budget": 16}, 16, 64, 1, None),
     "llava_next": ({"budget": 48}, 16, 64, 3, 2),         # the base tile and 1 x 2 tiles: 48 // 3 each
     "llava_onevision": ({"budget": 48}, 16, 64, 3, 2),
 }
-# The families whose prompt without a question still has text: the newline token closing the image or the prompt.
-NEWLINE_TEXT = {"gemma3": tiny_families.GEMMA3_SPECIAL["\n\n"], "paligemma": 151}  # build_paligemma's "\n"
+# The families whose prompt without a question still has text: the newline token closing the image or the prompt;
+# SmolVLM's <fake_token_around_image> closing the image, which its tiny tokenizer lists in no special ids (transformers'
+# SmolVLMProcessor, unlike Idefics3's, does not add it to them).
+TEXT_WITHOUT_QUESTION = {"gemma3": tiny_families.GEMMA3_SPECIAL["\n\n"], "paligemma": 151,  # build_paligemma's "\n"
+                         "smolvlm": tiny_families.IDEFICS_SPECIAL["<fake_token_around_image>"]}
 QUESTION = "what is this"
 REQUESTS = {
     "default": {},                                                     # the prompt's own question
@@ -139,9 +143,15 @@ def apply_hiprune_kept(arch, model_dir, results, beta):
     hiprune_ops.apply_hiprune(model, budget=FAMILIES[arch][0]["budget"], prompt_beta=beta,
                               prompt_special_ids=processor.tokenizer.all_special_ids)
     ids = torch.tensor([results["full"]["prompt_ids"]])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                  **{k: pixels[k] for k in ("pixel_values", "pixel_attention_mask", "image_sizes") if k in pixels})
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=torch.ones_like(ids),
-              **{key: pixels[key] for key in ("pixel_values", "pixel_attention_mask", "image_sizes") if key in pixels})
+        if arch == "smolvlm":
+            # transformers < 5.20 (vLLM's): SmolVLM's inputs_merger takes whole tiles, so the pruned prompt's
+            # forward fails after the selection; apply_hiprune's preparation of it selects the same tokens.
+            integrations.hiprune_state(model).prepare(inputs, for_generate=False)
+        else:
+            model(**inputs)
     # Per tile: the grid families record one index tensor per tile, the AnyRes ones one (tiles, kept) per image.
     return [tile.tolist() for image in integrations.hiprune_state(model).last.indices
             for tile in (image if image.dim() == 2 else [image])]
@@ -170,12 +180,13 @@ def test_the_same_tokens_as_apply_hiprune(family):
 def test_no_text_no_extra_tokens(family):
     """Nothing after the image: no extra tokens. Except where the rule finds a plain token there: Gemma 3's image
     text ends with "\n\n" and vLLM ends PaliGemma's prompt with "\n", ordinary tokens in these tokenizers (as in the
-    released ones), so they are the text, apply_hiprune's as vLLM's."""
+    released ones), and the tiny SmolVLM's closing marker (TEXT_WITHOUT_QUESTION), so they are the text, apply_hiprune's
+    as vLLM's."""
     arch, model_dir, results = family
     token = tiny_families.FAMILIES[arch].image_token
     _, text = prompt_embedding(model_dir, results["no_text"]["prompt_ids"], token)
-    if arch in NEWLINE_TEXT:
-        assert text == [NEWLINE_TEXT[arch]]
+    if arch in TEXT_WITHOUT_QUESTION:
+        assert text == [TEXT_WITHOUT_QUESTION[arch]]
         check_extras(family, "no_text", BETA)
         return
     assert text == []
