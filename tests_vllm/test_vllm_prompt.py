@@ -12,7 +12,9 @@ output (prefix caching and the processor cache on); prompt_beta 0 is HiPrune (fo
 same as an engine without prompt_beta); a prompt without text gets no extra tokens; a bad hiprune_prompt_beta fails
 its request only; video slices keep their markers and the kept tokens their unpruned M-RoPE positions. Qwen2-VL runs
 on a copy whose generation config names one more eos (a plain word, as Qwen's <|endoftext|> is only there): the
-prompt text ends before it, as apply_hiprune's.
+prompt text ends before it, as apply_hiprune's. GLM-4.1V runs on a copy whose tokenizer reads digits as words: the
+timestamp its video prompt writes after every frame is text, and the prompt text is still the question after the
+video, in vLLM and in apply_hiprune.
 """
 
 import json
@@ -62,6 +64,11 @@ FRAMES, SLICES = 4, 2  # temporal_patch_size 2
 # Qwen2-VL's copy: its generation config's eos list adds EOS_WORD; EOS_QUESTION holds it mid-question.
 EOS_FAMILY, EOS_WORD = "qwen2_vl", 200
 EOS_QUESTION = f"a picture w{EOS_WORD} what is this"  # its text, "a picture", is no other request's (else cached)
+# GLM-4.1V's copy: its tokenizer reads digits as words (ids of w-words no request uses), so the timestamp GLM's
+# video prompt writes after every frame is text, as in a released tokenizer (the tiny one reads <unk>); the last one
+# follows the last frame. The prompt text is the question after the video: VIDEO_END, the token it follows.
+TIMESTAMP_FAMILY, DIGIT_IDS = "glm4v", {str(d): 240 + d for d in range(10)}
+VIDEO_END = {TIMESTAMP_FAMILY: tiny_families.GLM_IDS["video_end_token_id"]}
 VIDEO_REQUESTS = {
     "video": {},
     "video_question": {"question": QUESTION},
@@ -106,6 +113,24 @@ def with_generation_eos(model_dir, folder):
     return str(folder)
 
 
+def with_digit_words(model_dir, folder):
+    """A copy of model_dir whose tokenizer maps the digits to DIGIT_IDS (those ids' w-words renamed)."""
+    shutil.copytree(model_dir, folder)
+    path = os.path.join(folder, "tokenizer.json")
+    with open(path) as f:
+        tokenizer = json.load(f)
+    vocab = tokenizer["model"]["vocab"]
+    for digit, index in DIGIT_IDS.items():
+        assert vocab.pop(f"w{index}") == index
+        vocab[digit] = index
+    with open(path, "w") as f:
+        json.dump(tokenizer, f)
+    return str(folder)
+
+
+MODEL_COPIES = {EOS_FAMILY: with_generation_eos, TIMESTAMP_FAMILY: with_digit_words}  # name -> its copy's maker
+
+
 class Served(NamedTuple):
     name: str
     model_dir: str
@@ -121,8 +146,8 @@ def engines(tiny_model, tmp_path_factory):
     jobs, model_dirs = [], {}
     for name, case in FAMILIES.items():
         model_dir = tiny_model(name)
-        if name == EOS_FAMILY:
-            model_dir = with_generation_eos(model_dir, tmp_path_factory.mktemp("eos") / name)
+        if name in MODEL_COPIES:
+            model_dir = MODEL_COPIES[name](model_dir, tmp_path_factory.mktemp("copy") / name)
         model_dirs[name] = model_dir
         jobs.append((model_dir, name, {"hf_overrides": {"hiprune": {**case.default, "prompt_beta": BETA}},
                                        "engine": engine_of(name), "requests": list(requests_of(name).values())}))
@@ -188,7 +213,7 @@ def check_extras(served, name, beta, video=False):
     count = extra_count(served.case.keep, beta)
     assert count > 0 and len(kept_slices) == len(base_slices) == slices
     assert scenario.token_runs(result, token) == placeholder_runs(served, served.case.keep + count, video)
-    prompt, text = prompt_embedding(served, result["prompt_ids"], token)
+    prompt, text = prompt_embedding(served, result["prompt_ids"], VIDEO_END.get(served.name, token) if video else token)
     assert text, "the prompt has text"
     for s, (kept, base) in enumerate(zip(kept_slices, base_slices)):
         assert len(kept) == served.case.keep + count and len(base) == served.case.keep
@@ -272,6 +297,29 @@ def test_video_slices_hold_kept_plus_extra_tokens(video_family):
     check_extras(video_family, "video", BETA, video=True)
 
 
+def test_glm_video_timestamps_are_not_prompt_text(engines):
+    """GLM's video prompt: per frame <|begin_of_image|> placeholders <|end_of_image|> and its timestamp (text in this
+    copy), then <|end_of_video|> and the question. Each slice's extra tokens are the question's, not the last
+    timestamp's (which here picks others)."""
+    import transformers
+
+    served = engines[TIMESTAMP_FAMILY]
+    ids, end = served.results["video"]["prompt_ids"], VIDEO_END[TIMESTAMP_FAMILY]
+    last_frame = max(i for i, t in enumerate(ids) if t == video_token(served))
+    assert ids[last_frame + 2:ids.index(end)] == [DIGIT_IDS["1"]]  # after <|end_of_image|>: 1 second
+    question = transformers.AutoTokenizer.from_pretrained(served.model_dir).encode(
+        tiny_families.GLM_VIDEO_PROMPT.split("> ")[-1], add_special_tokens=False)
+    assert prompt_embedding(served, ids, end)[1] == question == ids[ids.index(end) + 1:]
+    check_extras(served, "video", BETA, video=True)
+    # Where it matters: the timestamp as the prompt text would pick other tokens.
+    table = prompt_checks.embedding_table(served.model_dir)
+    full, base = torch.tensor(served.results["video_full"]["embeddings"][0]), served.results["video_beta_0"]["kept"]
+    plane, count = full.shape[0] // SLICES, extra_count(served.case.keep, BETA)
+    picks = [[expected_extras(full[s * plane:(s + 1) * plane], base[s], table[text].mean(0), count)
+              for s in range(SLICES)] for text in (question, [DIGIT_IDS["1"]])]
+    assert picks[0] != picks[1]
+
+
 def test_two_questions_on_one_video_each_get_their_own_tokens(video_family):
     results = video_family.results
     first = check_extras(video_family, "video", BETA, video=True)
@@ -335,16 +383,20 @@ def apply_hiprune_kept(served, kind):
     hiprune_ops.apply_hiprune(model, ratio=served.case.default["ratio"], prompt_beta=BETA,
                               prompt_special_ids=processor.tokenizer.all_special_ids)
     ids = torch.tensor([prompt_ids])
+    inputs = {k: v for k, v in pixels.items() if k != "video_metadata"}
+    if served.name.startswith("glm"):  # which of its image placeholders are video frames: the processor's types
+        inputs["mm_token_type_ids"] = torch.tensor(processor.create_mm_token_type_ids([prompt_ids]))
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), **{k: v for k, v in pixels.items()
-                                                                     if k != "video_metadata"})
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs)
     state = integrations.hiprune_state(model)
     return [index.tolist() for index in (state.last if kind == "image" else state.last_video).indices]
 
 
 # Not Qwen3-VL's videos: on the same pixels vLLM's tower output for a video differs from transformers' (by 0.036 at
 # most on the tiny model; its images keep the same tokens here), so HiPrune alone already keeps other tokens there.
-@pytest.mark.parametrize("name,kind", [("qwen3_vl", "image"), ("glm4v", "image"), ("qwen2_vl", "video")])
+# GLM's videos: the prompt holds a timestamp after every frame (text in its copy), the prompt text the question after.
+@pytest.mark.parametrize("name,kind", [("qwen3_vl", "image"), ("glm4v", "image"), ("qwen2_vl", "video"),
+                                       ("glm4v", "video")])
 def test_the_same_tokens_as_apply_hiprune(engines, name, kind):
     served = engines[name]
     ours = served.results["default" if kind == "image" else "video"]["kept"]
