@@ -2,7 +2,7 @@
 
 Engines run in fresh processes (scenario.py): with the plugin (found through its entry point) or without it
 (VLLM_PLUGINS=none), in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) or in vLLM's default multiprocess mode. The
-in-process engines share two processes (scenario.run_many): LLaVA's and Qwen's without the plugin, then with it.
+in-process engines run in the session's shared processes (conftest.shared_runs).
 """
 
 import os
@@ -42,15 +42,17 @@ REQUESTS = [
 ]
 
 
+SPECS = {"llava": {"hf_overrides": {"hiprune": {"budget": 16}},
+                   "requests": REQUESTS + [{"mm_processor_kwargs": {"hiprune_budget": 64}}]},
+         "qwen": {"hf_overrides": {"hiprune": {"ratio": 0.25}}, "requests": REQUESTS}}
+SHARED_ENGINES = scenario.engine_pairs({f"test_vllm {arch}": (arch, {"requests": [{}]}, spec)  # conftest.shared_runs
+                                       for arch, spec in SPECS.items()})
+
+
 @pytest.fixture(scope="module")
-def engines(models):
-    """Per model: (vanilla results, pruned results); the two models' engines in one process per plugin mode."""
-    specs = {"llava": {"hf_overrides": {"hiprune": {"budget": 16}},
-                       "requests": REQUESTS + [{"mm_processor_kwargs": {"hiprune_budget": 64}}]},
-             "qwen": {"hf_overrides": {"hiprune": {"ratio": 0.25}}, "requests": REQUESTS}}
-    vanilla = scenario.run_many([(models[arch], arch, {"requests": [{}]}) for arch in specs], plugin=False)
-    pruned = scenario.run_many([(models[arch], arch, spec) for arch, spec in specs.items()])
-    return dict(zip(specs, zip(vanilla, pruned)))
+def engines(shared_runs):
+    """Per model: (vanilla results, pruned results)."""
+    return {arch: shared_runs.pair(f"test_vllm {arch}") for arch in SPECS}
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Tier 2 for the SigLIP-grid bindings: Gemma 3 (4 x 4 average pool, pan-and-scan crops as tiles) and PaliGemma.
 
-Tiny random models from tiny_families.py; per family one engine without the plugin and one with it, the two
-families' engines sharing one process per plugin mode (scenario.run_many), every case reading the same runs.
+Tiny random models from tiny_families.py; per family one engine without the plugin and one with it, run in the
+session's shared processes (conftest.shared_runs), every case reading the same runs.
 Expected counts come from the tiles' grids and the budget rule, not from the engine.
 """
 
@@ -34,24 +34,29 @@ def with_kwargs(request, **kwargs):
     return dict(request, mm_processor_kwargs=dict(request.get("mm_processor_kwargs", {}), **kwargs))
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_model):
-    """name -> (vanilla runs, pruned runs): requests 0-3 shared, then the family's own, each pruned and at full
-    budget."""
-    vanilla_jobs, pruned_jobs = [], []
+def _pairs() -> dict:
+    """name -> (model, vanilla spec, pruned spec): requests 0-3 shared, then the family's own, each pruned and at
+    full budget."""
+    pairs = {}
     for name, (_, _, limits, own) in FAMILIES.items():
         engine = {"limit_mm_per_prompt": limits}
-        vanilla_jobs.append((tiny_model(name), name, {"engine": engine, "requests": [{}] + own}))
-        pruned_jobs.append((tiny_model(name), name, {"engine": engine, "hf_overrides": {"hiprune": {"ratio": RATIO}},
-                                                     "requests": [
-            {},                                                   # 0 the server default
-            {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},      # 1 off for this request
-            {"mm_processor_kwargs": {"hiprune_budget": 5}},       # 2 this request's budget
-            {},                                                   # 3 the default again
-        ] + [r for request in own for r in (request, with_kwargs(request, hiprune_budget=0))]}))
-    vanilla = scenario.run_many(vanilla_jobs, plugin=False)
-    pruned = scenario.run_many(pruned_jobs)
-    return dict(zip(FAMILIES, zip(vanilla, pruned)))
+        pairs[f"gemma {name}"] = (name, {"engine": engine, "requests": [{}] + own}, {
+            "engine": engine, "hf_overrides": {"hiprune": {"ratio": RATIO}}, "requests": [
+                {},                                                   # 0 the server default
+                {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},      # 1 off for this request
+                {"mm_processor_kwargs": {"hiprune_budget": 5}},       # 2 this request's budget
+                {},                                                   # 3 the default again
+            ] + [r for request in own for r in (request, with_kwargs(request, hiprune_budget=0))]})
+    return pairs
+
+
+SHARED_ENGINES = scenario.engine_pairs(_pairs())  # conftest.shared_runs
+
+
+@pytest.fixture(scope="module")
+def engines(shared_runs):
+    """name -> (vanilla runs, pruned runs)."""
+    return {name: shared_runs.pair(f"gemma {name}") for name in FAMILIES}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

@@ -19,18 +19,20 @@ NAME = "idefics3"
 CONTEXT, GLOBAL = 151, 153  # <image>, <global-img>
 from tiled_cases import (DEFAULT, PER_TILE, TILES, check_full_budget_equals_vllm_without_plugin,  # noqa: E402
                          check_kept_embeddings_are_the_towers_at_the_kept_indices, check_positions_are_recompacted,
-                         collapsed, engines, kept)
+                         collapsed, engines, kept, shared_engines)
+
+SHARED_ENGINES = shared_engines(NAME, "smolvlm")  # conftest.shared_runs
 
 
 @pytest.fixture(scope="module")
-def idefics3(tiny_model):
-    return engines(NAME, tiny_model)
+def idefics3(shared_runs, tiny_model):
+    return engines(NAME, shared_runs, tiny_model)
 
 
 @pytest.fixture(scope="module", params=[NAME, "smolvlm"])
-def family(request, tiny_model):
+def family(request, shared_runs, tiny_model):
     """(vanilla results, pruned results, model path) of Idefics3, then of SmolVLM."""
-    return engines(request.param, tiny_model)
+    return engines(request.param, shared_runs, tiny_model)
 
 
 def runs(result, token=CONTEXT):
