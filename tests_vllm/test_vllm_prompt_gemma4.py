@@ -9,8 +9,8 @@ questions never shares a cached encoder output; prompt_beta 0 is HiPrune; no tex
 fails its request only. Against apply_hiprune on the transformers model of the same checkpoint, on the same prompt
 ids (a chat prompt among them): the same prompt text ids and the same kept tokens. Gemma 4 videos, on the same
 engine: every frame holds its kept + extra tokens, the extras recomputed as for an image from the unpruned video
-(hiprune_video_ratio 1.0); no text, no extra tokens; with and without prompt_beta the kept tokens of apply_hiprune
-on the same frames and prompt.
+(hiprune_video_ratio 1.0), and another question's on the same video its own; no text, no extra tokens; with and
+without prompt_beta the kept tokens of apply_hiprune on the same frames and prompt.
 """
 
 import os
@@ -54,6 +54,7 @@ FRAMES = 4
 VIDEO = {"videos": [[FRAMES, 224, 224]]}
 VIDEO_REQUESTS = {  # Gemma 4's engine: a video of 4 frames of 64 soft tokens, kept per frame as an image
     "video": dict(VIDEO),                                                               # the prompt's question
+    "video_question": dict(VIDEO, question=prompt_checks.QUESTION),                     # the same video, another
     "video_beta_0": dict(VIDEO, mm_processor_kwargs={"hiprune_prompt_beta": 0}),       # HiPrune
     "video_full": dict(VIDEO, mm_processor_kwargs={"hiprune_video_ratio": 1.0}),       # every token: the reference
     "video_no_text": dict(VIDEO, question=""),                                          # no text after the video
@@ -178,6 +179,15 @@ def test_the_same_text_and_tokens_as_apply_hiprune(family):
 def test_gemma4_video_frames_hold_kept_plus_extra_tokens_most_similar_to_the_prompt(engines):
     model_dir, results, _ = engines["gemma4"]
     check_video_extras(model_dir, VIDEO_TOKEN, results, "video", FAMILIES["gemma4"][2], BETA)
+
+
+def test_two_questions_on_one_gemma4_video_each_get_their_own_tokens(engines):
+    """Prefix caching and the processor cache on: the second question on the same video gets its own tokens."""
+    model_dir, results, _ = engines["gemma4"]
+    keep = FAMILIES["gemma4"][2]
+    first, second = (check_video_extras(model_dir, VIDEO_TOKEN, results, name, keep, BETA)
+                     for name in ("video", "video_question"))
+    assert first != second
 
 
 def test_gemma4_video_without_text_gets_no_extra_tokens(engines):

@@ -3,17 +3,17 @@ and the AnyRes ones (LLaVA-NeXT, LLaVA-OneVision images), tiny random models on 
 
 As apply_hiprune, every tile (a tile, thumbnail, global image, AnyRes base tile) is its own item: it keeps its
 HiPrune tokens plus prompt_extra_count(kept, tokens per tile, beta) tokens most similar to its image's prompt. One
-engine per family with a server default budget and prompt_beta, many requests each, all in one process: each
-tile's run of placeholders (InternVL and AnyRes: the image's one run) holds kept + extra; the extras are the
-not-kept tokens of highest cosine similarity, recomputed in float64 from the embeddings the language model received
-for the same image unpruned (hiprune_budget 0, same engine) and the embedding table; the language model got exactly
-those rows; no text, no extra tokens; the same image under two questions never shares a cached encoder output
-(prefix caching and the processor cache on). The kept tokens with prompt_beta and with hiprune_prompt_beta 0 are
+engine per family with a server default budget and prompt_beta, many requests each, all in one process: each tile's
+run of placeholders (InternVL and AnyRes: the image's one run) holds kept + extra; the extras are the not-kept
+tokens of highest cosine similarity, recomputed in float64 from the embeddings the language model received for the
+same image unpruned (hiprune_budget 0, same engine) and the embedding table; the language model got exactly those
+rows; no text, no extra tokens; the same image under two questions never shares a cached encoder output (prefix
+caching and the processor cache on). The kept tokens with prompt_beta and with hiprune_prompt_beta 0 are
 apply_hiprune's with and without prompt_beta on the transformers model of the same checkpoint, given vLLM's prompt
 (the HiPrune reference: no second engine). LLaVA-OneVision's videos, on its engine: every pooled frame holds its
 kept + extra tokens (the video's one run, frames x (kept + extra) + 1, the newline last), the extras recomputed from
-the unpruned video (hiprune_video_budget 0); no text, no extra tokens; with and without prompt_beta the kept tokens
-of apply_hiprune on the same frames and prompt.
+the unpruned video (hiprune_video_budget 0), and another question's on the same video its own; no text, no extra
+tokens; with and without prompt_beta the kept tokens of apply_hiprune on the same frames and prompt.
 """
 
 import os
@@ -66,6 +66,7 @@ def video_request(**mm_processor_kwargs):
 
 VIDEO_REQUESTS = {  # LLaVA-OneVision only
     "video": video_request(),                                        # the prompt's question
+    "video_question": dict(video_request(), question=QUESTION),      # the same video, another question
     "video_beta_0": video_request(hiprune_prompt_beta=0),            # HiPrune
     "video_full": video_request(hiprune_video_budget=0),             # every token: the reference embeddings
     "video_no_text": dict(video_request(), question=""),             # no text after the video
@@ -212,6 +213,14 @@ def test_two_questions_on_one_image_each_get_their_own_tokens(arch, engines):
 def test_onevision_video_frames_hold_kept_plus_extra_tokens_most_similar_to_the_prompt(engines):
     model_dir, results = engines["llava_onevision"]
     check_video_extras(model_dir, VIDEO_TOKEN, results, "video", VIDEO_KEEP, BETA, newline=True)
+
+
+def test_two_questions_on_one_onevision_video_each_get_their_own_tokens(engines):
+    """Prefix caching and the processor cache on: the second question on the same video gets its own tokens."""
+    model_dir, results = engines["llava_onevision"]
+    first, second = (check_video_extras(model_dir, VIDEO_TOKEN, results, name, VIDEO_KEEP, BETA, newline=True)
+                     for name in ("video", "video_question"))
+    assert first != second
 
 
 def test_onevision_video_without_text_gets_no_extra_tokens(engines):
