@@ -3,7 +3,7 @@
 and without the plugin never share a ModelRegistry.
 
     python scenario.py MODEL_DIR ARCH '{"hf_overrides": {...}, "requests": [{"mm_processor_kwargs": {...}}, ...]}'
-    python scenario.py --many '[[MODEL_DIR, ARCH, SPEC], ...]'    # one engine after another in this process
+    python scenario.py --many '[[MODEL_DIR, ARCH, SPEC], ...]'    # one engine after another from this process
     python scenario.py --many - < JOBS.json                       # the same, the jobs read from stdin
 
 ARCH: a key of PROMPTS, or a family of tiny_families.FAMILIES (its prompt and image size). Each request is generated
@@ -240,14 +240,26 @@ def run(model_dir: str, arch: str, spec: dict, plugin: bool = True, in_process: 
 @dataclasses.dataclass(frozen=True)
 class Engine:
     """An engine of the session's shared processes (conftest.shared_runs): a tiny model (conftest.tiny_model's name),
-    the spec it answers, with the plugin or without it; `refuses`: it must refuse to start (its outcome is then the
+    the spec it answers, with the plugin or without it, in-process or in vLLM's multiprocess mode (its engine core
+    and workers in processes of their own, spied on); `refuses`: it must refuse to start (its outcome is then the
     error text); `variant`: (model_dir, folder) -> the folder of a changed copy of the model."""
 
     model: str
     spec: dict
     plugin: bool = True
+    in_process: bool = True
     refuses: bool = False
     variant: Optional[Callable[[str, str], str]] = None
+
+
+def multiprocess(model: str, spec: dict, ranks: int = 1, **env: str) -> Engine:
+    """An Engine in vLLM's multiprocess mode with `ranks` tensor-parallel ranks, one core each (vLLM's automatic
+    binding wants a NUMA node per rank), `env` set for it. A machine with fewer cores fails it: its tests skip
+    (conftest.two_ranks)."""
+    if ranks > 1:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0))[:ranks])
+        spec = dict(spec, engine=dict(spec.get("engine", {}), tensor_parallel_size=ranks))
+    return Engine(model, dict(spec, env=env), in_process=False)
 
 
 WITHOUT_PLUGIN = " without the plugin"
@@ -264,10 +276,10 @@ def engine_pairs(pairs: dict) -> dict:
 
 
 class Many:
-    """Several engines, one after another, in one fresh in-process-mode process, running beside the caller (and
-    beside other Many) until `outcomes()`: jobs are (model_dir, arch, spec)."""
+    """Several engines, one after another, in one fresh process, running beside the caller (and beside other Many)
+    until `outcomes()`: jobs are (model_dir, arch, spec)."""
 
-    def __init__(self, jobs, plugin: bool = True, env=None):
+    def __init__(self, jobs, plugin: bool = True, env=None, in_process: bool = True):
         import subprocess
         import tempfile
 
@@ -277,9 +289,17 @@ class Many:
         self.stdout, self.stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--many", "-"],
                                         stdin=subprocess.PIPE, stdout=self.stdout, stderr=self.stderr, text=True,
-                                        env=_environment(plugin, True, env))
+                                        env=_environment(plugin, in_process, env), start_new_session=True)
         self.process.stdin.write(json.dumps(self.jobs))
         self.process.stdin.close()
+
+    def stop(self) -> None:
+        """Kills the process if it still runs (its engines' own processes are in its process group)."""
+        import signal
+
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
 
     def outcomes(self) -> list:
         """Per job, {"results": [...]} or {"error": "..."} (an engine that failed to start, or the process died)."""
@@ -288,8 +308,7 @@ class Many:
         try:
             self.process.wait(timeout=ENGINE_TIMEOUT_S * len(self.jobs))
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            self.stop()
         self.stdout.seek(0)
         self.stderr.seek(0)
         done = subprocess.CompletedProcess(self.process.args, self.process.returncode, self.stdout.read(),
@@ -313,17 +332,36 @@ def run_many(jobs, plugin: bool = True, env=None) -> list:
 
 
 def answer(model_dir: str, arch: str, spec: dict) -> list:
-    """Starts one engine and answers the spec's requests with it."""
-    from vllm import LLM, SamplingParams
+    """Starts one engine and answers the spec's requests with it, then stops it. The spec's "env" is set while the
+    engine runs: the engine's own processes (multiprocess mode) start with it."""
+    from vllm import LLM
 
-    # A KV cache of 64 MiB, not VLLM_CPU_KVCACHE_SPACE's GiB: zeroing a GiB costs most of a second per engine.
-    kwargs = dict(model=model_dir, max_model_len=512, dtype="float32", max_num_seqs=2, seed=0,
-                  limit_mm_per_prompt={"image": 1, "video": 0}, enforce_eager=True,
-                  compilation_config={"mode": 0}, kv_cache_memory_bytes=64 << 20)
-    if spec.get("hf_overrides"):
-        kwargs["hf_overrides"] = spec["hf_overrides"]
-    kwargs.update(spec.get("engine", {}))
-    llm = LLM(**kwargs)
+    saved = {key: os.environ.get(key) for key in spec.get("env", {})}
+    os.environ.update(spec.get("env", {}))
+    try:
+        # A KV cache of 64 MiB, not VLLM_CPU_KVCACHE_SPACE's GiB: zeroing a GiB costs most of a second per engine.
+        kwargs = dict(model=model_dir, max_model_len=512, dtype="float32", max_num_seqs=2, seed=0,
+                      limit_mm_per_prompt={"image": 1, "video": 0}, enforce_eager=True,
+                      compilation_config={"mode": 0}, kv_cache_memory_bytes=64 << 20)
+        if spec.get("hf_overrides"):
+            kwargs["hf_overrides"] = spec["hf_overrides"]
+        kwargs.update(spec.get("engine", {}))
+        llm = LLM(**kwargs)
+        try:
+            return _answer_with(llm, arch, spec)
+        finally:
+            llm.llm_engine.engine_core.shutdown()  # multiprocess mode: its processes go before the next engine's
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _answer_with(llm, arch: str, spec: dict) -> list:
+    from vllm import SamplingParams
+
     # Spying runs a function on the workers: in-process, or across processes where vLLM may pickle it.
     spy = (os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
            or os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") == "1")
@@ -384,7 +422,7 @@ def _release_engine() -> None:
 def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     full_collect = _collect_young_generations_only()
-    if sys.argv[1] == "--many":  # in-process engines only: each is torn down before the next starts
+    if sys.argv[1] == "--many":  # each engine is torn down before the next starts
         outcomes = []
         for model_dir, arch, spec in json.loads(sys.stdin.read() if sys.argv[2] == "-" else sys.argv[2]):
             try:

@@ -64,9 +64,13 @@ def _pairs() -> dict:
     return {f"families {name}": pair for name, pair in pairs.items()}
 
 
-# conftest.shared_runs; the last: an uncovered architecture given a setting must refuse to start.
+TWO_RANKS = "families qwen3_vl, two ranks"
+# conftest.shared_runs; an uncovered architecture given a setting must refuse to start.
 SHARED_ENGINES = {**scenario.engine_pairs(_pairs()), "families uncovered with a setting": scenario.Engine(
-    UNCOVERED, {"hf_overrides": {"hiprune": {"ratio": 0.5}}, "requests": [{}]}, refuses=True)}
+    UNCOVERED, {"hf_overrides": {"hiprune": {"ratio": 0.5}}, "requests": [{}]}, refuses=True),
+    TWO_RANKS: scenario.multiprocess("qwen3_vl", {"engine": {"limit_mm_per_prompt": {"image": 2, "video": 0}},
+                                                  "hf_overrides": {"hiprune": {"ratio": RATIO}}, "requests": [{}]},
+                                     ranks=2)}
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +116,11 @@ def test_qwen_kept_embeddings_are_the_towers_at_the_kept_indices(qwen):
             assert embedding == [whole[i] for i in indices]  # bit for bit: the same tower run, gathered
 
 
-def test_qwen3_vl_tensor_parallel_ranks_select_the_same_tokens(engines, tiny_model, two_ranks):
+def test_qwen3_vl_tensor_parallel_ranks_select_the_same_tokens(engines, shared_runs, two_ranks):
     # Two ranks, the ViT's heads split between them: each rank sums its heads, one all-reduce gives both the same
     # scores, hence the same tokens as one rank alone (the in-process default run). LLaVA's is in test_vllm.py.
     _, pruned = engines["qwen3_vl"]
-    engine = {"tensor_parallel_size": 2, "limit_mm_per_prompt": {"image": 2, "video": 0}}
-    results = scenario.run(tiny_model("qwen3_vl"), "qwen3_vl", {"engine": engine, "requests": [{}],
-                                                                "hf_overrides": {"hiprune": {"ratio": RATIO}}},
-                           in_process=False, env=two_ranks)
+    results = shared_runs[TWO_RANKS]
     first, second = results[0]["kept_per_rank"]
     assert first == second == pruned[0]["kept"]
     assert results[0]["prompt_ids"] == pruned[0]["prompt_ids"]

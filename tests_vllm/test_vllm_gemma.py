@@ -50,7 +50,9 @@ def _pairs() -> dict:
     return pairs
 
 
-SHARED_ENGINES = scenario.engine_pairs(_pairs())  # conftest.shared_runs
+TWO_RANKS = "gemma gemma3, two ranks"
+SHARED_ENGINES = {**scenario.engine_pairs(_pairs()), TWO_RANKS: scenario.multiprocess(  # conftest.shared_runs
+    "gemma3", {"requests": [{}], "hf_overrides": {"hiprune": {"ratio": RATIO}}}, ranks=2)}
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +114,11 @@ def test_kept_tokens_take_consecutive_positions(family):
         assert result["positions"][1] == [length]
 
 
-def test_gemma3_tensor_parallel_ranks_select_the_same_tokens(engines, tiny_model, two_ranks):
+def test_gemma3_tensor_parallel_ranks_select_the_same_tokens(engines, shared_runs, two_ranks):
     # Two ranks, SigLIP's heads split between them (Gemma 3 has no data-parallel encoder mode): each rank sums its
     # heads, one all-reduce gives both the same scores, hence the same tokens as one rank alone.
     _, pruned = engines["gemma3"]
-    results = scenario.run(tiny_model("gemma3"), "gemma3", {"requests": [{}], "engine": {"tensor_parallel_size": 2},
-                                                            "hf_overrides": {"hiprune": {"ratio": RATIO}}},
-                           in_process=False, env=two_ranks)
+    results = shared_runs[TWO_RANKS]
     first, second = results[0]["kept_per_rank"]
     assert first == second == pruned[0]["kept"]
     assert results[0]["prompt_ids"] == pruned[0]["prompt_ids"]
