@@ -31,23 +31,85 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture
 def two_ranks():
-    """The environment of a two-rank tensor-parallel engine (multiprocess mode, spied on): one core per rank, since
-    vLLM's automatic binding wants a NUMA node per rank. Skips on a machine with one core."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
+    """Skips a test of a two-rank engine (scenario.multiprocess) on a machine with one core."""
+    if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("tensor parallelism on vLLM's CPU build needs a core per rank")
-    return {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"}
 
 
-@pytest.fixture(scope="session")
-def shared_runs(request, tiny_model):
-    """name -> (vanilla runs, pruned runs) of every engine the session's test modules declare in a module-level
-    SHARED_ENGINES = {tiny model name: (spec without the plugin, spec with it)}: every engine without the plugin
-    runs in one process, every one with it in another, once per session, however many files read them."""
-    declared: dict = {}
+# In-process engines with the plugin are split over this many processes; those without it take one more, the
+# multiprocess-mode engines another. All start with the session's first test and run side by side, the in-process
+# ones on one thread each: on the 2-core box a process spends much of its time in Python, single-threaded anyway.
+IN_PROCESS_WITH_PLUGIN = 2
+
+
+class SharedRuns:
+    """The outcomes of the session's shared engines: `runs[name]` is the results of the engine declared as
+    SHARED_ENGINES[name], or, for an engine declared to refuse to start, its error text; it waits for the process
+    running that engine only. An engine that failed otherwise fails the tests that read it, not the others."""
+
+    def __init__(self, engines: dict, running: list):
+        self.engines, self.running, self.outcomes = engines, running, {}
+
+    def __getitem__(self, name: str):
+        engine = self.engines[name]
+        if name not in self.outcomes:
+            group, many = next((group, many) for group, many in self.running if name in group)
+            self.outcomes.update(zip(group, many.outcomes()))
+        outcome = self.outcomes[name]
+        if engine.refuses:
+            if "error" not in outcome:
+                raise AssertionError(f"shared engine {name!r} started, expected a refusal")
+            return outcome["error"]
+        if "error" in outcome:
+            raise AssertionError(f"shared engine {name!r} failed: {outcome['error']}")
+        return outcome["results"]
+
+    def pair(self, name: str) -> tuple:
+        """(results without the plugin, results with it) of an engine pair (scenario.engine_pairs)."""
+        return self[name + scenario.WITHOUT_PLUGIN], self[name]
+
+
+def _balanced(names: list, engines: dict, groups: int) -> list:
+    """names split into `groups` lists of about equal cost (an engine start costs about three requests)."""
+    cost = {name: 3 + len(engines[name].spec["requests"]) for name in names}
+    split, load = [[] for _ in range(groups)], [0] * groups
+    for name in sorted(names, key=lambda n: -cost[n]):
+        lightest = load.index(min(load))
+        split[lightest].append(name)
+        load[lightest] += cost[name]
+    return [group for group in split if group]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_runs(request, tiny_model, tmp_path_factory):
+    """Every engine the session's test modules declare in a module-level SHARED_ENGINES = {name: scenario.Engine},
+    run once per session, however many files read them (scenario.Many). Two files may declare the same name only
+    for the same engine."""
+    engines: dict = {}
     for module in {item.module for item in request.session.items if getattr(item, "module", None)}:
-        declared.update(getattr(module, "SHARED_ENGINES", {}))
-    names = sorted(declared)
-    vanilla = scenario.run_many([(tiny_model(n), n, declared[n][0]) for n in names], plugin=False)
-    pruned = scenario.run_many([(tiny_model(n), n, declared[n][1]) for n in names])
-    return dict(zip(names, zip(vanilla, pruned)))
+        for name, engine in getattr(module, "SHARED_ENGINES", {}).items():
+            if engines.setdefault(name, engine) != engine:
+                raise ValueError(f"two SHARED_ENGINES named {name!r} differ")
+    model_dirs = {}
+    for name, engine in engines.items():
+        model_dirs[name] = tiny_model(engine.model)
+        if engine.variant is not None:
+            model_dirs[name] = engine.variant(model_dirs[name], str(tmp_path_factory.mktemp("variant") / engine.model))
+
+    def of_kind(plugin, in_process):
+        return [n for n, e in engines.items() if e.plugin == plugin and e.in_process == in_process]
+
+    running = []
+    for plugin, in_process, processes, env in [
+            (True, False, 1, {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}),  # vLLM may pickle the spy for its workers
+            (True, True, IN_PROCESS_WITH_PLUGIN, {"OMP_NUM_THREADS": "1"}),
+            (False, True, 1, {"OMP_NUM_THREADS": "1"})]:
+        for group in _balanced(of_kind(plugin, in_process), engines, processes):
+            jobs = [(model_dirs[n], engines[n].model, engines[n].spec) for n in group]
+            running.append((group, scenario.Many(jobs, plugin=plugin, env=env, in_process=in_process)))
+    unplaced = set(engines) - {name for group, _ in running for name in group}
+    if unplaced:
+        raise ValueError(f"SHARED_ENGINES of no kind run here: {sorted(unplaced)}")
+    yield SharedRuns(engines, running)
+    for _, many in running:  # a session cut short (-x, a deselected reader) leaves none running
+        many.stop()

@@ -134,6 +134,35 @@ def check_extras(family_result, name, beta, image_rows=None, special=()):
     return kept
 
 
+def check_video_extras(model_dir, token, results, name, keep, beta, newline=False):
+    """A video request `name` pruned frame by frame (Gemma 4, LLaVA-OneVision): every frame keeps HiPrune's `keep`
+    tokens (the "video_beta_0" request's) plus the extra_count(keep, beta) not-kept ones most similar to the prompt,
+    recomputed from the frame's rows of the unpruned video ("video_full": frame after frame, then, with `newline`,
+    OneVision's newline row); the language model received exactly those rows, and the prompt holds that many
+    placeholders: per frame (Gemma 4's run per frame), or with `newline` the video's one run, the newline's
+    placeholder last. Returns the kept indices per frame."""
+    result, hiprune = results[name], results["video_beta_0"]["kept"]
+    full = torch.tensor(results["video_full"]["embeddings"][0])
+    frames, count = len(hiprune), extra_count(keep, beta)
+    per_frame = (full.shape[0] - newline) // frames
+    assert count > 0 and frames > 1 and len(result["kept"]) == frames
+    runs = [frames * (keep + count) + 1] if newline else [keep + count] * frames
+    assert scenario.token_runs(result, token) == runs
+    prompt, text = prompt_embedding(model_dir, result["prompt_ids"], token)
+    assert text, "the prompt has text"
+    rows = []
+    for frame, (kept, base) in enumerate(zip(result["kept"], hiprune)):
+        assert len(base) == keep and len(kept) == keep + count and kept == sorted(set(kept)), frame
+        assert set(base) <= set(kept), frame
+        start = frame * per_frame
+        extras = sorted(set(kept) - set(base))
+        assert extras == expected_extras(full[start:start + per_frame], base, prompt, count), frame
+        rows += [start + i for i in kept]
+    rows += [full.shape[0] - 1] if newline else []
+    assert torch.allclose(torch.tensor(result["embeddings"][0]), full[rows], atol=1e-5, rtol=1e-5)
+    return result["kept"]
+
+
 def check_two_questions(family_result, **options):
     """Prefix caching and the processor cache on: the second question's tokens are its own, not the cached first's;
     the same question again gives the same prompt, tokens and output."""

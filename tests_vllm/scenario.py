@@ -3,7 +3,7 @@
 and without the plugin never share a ModelRegistry.
 
     python scenario.py MODEL_DIR ARCH '{"hf_overrides": {...}, "requests": [{"mm_processor_kwargs": {...}}, ...]}'
-    python scenario.py --many '[[MODEL_DIR, ARCH, SPEC], ...]'    # one engine after another in this process
+    python scenario.py --many '[[MODEL_DIR, ARCH, SPEC], ...]'    # one engine after another from this process
     python scenario.py --many - < JOBS.json                       # the same, the jobs read from stdin
 
 ARCH: a key of PROMPTS, or a family of tiny_families.FAMILIES (its prompt and image size). Each request is generated
@@ -30,9 +30,12 @@ Sharing, the pattern every tier-2 file follows (a process start and vLLM's impor
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import os
 import sys
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -234,15 +237,94 @@ def run(model_dir: str, arch: str, spec: dict, plugin: bool = True, in_process: 
     return _result(done)["results"]
 
 
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """An engine of the session's shared processes (conftest.shared_runs): a tiny model (conftest.tiny_model's name),
+    the spec it answers, with the plugin or without it, in-process or in vLLM's multiprocess mode (its engine core
+    and workers in processes of their own, spied on); `refuses`: it must refuse to start (its outcome is then the
+    error text); `variant`: (model_dir, folder) -> the folder of a changed copy of the model."""
+
+    model: str
+    spec: dict
+    plugin: bool = True
+    in_process: bool = True
+    refuses: bool = False
+    variant: Optional[Callable[[str, str], str]] = None
+
+
+def multiprocess(model: str, spec: dict, ranks: int = 1, **env: str) -> Engine:
+    """An Engine in vLLM's multiprocess mode with `ranks` tensor-parallel ranks, one core each (vLLM's automatic
+    binding wants a NUMA node per rank), `env` set for it. A machine with fewer cores fails it: its tests skip
+    (conftest.two_ranks)."""
+    if ranks > 1:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0))[:ranks])
+        spec = dict(spec, engine=dict(spec.get("engine", {}), tensor_parallel_size=ranks))
+    return Engine(model, dict(spec, env=env), in_process=False)
+
+
+WITHOUT_PLUGIN = " without the plugin"
+
+
+def engine_pairs(pairs: dict) -> dict:
+    """SHARED_ENGINES entries from name -> (model, vanilla spec, pruned spec): per name, the model's engine without
+    the plugin (named name + WITHOUT_PLUGIN) answering the first spec, and its engine with the plugin (named name)
+    answering the second; conftest's SharedRuns.pair(name) reads both."""
+    engines = {}
+    for name, (model, vanilla, pruned) in pairs.items():
+        engines.update({name + WITHOUT_PLUGIN: Engine(model, vanilla, plugin=False), name: Engine(model, pruned)})
+    return engines
+
+
+class Many:
+    """Several engines, one after another, in one fresh process, running beside the caller (and beside other Many)
+    until `outcomes()`: jobs are (model_dir, arch, spec)."""
+
+    def __init__(self, jobs, plugin: bool = True, env=None, in_process: bool = True):
+        import subprocess
+        import tempfile
+
+        self.jobs = [list(job) for job in jobs]
+        # On stdin: images given as data URLs would pass the length limit of one command-line argument. The output
+        # goes to files: a pipe nobody reads while the process runs would fill and block it.
+        self.stdout, self.stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--many", "-"],
+                                        stdin=subprocess.PIPE, stdout=self.stdout, stderr=self.stderr, text=True,
+                                        env=_environment(plugin, in_process, env), start_new_session=True)
+        self.process.stdin.write(json.dumps(self.jobs))
+        self.process.stdin.close()
+
+    def stop(self) -> None:
+        """Kills the process if it still runs (its engines' own processes are in its process group)."""
+        import signal
+
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def outcomes(self) -> list:
+        """Per job, {"results": [...]} or {"error": "..."} (an engine that failed to start, or the process died)."""
+        import subprocess
+
+        try:
+            self.process.wait(timeout=ENGINE_TIMEOUT_S * len(self.jobs))
+        except subprocess.TimeoutExpired:
+            self.stop()
+        self.stdout.seek(0)
+        self.stderr.seek(0)
+        done = subprocess.CompletedProcess(self.process.args, self.process.returncode, self.stdout.read(),
+                                           self.stderr.read())
+        try:
+            return _result(done)["many"]
+        except AssertionError as crash:  # the process died: every engine of it failed
+            return [{"error": str(crash)}] * len(self.jobs)
+
+
 def run_many(jobs, plugin: bool = True, env=None) -> list:
     """Runs several engines, one after another, in one fresh in-process-mode process: jobs are (model_dir, arch,
     spec); returns each job's results, in order. An engine that fails fails the whole call, naming its job."""
-    jobs = [list(job) for job in jobs]
-    # On stdin: images given as data URLs would pass the length limit of one command-line argument.
-    done = _launch(["--many", "-"], _environment(plugin, True, env), timeout=ENGINE_TIMEOUT_S * len(jobs),
-                   stdin=json.dumps(jobs))
-    outcomes = _result(done)["many"]
-    failed = [f"{arch} ({model_dir}): {outcome['error']}" for (model_dir, arch, _), outcome in zip(jobs, outcomes)
+    many = Many(jobs, plugin, env)
+    outcomes = many.outcomes()
+    failed = [f"{arch} ({model_dir}): {outcome['error']}" for (model_dir, arch, _), outcome in zip(many.jobs, outcomes)
               if "error" in outcome]
     if failed:
         raise AssertionError("engines failed:\n" + "\n".join(failed))
@@ -250,16 +332,36 @@ def run_many(jobs, plugin: bool = True, env=None) -> list:
 
 
 def answer(model_dir: str, arch: str, spec: dict) -> list:
-    """Starts one engine and answers the spec's requests with it."""
-    from vllm import LLM, SamplingParams
+    """Starts one engine and answers the spec's requests with it, then stops it. The spec's "env" is set while the
+    engine runs: the engine's own processes (multiprocess mode) start with it."""
+    from vllm import LLM
 
-    kwargs = dict(model=model_dir, max_model_len=512, dtype="float32", max_num_seqs=2, seed=0,
-                  limit_mm_per_prompt={"image": 1, "video": 0}, enforce_eager=True,
-                  compilation_config={"mode": 0})
-    if spec.get("hf_overrides"):
-        kwargs["hf_overrides"] = spec["hf_overrides"]
-    kwargs.update(spec.get("engine", {}))
-    llm = LLM(**kwargs)
+    saved = {key: os.environ.get(key) for key in spec.get("env", {})}
+    os.environ.update(spec.get("env", {}))
+    try:
+        # A KV cache of 64 MiB, not VLLM_CPU_KVCACHE_SPACE's GiB: zeroing a GiB costs most of a second per engine.
+        kwargs = dict(model=model_dir, max_model_len=512, dtype="float32", max_num_seqs=2, seed=0,
+                      limit_mm_per_prompt={"image": 1, "video": 0}, enforce_eager=True,
+                      compilation_config={"mode": 0}, kv_cache_memory_bytes=64 << 20)
+        if spec.get("hf_overrides"):
+            kwargs["hf_overrides"] = spec["hf_overrides"]
+        kwargs.update(spec.get("engine", {}))
+        llm = LLM(**kwargs)
+        try:
+            return _answer_with(llm, arch, spec)
+        finally:
+            llm.llm_engine.engine_core.shutdown()  # multiprocess mode: its processes go before the next engine's
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _answer_with(llm, arch: str, spec: dict) -> list:
+    from vllm import SamplingParams
+
     # Spying runs a function on the workers: in-process, or across processes where vLLM may pickle it.
     spy = (os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
            or os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") == "1")
@@ -296,11 +398,31 @@ def answer(model_dir: str, arch: str, spec: dict) -> list:
     return results
 
 
+def _collect_young_generations_only() -> Callable[[], int]:
+    """Makes gc.collect() collect the young generations only, and returns the full collection. vLLM collects the
+    whole heap several times per engine start and stop (0.4 s each here: vLLM, torch and transformers hold millions of
+    objects), which made most of a tiny engine's start; the process collects fully once per engine instead."""
+    full_collect = gc.collect
+
+    def collect(generation: int = 2) -> int:
+        return full_collect(min(generation, 1))
+
+    gc.collect = collect
+    return full_collect
+
+
+def _release_engine() -> None:
+    """Tears down the in-process engine's distributed state so that the next engine can start in this process."""
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    destroy_model_parallel()
+    destroy_distributed_environment()
+
+
 def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    if sys.argv[1] == "--many":  # in-process engines only: each is torn down before the next starts
-        from tiny_families import _release_engine
-
+    full_collect = _collect_young_generations_only()
+    if sys.argv[1] == "--many":  # each engine is torn down before the next starts
         outcomes = []
         for model_dir, arch, spec in json.loads(sys.stdin.read() if sys.argv[2] == "-" else sys.argv[2]):
             try:
@@ -308,6 +430,7 @@ def main() -> None:
             except Exception as error:  # noqa: BLE001  (reported per engine; the next one still runs)
                 outcomes.append({"error": f"{type(error).__name__}: {error}"})
             _release_engine()
+            full_collect()
         print(RESULT_MARK + json.dumps({"many": outcomes}), flush=True)
         return
     model_dir, arch, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])

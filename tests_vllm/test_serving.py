@@ -4,7 +4,7 @@ Two servers per model, each stopped when its tests are done, and one offline ref
 - main: the plugin with a server default, --trust-request-mm-kwargs, prefix caching, the processor and encoder
   caches on: load, the same image at several budgets, bad values, unreadable images;
 - vanilla: vLLM without the plugin, the reference for full budgets: the same chats through vLLM's offline engine
-  (scenario.py, both models in one process; a server start costs two processes' imports);
+  (scenario.py, in the session's shared processes: conftest.shared_runs; a server start costs two imports);
 - constrained: the plugin with max_num_batched_tokens 8 (chunked prefill: an image's tokens span chunks) and a
   KV cache of 12 blocks (a concurrent load is preempted).
 Every expected prompt length is the text's token count (the model's own tokenizer on the prompt without its image
@@ -266,25 +266,24 @@ def test_an_unreadable_image_fails_its_request_alone(asker, arch, text_tokens):
 FULL_SEEDS = (2000, 2001, 2002)
 
 
-@pytest.fixture(scope="module")
-def vanilla_engines(tiny_model):
-    """arch -> each FULL_SEEDS image's (prompt tokens, completion tokens, text) from vLLM without the plugin (no
-    per-request keys: it would not know them): the chat the server gets, rendered with the server's template by
-    vLLM's offline engine (scenario.py), both models' engines in one process instead of a server each."""
-    def chats(arch):
-        return [{"messages": serving.messages(serving.image_data_url(seed, MODELS[arch]["size"])),
-                 "chat_template": serving.CHAT_TEMPLATE, "max_tokens": LONG_TOKENS} for seed in FULL_SEEDS]
+def _vanilla_chats(arch) -> dict:
+    return {"engine": {"block_size": 32}, "requests": [
+        {"messages": serving.messages(serving.image_data_url(seed, MODELS[arch]["size"])),
+         "chat_template": serving.CHAT_TEMPLATE, "max_tokens": LONG_TOKENS} for seed in FULL_SEEDS]}
 
-    archs = sorted(MODELS)
-    runs = scenario.run_many([(tiny_model(arch), arch, {"engine": {"block_size": 32}, "requests": chats(arch)})
-                              for arch in archs], plugin=False)
-    return {arch: [(len(r["prompt_ids"]), len(r["tokens"]), r["text"]) for r in results]
-            for arch, results in zip(archs, runs)}
+
+# conftest.shared_runs: vLLM without the plugin, the reference for full budgets: the chat the server gets, rendered
+# with the server's template by vLLM's offline engine (no per-request keys: it would not know them), instead of a
+# server each.
+SHARED_ENGINES = {f"serving {arch}" + scenario.WITHOUT_PLUGIN: scenario.Engine(arch, _vanilla_chats(arch),
+                                                                             plugin=False) for arch in MODELS}
 
 
 @pytest.fixture(scope="module")
-def vanilla_answers(arch, vanilla_engines):
-    return vanilla_engines[arch]
+def vanilla_answers(arch, shared_runs):
+    """Each FULL_SEEDS image's (prompt tokens, completion tokens, text) from vLLM without the plugin."""
+    return [(len(r["prompt_ids"]), len(r["tokens"]), r["text"])
+            for r in shared_runs[f"serving {arch}" + scenario.WITHOUT_PLUGIN]]
 
 
 def test_full_budget_equals_vllm_without_the_plugin(asker, arch, vanilla_answers, text_tokens):

@@ -2,19 +2,18 @@
 and answers an image prompt (and a video prompt where the family takes video) with the placeholder count its
 geometry gives: vLLM's own counts, so the plugin changes nothing until a setting asks for pruning.
 
-The engines run one after another in a few processes (`tiny_families.py run-many`), so the file costs a few engine
-starts' worth of imports, not one per family. Expected counts are computed here from the builders' sizes.
+The engines run in the session's shared processes (conftest.shared_runs). Expected counts are computed here from the
+builders' sizes.
 """
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import scenario  # noqa: E402
 import tiny_families  # noqa: E402
 
 F = tiny_families
@@ -44,49 +43,38 @@ EXPECTED = {
     "smolvlm": (3 * (16 // 4) ** 2, None),                      # the same tiles of 16x16 patches, pixel_shuffle 4
     "blip2": (8, None),                                         # the Q-Former's 8 queries, whatever the image
 }
-# One process per group: a crash loses one group, and each process pays vLLM's import once.
-GROUPS = [["qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"],
-          ["glm4v", "glm4v_moe", "internvl", "gemma3", "paligemma", "blip2"],
-          ["llava_next", "mistral3", "gemma4", "llava_onevision", "idefics3", "smolvlm"]]
+TOKENS = 4  # generated per request
 
 
-def test_every_family_is_expected_and_grouped():
-    assert sorted(EXPECTED) == sorted(F.FAMILIES) == sorted(name for group in GROUPS for name in group)
+def _spec(name: str) -> dict:
+    """An image request, then a video request where the family takes video; the plugin on, no HiPrune setting."""
+    family = F.FAMILIES[name]
+    engine = dict(family.engine, max_model_len=1024,
+                  limit_mm_per_prompt={"image": 1, "video": 1 if family.video_prompt else 0})
+    requests = [{"max_tokens": TOKENS}]
+    if family.video_prompt:
+        requests.append({"videos": [[family.video_frames, *family.image_size]], "max_tokens": TOKENS})
+    return {"engine": engine, "requests": requests}
+
+
+# conftest.shared_runs
+SHARED_ENGINES = {f"no setting {name}": scenario.Engine(name, _spec(name)) for name in F.FAMILIES}
+
+
+def test_every_family_is_expected():
+    assert sorted(EXPECTED) == sorted(F.FAMILIES)
     assert all((EXPECTED[n][1] is None) == (F.FAMILIES[n].video_prompt is None) for n in F.FAMILIES)
 
 
-@pytest.fixture(scope="module")
-def root(tiny_model):
-    """The folder holding every family's tiny model (conftest.tiny_model's, shared with the other files)."""
-    paths = [tiny_model(name) for name in F.FAMILIES]
-    return os.path.dirname(paths[0])
-
-
-@pytest.fixture(scope="module")
-def results(root):
-    environ = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    environ.pop("HIPRUNE_BUDGET", None)
-    out = {}
-    for group in GROUPS:
-        done = subprocess.run([sys.executable, os.path.join(HERE, "tiny_families.py"), "run-many", str(root), *group],
-                              capture_output=True, text=True, env=environ, timeout=600)
-        marked = [line for line in done.stdout.splitlines() if line.startswith(F.RESULT_MARK)]
-        if done.returncode != 0 or not marked:
-            out.update({name: {"error": f"process failed ({done.returncode}): {done.stderr[-3000:]}"}
-                        for name in group})
-            continue
-        out.update(json.loads(marked[-1][len(F.RESULT_MARK):]))
-    return out
-
-
 @pytest.mark.parametrize("name", list(EXPECTED))
-def test_family_answers_with_its_placeholder_count(results, name):
-    result = results[name]
-    assert "error" not in result, result.get("error")
+def test_family_answers_with_its_placeholder_count(shared_runs, name):
+    family = F.FAMILIES[name]
+    answers = shared_runs[f"no setting {name}"]
     image_count, video_count = EXPECTED[name]
-    kinds = [("image", image_count)] + ([("video", video_count)] if video_count is not None else [])
-    for kind, count in kinds:
-        answer = result[kind]
-        assert answer["placeholders"] == count, (kind, answer["prompt_ids"])
-        assert len(answer["tokens"]) == 4 and all(0 <= t < F.VOCAB for t in answer["tokens"]), answer["tokens"]
+    kinds = [(family.image_token, image_count)]
+    if video_count is not None:
+        kinds.append((family.video_token, video_count))
+    assert len(answers) == len(kinds)
+    for answer, (token, count) in zip(answers, kinds):
+        assert sum(1 for t in answer["prompt_ids"] if t == token) == count, answer["prompt_ids"]
+        assert len(answer["tokens"]) == TOKENS and all(0 <= t < F.VOCAB for t in answer["tokens"]), answer["tokens"]

@@ -1,8 +1,8 @@
 """Tier 2 of the vLLM plugin: real vLLM (CPU build), tiny random models built offline (`make test-vllm`).
 
-Engines run in fresh processes (scenario.py): with the plugin (found through its entry point) or without it
-(VLLM_PLUGINS=none), in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) or in vLLM's default multiprocess mode. The
-in-process engines share two processes (scenario.run_many): LLaVA's and Qwen's without the plugin, then with it.
+Engines run in the session's shared processes (conftest.shared_runs, scenario.py): with the plugin (found through
+its entry point) or without it (VLLM_PLUGINS=none), in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) or in vLLM's
+default multiprocess mode.
 """
 
 import os
@@ -20,15 +20,6 @@ QWEN_GRID = (tiny_models.QWEN_IMAGE_SIZE[0] // 28, tiny_models.QWEN_IMAGE_SIZE[1
 QWEN_TOKENS = QWEN_GRID[0] * QWEN_GRID[1]
 
 
-@pytest.fixture(scope="module")
-def models(tiny_model):
-    return {"llava": tiny_model("llava"), "qwen": tiny_model("qwen")}
-
-
-def run(models, arch, spec, plugin=True, in_process=True, env=None):
-    return scenario.run(models[arch], arch, spec, plugin=plugin, in_process=in_process, env=env)
-
-
 def image_tokens(result, token_id):
     return sum(1 for t in result["prompt_ids"] if t == token_id)
 
@@ -42,15 +33,25 @@ REQUESTS = [
 ]
 
 
+SPECS = {"llava": {"hf_overrides": {"hiprune": {"budget": 16}},
+                   "requests": REQUESTS + [{"mm_processor_kwargs": {"hiprune_budget": 64}}]},
+         "qwen": {"hf_overrides": {"hiprune": {"ratio": 0.25}}, "requests": REQUESTS}}
+QWEN_DEFAULT = round(0.25 * QWEN_TOKENS)  # the in-process run's default
+# Two-rank engines in vLLM's multiprocess mode, their default from the environment: LLaVA's tower split by heads,
+# Qwen2.5-VL's in data-parallel mode.
+TWO_RANKS = {"llava": "test_vllm llava, two ranks", "qwen": "test_vllm qwen, two ranks, data-parallel encoder"}
+SHARED_ENGINES = {  # conftest.shared_runs
+    **scenario.engine_pairs({f"test_vllm {arch}": (arch, {"requests": [{}]}, spec) for arch, spec in SPECS.items()}),
+    TWO_RANKS["llava"]: scenario.multiprocess("llava", {"requests": [{}]}, ranks=2, HIPRUNE_BUDGET="16"),
+    TWO_RANKS["qwen"]: scenario.multiprocess("qwen", {"requests": [{}], "engine": {"mm_encoder_tp_mode": "data"}},
+                                             ranks=2, HIPRUNE_BUDGET=str(QWEN_DEFAULT)),
+}
+
+
 @pytest.fixture(scope="module")
-def engines(models):
-    """Per model: (vanilla results, pruned results); the two models' engines in one process per plugin mode."""
-    specs = {"llava": {"hf_overrides": {"hiprune": {"budget": 16}},
-                       "requests": REQUESTS + [{"mm_processor_kwargs": {"hiprune_budget": 64}}]},
-             "qwen": {"hf_overrides": {"hiprune": {"ratio": 0.25}}, "requests": REQUESTS}}
-    vanilla = scenario.run_many([(models[arch], arch, {"requests": [{}]}) for arch in specs], plugin=False)
-    pruned = scenario.run_many([(models[arch], arch, spec) for arch, spec in specs.items()])
-    return dict(zip(specs, zip(vanilla, pruned)))
+def engines(shared_runs):
+    """Per model: (vanilla results, pruned results)."""
+    return {arch: shared_runs.pair(f"test_vllm {arch}") for arch in SPECS}
 
 
 @pytest.fixture(scope="module")
@@ -112,29 +113,26 @@ def test_qwen_unpruned_positions_are_vllms(qwen_runs):
     assert pruned[1]["positions"][0] == vanilla[0]["positions"][0]
 
 
-def test_multiprocess_mode_gets_the_plugin_through_its_entry_point(models, llava_runs):
-    # Default mode: the engine core is another process, which loads the plugin itself; the default comes from
-    # the environment variable this time. Same image and budget as the in-process run: same answer.
-    results = run(models, "llava", {"requests": [{}]}, in_process=False, env={"HIPRUNE_BUDGET": "16"})
+def test_multiprocess_mode_gets_the_plugin_through_its_entry_point(shared_runs, llava_runs, two_ranks):
+    # Default mode: the engine core and its workers are other processes, which load the plugin themselves; the
+    # default comes from the environment variable this time. Same image and budget as the in-process run: same answer.
+    results = shared_runs[TWO_RANKS["llava"]]
     assert image_tokens(results[0], tiny_models.LLAVA_IMAGE) == 16
     assert results[0]["tokens"] == llava_runs[1][0]["tokens"]
 
 
-def test_qwen_data_parallel_encoder_selects_after_the_gather(models, qwen_runs):
-    # mm_encoder_tp_mode="data": the scores travel with the embeddings through vLLM's gather and the selection runs
-    # after it (one rank here; the gather and the packing are real). Multiprocess mode too.
-    budget = round(0.25 * QWEN_TOKENS)  # the in-process run's default
-    results = run(models, "qwen", {"requests": [{}], "engine": {"mm_encoder_tp_mode": "data"}}, in_process=False,
-                  env={"HIPRUNE_BUDGET": str(budget)})
-    assert image_tokens(results[0], tiny_models.QWEN_IMAGE) == budget
+def test_qwen_data_parallel_encoder_selects_after_the_gather(shared_runs, qwen_runs, two_ranks):
+    # mm_encoder_tp_mode="data": each rank encodes its share of the images, the scores travel with the embeddings
+    # through vLLM's gather and the selection runs after it.
+    results = shared_runs[TWO_RANKS["qwen"]]
+    assert image_tokens(results[0], tiny_models.QWEN_IMAGE) == QWEN_DEFAULT
     assert results[0]["tokens"] == qwen_runs[1][0]["tokens"]
+    first, second = results[0]["kept_per_rank"]
+    assert first == second == qwen_runs[1][0]["kept"]
 
 
-def test_tensor_parallel_ranks_select_the_same_tokens(models, llava_runs, two_ranks):
+def test_tensor_parallel_ranks_select_the_same_tokens(shared_runs, llava_runs, two_ranks):
     # Two ranks, the ViT's heads split between them (mm_encoder_tp_mode="weights", vLLM's default): each rank sums
     # its heads, one all-reduce gives both the same scores, hence the same tokens as one rank alone.
-    results = run(models, "llava", {"requests": [{}], "engine": {"tensor_parallel_size": 2}}, in_process=False,
-                  env=dict(two_ranks, HIPRUNE_BUDGET="16"))
-    assert image_tokens(results[0], tiny_models.LLAVA_IMAGE) == 16
-    first, second = results[0]["kept_per_rank"]
+    first, second = shared_runs[TWO_RANKS["llava"]][0]["kept_per_rank"]
     assert first == second == llava_runs[1][0]["kept"]

@@ -2,7 +2,7 @@
 the refusal of uncovered architectures.
 
 Tiny random models come from tiny_families.py (built once per session: conftest.tiny_model). The in-process engines
-share two processes (scenario.run_many): every family's engine without the plugin, then every one with it. Expected
+run in the session's shared processes (conftest.shared_runs). Expected
 counts and positions are computed here from the images' sizes and the budget rule, not read from the engine.
 """
 
@@ -41,34 +41,42 @@ TEXT_ONLY = {"messages": [{"role": "user", "content": "describe the picture plea
              "chat_template": "{% for m in messages %}user : {{ m['content'] }} {% endfor %}"}
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_model):
-    """name -> (vanilla runs, pruned runs) of every Qwen-style family, of the uncovered family and of EVS (the last
-    two with the plugin but no setting): all engines without the plugin in one process, all with it in another."""
-    vanilla_jobs, pruned_jobs = [], []
+def _pairs() -> dict:
+    """name -> (model, vanilla spec, pruned spec) of every Qwen-style family, of the uncovered family and of EVS (the
+    last two with the plugin but no setting)."""
+    pairs = {}
     for name, (_, sizes, engine) in QWEN_FAMILIES.items():
         engine = dict(engine, limit_mm_per_prompt={"image": 2, "video": 0})
         two = {"images": sizes, "image_seed": TWO_IMAGE_SEED}
-        vanilla_jobs.append((tiny_model(name), name, {"engine": engine, "requests": [{}, two]}))
-        pruned_jobs.append((tiny_model(name), name, {"engine": engine, "hf_overrides": {"hiprune": {"ratio": RATIO}},
-                                                     "requests": [
-            {},                                                    # 0 the server default
-            {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},       # 1 off
-            {"mm_processor_kwargs": {"hiprune_budget": 5}},        # 2 this request's budget
-            dict(two),                                             # 3 two sizes
-            dict(two, mm_processor_kwargs={"hiprune_budget": 0}),  # 4 off
-            {},                                                    # 5 the default again
-        ]}))
-    vanilla_jobs.append((tiny_model(UNCOVERED), UNCOVERED, {"requests": [{}]}))
-    pruned_jobs.append((tiny_model(UNCOVERED), UNCOVERED,
-                        {"requests": [{}, {"mm_processor_kwargs": {"hiprune_budget": 4}}]}))
-    vanilla_jobs.append((tiny_model("qwen3_vl"), "qwen3_vl", {"engine": EVS_ENGINE, "requests": [TEXT_ONLY]}))
-    pruned_jobs.append((tiny_model("qwen3_vl"), "qwen3_vl", {"engine": EVS_ENGINE, "requests": [
-        TEXT_ONLY, {"mm_processor_kwargs": {"hiprune_budget": 4}}, TEXT_ONLY]}))
-    vanilla = scenario.run_many(vanilla_jobs, plugin=False)
-    pruned = scenario.run_many(pruned_jobs)
-    names = [job[1] for job in pruned_jobs[:-1]] + [EVS]
-    return dict(zip(names, zip(vanilla, pruned)))
+        pairs[name] = (name, {"engine": engine, "requests": [{}, two]}, {
+            "engine": engine, "hf_overrides": {"hiprune": {"ratio": RATIO}}, "requests": [
+                {},                                                    # 0 the server default
+                {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},       # 1 off
+                {"mm_processor_kwargs": {"hiprune_budget": 5}},        # 2 this request's budget
+                dict(two),                                             # 3 two sizes
+                dict(two, mm_processor_kwargs={"hiprune_budget": 0}),  # 4 off
+                {},                                                    # 5 the default again
+            ]})
+    pairs[UNCOVERED] = (UNCOVERED, {"requests": [{}]},
+                        {"requests": [{}, {"mm_processor_kwargs": {"hiprune_budget": 4}}]})
+    pairs[EVS] = ("qwen3_vl", {"engine": EVS_ENGINE, "requests": [TEXT_ONLY]}, {"engine": EVS_ENGINE, "requests": [
+        TEXT_ONLY, {"mm_processor_kwargs": {"hiprune_budget": 4}}, TEXT_ONLY]})
+    return {f"families {name}": pair for name, pair in pairs.items()}
+
+
+TWO_RANKS = "families qwen3_vl, two ranks"
+# conftest.shared_runs; an uncovered architecture given a setting must refuse to start.
+SHARED_ENGINES = {**scenario.engine_pairs(_pairs()), "families uncovered with a setting": scenario.Engine(
+    UNCOVERED, {"hf_overrides": {"hiprune": {"ratio": 0.5}}, "requests": [{}]}, refuses=True),
+    TWO_RANKS: scenario.multiprocess("qwen3_vl", {"engine": {"limit_mm_per_prompt": {"image": 2, "video": 0}},
+                                                  "hf_overrides": {"hiprune": {"ratio": RATIO}}, "requests": [{}]},
+                                     ranks=2)}
+
+
+@pytest.fixture(scope="module")
+def engines(shared_runs):
+    """name -> (vanilla runs, pruned runs) of every Qwen-style family, of the uncovered family and of EVS."""
+    return {name: shared_runs.pair(f"families {name}") for name in [*QWEN_FAMILIES, UNCOVERED, EVS]}
 
 
 @pytest.fixture(scope="module", params=list(QWEN_FAMILIES))
@@ -108,14 +116,11 @@ def test_qwen_kept_embeddings_are_the_towers_at_the_kept_indices(qwen):
             assert embedding == [whole[i] for i in indices]  # bit for bit: the same tower run, gathered
 
 
-def test_qwen3_vl_tensor_parallel_ranks_select_the_same_tokens(engines, tiny_model, two_ranks):
+def test_qwen3_vl_tensor_parallel_ranks_select_the_same_tokens(engines, shared_runs, two_ranks):
     # Two ranks, the ViT's heads split between them: each rank sums its heads, one all-reduce gives both the same
     # scores, hence the same tokens as one rank alone (the in-process default run). LLaVA's is in test_vllm.py.
     _, pruned = engines["qwen3_vl"]
-    engine = {"tensor_parallel_size": 2, "limit_mm_per_prompt": {"image": 2, "video": 0}}
-    results = scenario.run(tiny_model("qwen3_vl"), "qwen3_vl", {"engine": engine, "requests": [{}],
-                                                                "hf_overrides": {"hiprune": {"ratio": RATIO}}},
-                           in_process=False, env=two_ranks)
+    results = shared_runs[TWO_RANKS]
     first, second = results[0]["kept_per_rank"]
     assert first == second == pruned[0]["kept"]
     assert results[0]["prompt_ids"] == pruned[0]["prompt_ids"]
@@ -143,10 +148,9 @@ def uncovered(tiny_model):
     return UNCOVERED, architecture, tiny_model(UNCOVERED)
 
 
-def test_uncovered_architecture_refuses_a_setting_at_start(uncovered):
-    name, architecture, path = uncovered
-    output = scenario.run(path, name, {"hf_overrides": {"hiprune": {"ratio": 0.5}}, "requests": [{}]},
-                          expect_failure=True)
+def test_uncovered_architecture_refuses_a_setting_at_start(uncovered, shared_runs):
+    _, architecture, _ = uncovered
+    output = shared_runs["families uncovered with a setting"]
     assert f"{architecture} is not covered by the HiPrune vLLM plugin" in output
     listed = re.search(r"covered architectures: ([A-Za-z0-9_, ]+)\.", output)
     assert listed, output[-3000:]

@@ -1,7 +1,7 @@
 """Tier 2 for the SigLIP-grid bindings: Gemma 3 (4 x 4 average pool, pan-and-scan crops as tiles) and PaliGemma.
 
-Tiny random models from tiny_families.py; per family one engine without the plugin and one with it, the two
-families' engines sharing one process per plugin mode (scenario.run_many), every case reading the same runs.
+Tiny random models from tiny_families.py; per family one engine without the plugin and one with it, run in the
+session's shared processes (conftest.shared_runs), every case reading the same runs.
 Expected counts come from the tiles' grids and the budget rule, not from the engine.
 """
 
@@ -34,24 +34,31 @@ def with_kwargs(request, **kwargs):
     return dict(request, mm_processor_kwargs=dict(request.get("mm_processor_kwargs", {}), **kwargs))
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_model):
-    """name -> (vanilla runs, pruned runs): requests 0-3 shared, then the family's own, each pruned and at full
-    budget."""
-    vanilla_jobs, pruned_jobs = [], []
+def _pairs() -> dict:
+    """name -> (model, vanilla spec, pruned spec): requests 0-3 shared, then the family's own, each pruned and at
+    full budget."""
+    pairs = {}
     for name, (_, _, limits, own) in FAMILIES.items():
         engine = {"limit_mm_per_prompt": limits}
-        vanilla_jobs.append((tiny_model(name), name, {"engine": engine, "requests": [{}] + own}))
-        pruned_jobs.append((tiny_model(name), name, {"engine": engine, "hf_overrides": {"hiprune": {"ratio": RATIO}},
-                                                     "requests": [
-            {},                                                   # 0 the server default
-            {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},      # 1 off for this request
-            {"mm_processor_kwargs": {"hiprune_budget": 5}},       # 2 this request's budget
-            {},                                                   # 3 the default again
-        ] + [r for request in own for r in (request, with_kwargs(request, hiprune_budget=0))]}))
-    vanilla = scenario.run_many(vanilla_jobs, plugin=False)
-    pruned = scenario.run_many(pruned_jobs)
-    return dict(zip(FAMILIES, zip(vanilla, pruned)))
+        pairs[f"gemma {name}"] = (name, {"engine": engine, "requests": [{}] + own}, {
+            "engine": engine, "hf_overrides": {"hiprune": {"ratio": RATIO}}, "requests": [
+                {},                                                   # 0 the server default
+                {"mm_processor_kwargs": {"hiprune_ratio": 1.0}},      # 1 off for this request
+                {"mm_processor_kwargs": {"hiprune_budget": 5}},       # 2 this request's budget
+                {},                                                   # 3 the default again
+            ] + [r for request in own for r in (request, with_kwargs(request, hiprune_budget=0))]})
+    return pairs
+
+
+TWO_RANKS = "gemma gemma3, two ranks"
+SHARED_ENGINES = {**scenario.engine_pairs(_pairs()), TWO_RANKS: scenario.multiprocess(  # conftest.shared_runs
+    "gemma3", {"requests": [{}], "hf_overrides": {"hiprune": {"ratio": RATIO}}}, ranks=2)}
+
+
+@pytest.fixture(scope="module")
+def engines(shared_runs):
+    """name -> (vanilla runs, pruned runs)."""
+    return {name: shared_runs.pair(f"gemma {name}") for name in FAMILIES}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -107,13 +114,11 @@ def test_kept_tokens_take_consecutive_positions(family):
         assert result["positions"][1] == [length]
 
 
-def test_gemma3_tensor_parallel_ranks_select_the_same_tokens(engines, tiny_model, two_ranks):
+def test_gemma3_tensor_parallel_ranks_select_the_same_tokens(engines, shared_runs, two_ranks):
     # Two ranks, SigLIP's heads split between them (Gemma 3 has no data-parallel encoder mode): each rank sums its
     # heads, one all-reduce gives both the same scores, hence the same tokens as one rank alone.
     _, pruned = engines["gemma3"]
-    results = scenario.run(tiny_model("gemma3"), "gemma3", {"requests": [{}], "engine": {"tensor_parallel_size": 2},
-                                                            "hf_overrides": {"hiprune": {"ratio": RATIO}}},
-                           in_process=False, env=two_ranks)
+    results = shared_runs[TWO_RANKS]
     first, second = results[0]["kept_per_rank"]
     assert first == second == pruned[0]["kept"]
     assert results[0]["prompt_ids"] == pruned[0]["prompt_ids"]

@@ -43,7 +43,7 @@ def token_runs(result, token=TOKEN):
 
 
 ENGINE = {"limit_mm_per_prompt": {"image": 2, "video": 1}, "max_model_len": 1024}
-SHARED_ENGINES = {"gemma4": (  # conftest.shared_runs: one process per plugin mode for every file's engines
+SHARED_ENGINES = scenario.engine_pairs({"gemma4": ("gemma4",  # conftest.shared_runs
     {"engine": ENGINE, "requests": [{}, TWO, VIDEO, BOTH]},
     {"engine": ENGINE, "hf_overrides": {"hiprune": {"ratio": RATIO, "video_ratio": VIDEO_RATIO}}, "requests": [
         *scenario.image_requests(TWO, 5),  # 0 to 5
@@ -54,12 +54,12 @@ SHARED_ENGINES = {"gemma4": (  # conftest.shared_runs: one process per plugin mo
         dict(VIDEO, mm_processor_kwargs={"hiprune_video_ratio": 1.0}),   # 10
         dict(BOTH),                                                      # 11 both
         dict(VIDEO, mm_processor_kwargs={"hiprune_video_ratio": 2}),     # 12
-    ]})}
+    ]})})
 
 
 @pytest.fixture(scope="module")
 def runs(shared_runs, tiny_model):
-    return (*shared_runs["gemma4"], tiny_model("gemma4"))
+    return (*shared_runs.pair("gemma4"), tiny_model("gemma4"))
 
 
 def full_counts(vanilla):

@@ -1,7 +1,7 @@
 """Tier 2 for GLM-4.1V / GLM-4.5V (Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration) in real vLLM.
 
 Tiny random models from tiny_families.py; one engine without the plugin (GLM-4.1V) and one with it per family,
-shared by all cases; the engines with the plugin share one process (scenario.run_many). Expected counts and
+shared by all cases, in the session's shared processes (conftest.shared_runs). Expected counts and
 positions are computed here from the images' sizes and the budget rule, not read from the engine.
 """
 
@@ -33,20 +33,24 @@ REQUESTS = [
 ]
 
 
+ENGINE = {"limit_mm_per_prompt": {"image": 2, "video": 0}}
+# conftest.shared_runs: per class the plugin's engine, and GLM-4.1V's without it.
+SHARED_ENGINES = {**{f"glm {name}": scenario.Engine(name, {"engine": ENGINE, "hf_overrides": {"hiprune": setting},
+                                                           "requests": REQUESTS})
+                     for name, (setting, _) in SETTINGS.items()},
+                  "glm glm4v" + scenario.WITHOUT_PLUGIN: scenario.Engine(
+                      "glm4v", {"engine": ENGINE, "requests": [REQUESTS[0], REQUESTS[3]]}, plugin=False)}
+
+
 @pytest.fixture(scope="module")
-def glm(tiny_model):
+def glm(shared_runs):
     """Per class: (the unpruned references of requests 0 and 3, the plugin's runs of REQUESTS, the default's ratio).
     GLM-4.1V's references come from vLLM without the plugin; GLM-4.5V's (only its language model differs) from the
     plugin's own requests 1 and 4, which keep every token: one engine fewer."""
-    engine = {"limit_mm_per_prompt": {"image": 2, "video": 0}}
-    pruned = scenario.run_many([(tiny_model(name), name, {"engine": engine, "hf_overrides": {"hiprune": setting},
-                                                          "requests": REQUESTS})
-                                for name, (setting, _) in SETTINGS.items()])
-    vanilla = scenario.run(tiny_model("glm4v"), "glm4v", {"engine": engine, "requests": [REQUESTS[0], REQUESTS[3]]},
-                           plugin=False)
-    runs = dict(zip(SETTINGS, pruned))
-    return {"glm4v": (vanilla, runs["glm4v"], SETTINGS["glm4v"][1]),
-            "glm4v_moe": ([runs["glm4v_moe"][1], runs["glm4v_moe"][4]], runs["glm4v_moe"], SETTINGS["glm4v_moe"][1])}
+    vanilla, glm4v = shared_runs.pair("glm glm4v")
+    moe = shared_runs["glm glm4v_moe"]
+    return {"glm4v": (vanilla, glm4v, SETTINGS["glm4v"][1]),
+            "glm4v_moe": ([moe[1], moe[4]], moe, SETTINGS["glm4v_moe"][1])}
 
 
 def image_runs(result):

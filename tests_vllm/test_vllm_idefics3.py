@@ -19,18 +19,22 @@ NAME = "idefics3"
 CONTEXT, GLOBAL = 151, 153  # <image>, <global-img>
 from tiled_cases import (DEFAULT, PER_TILE, TILES, check_full_budget_equals_vllm_without_plugin,  # noqa: E402
                          check_kept_embeddings_are_the_towers_at_the_kept_indices, check_positions_are_recompacted,
-                         collapsed, engines, kept)
+                         collapsed, engines, kept, shared_engines)
+
+TWO_RANKS = "idefics3, two ranks"
+SHARED_ENGINES = {**shared_engines(NAME, "smolvlm"),  # conftest.shared_runs
+                  TWO_RANKS: scenario.multiprocess(NAME, {"requests": [{}]}, ranks=2, HIPRUNE_BUDGET=str(DEFAULT))}
 
 
 @pytest.fixture(scope="module")
-def idefics3(tiny_model):
-    return engines(NAME, tiny_model)
+def idefics3(shared_runs, tiny_model):
+    return engines(NAME, shared_runs, tiny_model)
 
 
 @pytest.fixture(scope="module", params=[NAME, "smolvlm"])
-def family(request, tiny_model):
+def family(request, shared_runs, tiny_model):
     """(vanilla results, pruned results, model path) of Idefics3, then of SmolVLM."""
-    return engines(request.param, tiny_model)
+    return engines(request.param, shared_runs, tiny_model)
 
 
 def runs(result, token=CONTEXT):
@@ -66,13 +70,12 @@ def test_idefics3_positions_are_recompacted(family):
     check_positions_are_recompacted(family[1])
 
 
-def test_idefics3_tensor_parallel_ranks_select_the_same_tokens(idefics3, two_ranks):
+def test_idefics3_tensor_parallel_ranks_select_the_same_tokens(idefics3, shared_runs, two_ranks):
     # Two ranks, the tower's heads split between them (vLLM's default mm_encoder_tp_mode "weights"): vLLM's
     # attention module keeps no tp_size, so the sharding is read from its heads (_vllm_api.tp_all_reduce); each
     # rank sums its heads, one all-reduce gives both the same scores, hence the same tokens as one rank alone.
-    _, pruned, path = idefics3
-    results = scenario.run(path, NAME, {"requests": [{}], "engine": {"tensor_parallel_size": 2}}, in_process=False,
-                           env=dict(two_ranks, HIPRUNE_BUDGET=str(DEFAULT)))
+    _, pruned, _ = idefics3
+    results = shared_runs[TWO_RANKS]
     assert sum(runs(results[0])) == 3 * DEFAULT
     first, second = results[0]["kept_per_rank"]
     assert first == second == pruned[0]["kept"]

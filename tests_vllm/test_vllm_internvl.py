@@ -17,12 +17,18 @@ NAME = "internvl"
 CONTEXT, START, END = 152, 150, 151  # <IMG_CONTEXT>, <img>, </img>
 from tiled_cases import (DEFAULT, PER_TILE, TILES, check_full_budget_equals_vllm_without_plugin,  # noqa: E402
                          check_kept_embeddings_are_the_towers_at_the_kept_indices, check_positions_are_recompacted,
-                         collapsed, engines, kept)
+                         collapsed, engines, kept, shared_engines)
+
+# conftest.shared_runs; the last: vLLM feeds the last layer to the projector whatever vision_feature_layer says, and
+# apply_hiprune would score and feed another, so a HiPrune setting on such a checkpoint must fail engine start.
+FEATURE_LAYER = "internvl with vision_feature_layer -2"
+SHARED_ENGINES = {**shared_engines(NAME), FEATURE_LAYER: scenario.Engine(
+    NAME, {"hf_overrides": {"hiprune": {"ratio": 0.5}, "vision_feature_layer": -2}, "requests": [{}]}, refuses=True)}
 
 
 @pytest.fixture(scope="module")
-def internvl(tiny_model):
-    vanilla, pruned, _ = engines(NAME, tiny_model)
+def internvl(shared_runs, tiny_model):
+    vanilla, pruned, _ = engines(NAME, shared_runs, tiny_model)
     return vanilla, pruned
 
 
@@ -59,9 +65,6 @@ def test_internvl_positions_are_recompacted(internvl):
     check_positions_are_recompacted(internvl[1])
 
 
-def test_internvl_refuses_a_feature_layer_vllm_ignores(tiny_model):
-    # vLLM feeds the last layer to the projector whatever vision_feature_layer says; apply_hiprune would score and
-    # feed another, so a HiPrune setting on such a checkpoint fails engine start, naming the model and the reason.
-    overrides = {"hiprune": {"ratio": 0.5}, "vision_feature_layer": -2}
-    output = scenario.run(tiny_model(NAME), NAME, {"hf_overrides": overrides, "requests": [{}]}, expect_failure=True)
+def test_internvl_refuses_a_feature_layer_vllm_ignores(shared_runs):
+    output = shared_runs[FEATURE_LAYER]  # the engine did not start; its error names the model and the reason
     assert "InternVLForConditionalGeneration with vision_feature_layer=-2 is not supported" in output

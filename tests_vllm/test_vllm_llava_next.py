@@ -30,17 +30,17 @@ def full_count(rows, cols):
 
 
 ENGINE = {"limit_mm_per_prompt": {"image": 2, "video": 0}, "max_model_len": 1024}
-SHARED_ENGINES = {"llava_next": (  # conftest.shared_runs: one process per plugin mode for every file's engines
+SHARED_ENGINES = scenario.engine_pairs({"llava_next": ("llava_next",  # conftest.shared_runs
     {"engine": ENGINE, "requests": [{}, TWO]},
     {"engine": ENGINE, "hf_overrides": {"hiprune": {"ratio": RATIO}}, "requests": [
         *scenario.image_requests(TWO, 30),  # 0 to 5
         {"mm_processor_kwargs": {"hiprune_budget": 2}},        # 6 too few
-    ]})}
+    ]})})
 
 
 @pytest.fixture(scope="module")
 def runs(shared_runs):
-    return shared_runs["llava_next"]
+    return shared_runs.pair("llava_next")
 
 
 def test_placeholders_per_image_and_per_request(runs):

@@ -23,17 +23,17 @@ GRIDS = {(112, 168): (4, 6), (168, 112): (6, 4)}  # merged rows, columns
 
 
 ENGINE = {"limit_mm_per_prompt": {"image": 2, "video": 0}}
-SHARED_ENGINES = {"mistral3": (  # conftest.shared_runs: one process per plugin mode for every file's engines
+SHARED_ENGINES = scenario.engine_pairs({"mistral3": ("mistral3",  # conftest.shared_runs
     {"engine": ENGINE, "requests": [{}, TWO]},
     {"engine": ENGINE, "hf_overrides": {"hiprune": {"ratio": RATIO}}, "requests": [
         *scenario.image_requests(TWO, 5),  # 0 to 5
         {"mm_processor_kwargs": {"hiprune_budget": 100}},      # 6 clamped
-    ]})}
+    ]})})
 
 
 @pytest.fixture(scope="module")
 def runs(shared_runs):
-    return shared_runs["mistral3"]
+    return shared_runs.pair("mistral3")
 
 
 def per_image(prompt_ids):

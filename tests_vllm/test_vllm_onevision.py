@@ -39,7 +39,7 @@ def test_the_cases_apply_to_this_model():
 
 
 ENGINE = {"limit_mm_per_prompt": {"image": 2, "video": 1}, "max_model_len": 1024}
-SHARED_ENGINES = {"llava_onevision": (  # conftest.shared_runs: one process per plugin mode for every file's engines
+SHARED_ENGINES = scenario.engine_pairs({"llava_onevision": ("llava_onevision",  # conftest.shared_runs
     {"engine": ENGINE, "requests": [{}, TWO, VIDEO, BOTH]},
     {"engine": ENGINE, "hf_overrides": {"hiprune": {"ratio": RATIO, "video_ratio": VIDEO_RATIO}}, "requests": [
         *scenario.image_requests(TWO, 30),  # 0 to 5
@@ -48,12 +48,12 @@ SHARED_ENGINES = {"llava_onevision": (  # conftest.shared_runs: one process per 
         dict(VIDEO, mm_processor_kwargs={"hiprune_video_budget": 3}),    # 8
         dict(VIDEO, mm_processor_kwargs={"hiprune_video_ratio": 1.0}),   # 9
         dict(BOTH),                                                      # 10
-    ]})}
+    ]})})
 
 
 @pytest.fixture(scope="module")
 def runs(shared_runs, tiny_model):
-    vanilla, pruned = shared_runs["llava_onevision"]
+    vanilla, pruned = shared_runs.pair("llava_onevision")
     BUILT["path"] = tiny_model("llava_onevision")
     assert sum(t == llava_next.TOKEN for t in vanilla[0]["prompt_ids"]) == llava_next.full_count(1, 2)  # vLLM's
     return vanilla, pruned

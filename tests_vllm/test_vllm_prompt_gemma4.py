@@ -7,8 +7,10 @@ the t extra tokens are the not-kept soft / merged tokens most similar to the pro
 embeddings the language model received (the same image unpruned) and the embedding table; the same image under two
 questions never shares a cached encoder output; prompt_beta 0 is HiPrune; no text, no extra tokens; a bad value
 fails its request only. Against apply_hiprune on the transformers model of the same checkpoint, on the same prompt
-ids (a chat prompt among them): the same prompt text ids and the same kept tokens. Gemma 4 videos refuse
-prompt_beta.
+ids (a chat prompt among them): the same prompt text ids and the same kept tokens. Gemma 4 videos, on the same
+engine: every frame holds its kept + extra tokens, the extras recomputed as for an image from the unpruned video
+(hiprune_video_ratio 1.0), and another question's on the same video its own; no text, no extra tokens; with and
+without prompt_beta the kept tokens of apply_hiprune on the same frames and prompt.
 """
 
 import os
@@ -23,7 +25,7 @@ import prompt_checks  # noqa: E402
 import scenario  # noqa: E402
 import serving  # noqa: E402
 import tiny_families  # noqa: E402
-from prompt_checks import BETA, check_extras  # noqa: E402
+from prompt_checks import BETA, check_extras, check_video_extras  # noqa: E402
 # Collected here, on this file's families.
 from prompt_checks import (test_bad_request_beta_fails_that_request_only, test_beta_0_is_hiprune,  # noqa: E402, F401
                            test_no_text_no_extra_tokens)
@@ -48,7 +50,15 @@ CHAT_TEMPLATE = "<s> {%% for message in messages %%}{{ message['role'] }} :{%% f
 PLACEHOLDERS = {"gemma4": "<image_soft_token>", "mistral3": "[IMG]"}
 # Words of its own: the same text ids as another request on the same image would share its cached encoder output.
 CHAT_QUESTION = "what is in the picture"
-VIDEO = {"videos": [[4, 224, 224]]}
+FRAMES = 4
+VIDEO = {"videos": [[FRAMES, 224, 224]]}
+VIDEO_REQUESTS = {  # Gemma 4's engine: a video of 4 frames of 64 soft tokens, kept per frame as an image
+    "video": dict(VIDEO),                                                               # the prompt's question
+    "video_question": dict(VIDEO, question=prompt_checks.QUESTION),                     # the same video, another
+    "video_beta_0": dict(VIDEO, mm_processor_kwargs={"hiprune_prompt_beta": 0}),       # HiPrune
+    "video_full": dict(VIDEO, mm_processor_kwargs={"hiprune_video_ratio": 1.0}),       # every token: the reference
+    "video_no_text": dict(VIDEO, question=""),                                          # no text after the video
+}
 
 
 def chat(arch):
@@ -62,9 +72,7 @@ def engines(tiny_model):
     return prompt_checks.run_engines(
         tiny_model, {arch: (default, full) for arch, (_, default, _, full, _) in FAMILIES.items()},
         engine={"gemma4": {"limit_mm_per_prompt": {"image": 1, "video": 1}, "max_model_len": 1024}},
-        extra_requests={"gemma4": {"chat": chat("gemma4"), "video": dict(VIDEO),
-                                   "video_beta_0": dict(VIDEO, mm_processor_kwargs={"hiprune_prompt_beta": 0})},
-                        "mistral3": {"chat": chat("mistral3")}})
+        extra_requests={"gemma4": {"chat": chat("gemma4"), **VIDEO_REQUESTS}, "mistral3": {"chat": chat("mistral3")}})
 
 
 @pytest.fixture(params=list(FAMILIES))
@@ -167,7 +175,50 @@ def test_the_same_text_and_tokens_as_apply_hiprune(family):
     assert results["no_text"]["prompt_text_ids"] == [[]]
 
 
-def test_gemma4_video_with_prompt_beta_is_refused_for_that_request(engines):
+# -- Gemma 4 videos: every frame gets its own extra tokens -----------------------------------------------------------
+def test_gemma4_video_frames_hold_kept_plus_extra_tokens_most_similar_to_the_prompt(engines):
+    model_dir, results, _ = engines["gemma4"]
+    check_video_extras(model_dir, VIDEO_TOKEN, results, "video", FAMILIES["gemma4"][2], BETA)
+
+
+def test_two_questions_on_one_gemma4_video_each_get_their_own_tokens(engines):
+    """Prefix caching and the processor cache on: the second question on the same video gets its own tokens."""
+    model_dir, results, _ = engines["gemma4"]
+    keep = FAMILIES["gemma4"][2]
+    first, second = (check_video_extras(model_dir, VIDEO_TOKEN, results, name, keep, BETA)
+                     for name in ("video", "video_question"))
+    assert first != second
+
+
+def test_gemma4_video_without_text_gets_no_extra_tokens(engines):
     _, results, _ = engines["gemma4"]
-    assert "no HiPrune++ prompt tokens to Gemma 4 video frames" in results["video"]["error"]
-    assert scenario.token_runs(results["video_beta_0"], VIDEO_TOKEN) == [scenario.kept(RATIO, 64)] * 4
+    keep = FAMILIES["gemma4"][2]
+    for name in ("video_no_text", "video_beta_0"):
+        assert scenario.token_runs(results[name], VIDEO_TOKEN) == [keep] * FRAMES, name
+        assert [len(kept) for kept in results[name]["kept"]] == [keep] * FRAMES, name
+    assert results["video_no_text"]["kept"] == results["video_beta_0"]["kept"]
+
+
+@pytest.mark.parametrize("name,beta", [("video", BETA), ("video_beta_0", 0.0)])
+def test_gemma4_video_the_same_tokens_as_apply_hiprune(engines, name, beta):
+    """apply_hiprune at the same ratio and `beta` on the transformers model of the same checkpoint, on vLLM's
+    unpruned prompt of the video ("video_full": the same question), the frames made as vLLM makes them (images of
+    at most 70 soft tokens, scenario's seed): the same kept tokens per frame, extras included."""
+    Image = pytest.importorskip("PIL.Image")
+    transformers = pytest.importorskip("transformers")
+    import hiprune_ops
+    from hiprune_ops import integrations
+
+    model_dir, results, _ = engines["gemma4"]
+    model = transformers.Gemma4ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = transformers.AutoProcessor.from_pretrained(model_dir)
+    hiprune_ops.apply_hiprune(model, ratio=RATIO, prompt_beta=beta,
+                              prompt_special_ids=processor.tokenizer.all_special_ids)
+    array, _ = tiny_families.video(100, FRAMES, VIDEO["videos"][0][1:])
+    frames = processor.image_processor([Image.fromarray(frame) for frame in array], max_soft_tokens=70,
+                                       return_tensors="pt")
+    ids = torch.tensor([results["video_full"]["prompt_ids"]])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=frames["pixel_values"],
+              video_position_ids=frames["image_position_ids"], num_frames_per_video=torch.tensor([FRAMES]))
+    assert [i.tolist() for i in integrations.hiprune_state(model).last_video.indices] == results[name]["kept"]

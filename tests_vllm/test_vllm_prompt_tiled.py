@@ -3,14 +3,17 @@ PaliGemma) and the AnyRes ones (LLaVA-NeXT, LLaVA-OneVision images), tiny random
 
 As apply_hiprune, every tile (a tile, thumbnail, global image, AnyRes base tile) is its own item: it keeps its
 HiPrune tokens plus prompt_extra_count(kept, tokens per tile, beta) tokens most similar to its image's prompt. One
-engine per family with a server default budget and prompt_beta, many requests each, all in one process: each
-tile's run of placeholders (InternVL and AnyRes: the image's one run) holds kept + extra; the extras are the
-not-kept tokens of highest cosine similarity, recomputed in float64 from the embeddings the language model received
-for the same image unpruned (hiprune_budget 0, same engine) and the embedding table; the language model got exactly
-those rows; no text, no extra tokens; the same image under two questions never shares a cached encoder output
-(prefix caching and the processor cache on). The kept tokens with prompt_beta and with hiprune_prompt_beta 0 are
+engine per family with a server default budget and prompt_beta, many requests each, all in one process: each tile's
+run of placeholders (InternVL and AnyRes: the image's one run) holds kept + extra; the extras are the not-kept
+tokens of highest cosine similarity, recomputed in float64 from the embeddings the language model received for the
+same image unpruned (hiprune_budget 0, same engine) and the embedding table; the language model got exactly those
+rows; no text, no extra tokens; the same image under two questions never shares a cached encoder output (prefix
+caching and the processor cache on). The kept tokens with prompt_beta and with hiprune_prompt_beta 0 are
 apply_hiprune's with and without prompt_beta on the transformers model of the same checkpoint, given vLLM's prompt
-(the HiPrune reference: no second engine). LLaVA-OneVision refuses prompt_beta for a request with a video.
+(the HiPrune reference: no second engine). LLaVA-OneVision's videos, on its engine: every pooled frame holds its
+kept + extra tokens (the video's one run, frames x (kept + extra) + 1, the newline last), the extras recomputed from
+the unpruned video (hiprune_video_budget 0), and another question's on the same video its own; no text, no extra
+tokens; with and without prompt_beta the kept tokens of apply_hiprune on the same frames and prompt.
 """
 
 import os
@@ -23,7 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import scenario  # noqa: E402
 import tiny_families  # noqa: E402
-from prompt_checks import check_questions_cached_apart, expected_extras, extra_count, prompt_embedding  # noqa: E402
+from prompt_checks import (check_questions_cached_apart, check_video_extras, expected_extras,  # noqa: E402
+                           extra_count, prompt_embedding)
 
 BETA = 0.5
 ENGINE = {"enable_prefix_caching": True, "mm_processor_cache_gb": 1}
@@ -55,10 +59,21 @@ REQUESTS = {
     "beta_1": {"mm_processor_kwargs": {"hiprune_prompt_beta": 1.0}},   # another beta for this request
     "full": {"mm_processor_kwargs": {"hiprune_budget": 0}},            # every token: the reference embeddings
 }
-VIDEO = {"videos": [[4, 112, 112]]}
+FRAMES, FRAME_TOKENS, VIDEO_KEEP = 4, 16, 6  # OneVision's frames: 8 x 8 patches pooled to 4 x 4; 6 kept of them
+VIDEO = {"videos": [[FRAMES, 112, 112]]}
+VIDEO_TOKEN = tiny_families.FAMILIES["llava_onevision"].video_token
+
+
+def video_request(**mm_processor_kwargs):
+    return dict(VIDEO, mm_processor_kwargs={"hiprune_video_budget": VIDEO_KEEP, **mm_processor_kwargs})
+
+
 VIDEO_REQUESTS = {  # LLaVA-OneVision only
-    "video": dict(VIDEO),                                                                # refused
-    "video_beta_0": dict(VIDEO, mm_processor_kwargs={"hiprune_prompt_beta": 0}),        # served
+    "video": video_request(),                                        # the prompt's question
+    "video_question": dict(video_request(), question=QUESTION),      # the same video, another question
+    "video_beta_0": video_request(hiprune_prompt_beta=0),            # HiPrune
+    "video_full": video_request(hiprune_video_budget=0),             # every token: the reference embeddings
+    "video_no_text": dict(video_request(), question=""),             # no text after the video
 }
 
 
@@ -205,8 +220,46 @@ def test_two_questions_on_one_image_each_get_their_own_tokens(arch, engines):
     check_questions_cached_apart(results, first, second)
 
 
-def test_onevision_refuses_prompt_beta_for_a_video_request(engines):
-    results = engines["llava_onevision"][1]
-    assert "no HiPrune++ prompt tokens to LLaVA-OneVision videos" in results["video"]["error"]
-    assert "error" not in results["video_beta_0"]
+# -- LLaVA-OneVision videos: every pooled frame gets its own extra tokens -------------------------------------------
+def test_onevision_video_frames_hold_kept_plus_extra_tokens_most_similar_to_the_prompt(engines):
+    model_dir, results = engines["llava_onevision"]
+    check_video_extras(model_dir, VIDEO_TOKEN, results, "video", VIDEO_KEEP, BETA, newline=True)
 
+
+def test_two_questions_on_one_onevision_video_each_get_their_own_tokens(engines):
+    """Prefix caching and the processor cache on: the second question on the same video gets its own tokens."""
+    model_dir, results = engines["llava_onevision"]
+    first, second = (check_video_extras(model_dir, VIDEO_TOKEN, results, name, VIDEO_KEEP, BETA, newline=True)
+                     for name in ("video", "video_question"))
+    assert first != second
+
+
+def test_onevision_video_without_text_gets_no_extra_tokens(engines):
+    results = engines["llava_onevision"][1]
+    for name in ("video_no_text", "video_beta_0"):
+        assert scenario.token_runs(results[name], VIDEO_TOKEN) == [FRAMES * VIDEO_KEEP + 1], name
+        assert [len(kept) for kept in results[name]["kept"]] == [VIDEO_KEEP] * FRAMES, name
+    assert results["video_no_text"]["kept"] == results["video_beta_0"]["kept"]
+
+
+@pytest.mark.parametrize("name,beta", [("video", BETA), ("video_beta_0", 0.0)])
+def test_onevision_video_the_same_tokens_as_apply_hiprune(engines, name, beta):
+    """apply_hiprune at the same video budget and `beta` on the transformers model of the same checkpoint, on vLLM's
+    unpruned prompt of the video ("video_full": the same question), scenario's frames through the same video
+    processor: the same kept pooled tokens per frame, extras included."""
+    transformers = pytest.importorskip("transformers")
+    import hiprune_ops
+    from hiprune_ops import integrations
+
+    model_dir, results = engines["llava_onevision"]
+    model = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = transformers.AutoProcessor.from_pretrained(model_dir)
+    hiprune_ops.apply_hiprune(model, budget=FAMILIES["llava_onevision"][0]["budget"], video_budget=VIDEO_KEEP,
+                              prompt_beta=beta, prompt_special_ids=processor.tokenizer.all_special_ids)
+    array, _ = tiny_families.video(100, FRAMES, VIDEO["videos"][0][1:])  # scenario's seed for the first video
+    videos = processor.video_processor([array], return_tensors="pt")["pixel_values_videos"]
+    ids = torch.tensor([results["video_full"]["prompt_ids"]])
+    assert ids[0].tolist().count(VIDEO_TOKEN) == FRAMES * FRAME_TOKENS + 1
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=videos)
+    assert [i.tolist() for i in integrations.hiprune_state(model).last_video.indices] == results[name]["kept"]

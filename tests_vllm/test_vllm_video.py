@@ -4,8 +4,8 @@ Three layouts of a video's placeholders (tiny models of tiny_families.py and tin
 Qwen2.5-VL (one run per video; Qwen2.5-VL's tower runs in window order and its slices are 4 position steps apart:
 second_per_grid_ts x tokens_per_second), Qwen3-VL (one run per slice, a timestamp before each, deepstack rows) and
 GLM-4.1V (one run per slice, in the image placeholder id). Per family two engines, one without the plugin and one
-with it, each serving every request; every engine without the plugin runs in one process, every one with it in
-another; one more start checks the refusal with vLLM's own video pruning (EVS).
+with it, each serving every request, in the session's shared processes (conftest.shared_runs); one more engine
+checks the refusal with vLLM's own video pruning (EVS).
 Expected counts come from the budget rule and the videos' sizes; positions and embeddings from the unpruned run.
 """
 
@@ -60,20 +60,28 @@ def requests_of(name):
     ]
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_model):
-    """name -> (vanilla runs, pruned runs) of every family: all engines without the plugin in one process, all with
-    it in another (scenario.py's sharing pattern)."""
-    vanilla_jobs, pruned_jobs = [], []
+def _pairs() -> dict:
+    pairs = {}
     for name in VIDEO_FAMILIES:
-        arch = family_of(name)[0]
         vanilla, pruned = requests_of(name)
-        vanilla_jobs.append((tiny_model(arch), arch, {"engine": ENGINE, "requests": vanilla}))
-        pruned_jobs.append((tiny_model(arch), arch, {"engine": ENGINE, "requests": pruned, "hf_overrides": {
-            "hiprune": {"ratio": RATIO, "video_budget": VIDEO_BUDGET}}}))
-    vanilla = scenario.run_many(vanilla_jobs, plugin=False)
-    pruned = scenario.run_many(pruned_jobs)
-    return dict(zip(VIDEO_FAMILIES, zip(vanilla, pruned)))
+        pairs[f"video {name}"] = (family_of(name)[0], {"engine": ENGINE, "requests": vanilla}, {
+            "engine": ENGINE, "requests": pruned, "hf_overrides": {"hiprune": {"ratio": RATIO,
+                                                                               "video_budget": VIDEO_BUDGET}}})
+    return pairs
+
+
+# conftest.shared_runs; the last: a video setting with vLLM's own video pruning (EVS) must refuse to start (on
+# Qwen3-VL: the refusal is the shared Qwen-style constructor's).
+EVS_REFUSAL = "video qwen3_vl with EVS and a video setting"
+SHARED_ENGINES = {**scenario.engine_pairs(_pairs()), EVS_REFUSAL: scenario.Engine("qwen3_vl", {
+    "engine": dict(ENGINE, video_pruning_rate=0.5), "hf_overrides": {"hiprune": {"video_ratio": 0.5}},
+    "requests": [{}]}, refuses=True)}
+
+
+@pytest.fixture(scope="module")
+def engines(shared_runs):
+    """name -> (vanilla runs, pruned runs) of every family."""
+    return {name: shared_runs.pair(f"video {name}") for name in VIDEO_FAMILIES}
 
 
 @pytest.fixture(params=list(VIDEO_FAMILIES))
@@ -197,10 +205,6 @@ def test_video_kept_tokens_keep_their_positions(video_runs):
                                                             for r in range(3)]
 
 
-def test_video_setting_with_vllm_video_pruning_is_refused_at_start(tiny_model):
-    # Qwen3-VL: one family is enough, the refusal is the shared Qwen-style constructor's.
-    name = "qwen3_vl"
-    output = scenario.run(tiny_model(name), name, {"engine": dict(ENGINE, video_pruning_rate=0.5),
-                                                   "hf_overrides": {"hiprune": {"video_ratio": 0.5}}, "requests": [{}]},
-                          expect_failure=True)
+def test_video_setting_with_vllm_video_pruning_is_refused_at_start(shared_runs):
+    output = shared_runs[EVS_REFUSAL]
     assert "hiprune" in output and "video_pruning_rate" in output and "EVS" in output

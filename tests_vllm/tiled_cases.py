@@ -1,13 +1,12 @@
 """What the tier-2 tests of the tiled families share (test_vllm_internvl.py, test_vllm_idefics3.py): their tiny
 models of tiny_families.py have 112 px tiles of 16 tokens each (InternVL, Idefics3: 8 x 8 patches shuffled 2 x 2;
 SmolVLM: 16 x 16 patches shuffled 4 x 4), plus one thumbnail (InternVL) or global image (Idefics3, SmolVLM) per
-image; the same requests; one engine without the plugin and one with it per family, shared by all cases of both
-files: every family's engines run once per session, in one process per plugin mode (scenario.run_many). Expected
-counts are computed from the tiles and the budget rule.
+image; the same requests; one engine without the plugin and one with it per family, shared by all cases, run once per
+session in its shared processes (conftest.shared_runs). Expected counts are computed from the tiles and the budget
+rule.
 """
 
 import scenario
-import tiny_families
 
 PER_TILE = 16
 # 112 x 224: two tiles and the thumbnail / global image; 224 x 224: four tiles and it.
@@ -33,21 +32,18 @@ REQUESTS = [
 ]
 
 
-NAMES = ("internvl", "idefics3", "smolvlm")
-_RUNS: dict = {}  # name -> (vanilla results, pruned results, model path), filled once per session
+ENGINE = {"limit_mm_per_prompt": {"image": 2, "video": 0}}
 
 
-def engines(name: str, tiny_model):
-    """(vanilla results, pruned results, model path) of the family `name`'s tiny model (tiny_model: conftest's)."""
-    if not _RUNS:
-        engine = {"limit_mm_per_prompt": {"image": 2, "video": 0}}
-        paths = [tiny_model(family) for family in NAMES]
-        vanilla = scenario.run_many([(path, family, {"engine": engine, "requests": [{}, TWO]})
-                                     for path, family in zip(paths, NAMES)], plugin=False)
-        pruned = scenario.run_many([(path, family, {"engine": engine, "hf_overrides": {"hiprune": {}},
-                                                    "requests": REQUESTS}) for path, family in zip(paths, NAMES)])
-        _RUNS.update({family: runs for family, runs in zip(NAMES, zip(vanilla, pruned, paths))})
-    return _RUNS[name]
+def shared_engines(*names: str) -> dict:
+    """The SHARED_ENGINES (conftest.shared_runs) of these families: one engine without the plugin, one with it."""
+    return scenario.engine_pairs({f"tiled {name}": (name, {"engine": ENGINE, "requests": [{}, TWO]}, {
+        "engine": ENGINE, "hf_overrides": {"hiprune": {}}, "requests": REQUESTS}) for name in names})
+
+
+def engines(name: str, shared_runs, tiny_model):
+    """(vanilla results, pruned results, model path) of the family `name` (conftest's fixtures)."""
+    return (*shared_runs.pair(f"tiled {name}"), tiny_model(name))
 
 
 def collapsed(prompt_ids, token):

@@ -1,4 +1,4 @@
-"""Tiny random checkpoints of the VLM families vLLM 0.32 serves, built offline from configs, and a runner.
+"""Tiny random checkpoints of the VLM families vLLM 0.32 serves, built offline from configs.
 
 One builder per architecture writes config, weights and processor files (the tokenizer is tiny_models' word-level
 one) into a folder that vLLM's CPU build loads like a released checkpoint. Towers have 4 layers (an object layer
@@ -7,20 +7,14 @@ transformers 5.19 saves something a released checkpoint holds otherwise (a key l
 field vLLM reads), the builder writes what the released files hold, and says so.
 
     python tiny_families.py build ROOT [NAME ...]       # writes ROOT/NAME for each family
-    python tiny_families.py run NAME MODEL_DIR          # one engine, one image (and one video) request, greedy
-    python tiny_families.py run-many ROOT NAME [...]    # the same for each ROOT/NAME, one after another
 
-`run` prints one line starting with RESULT_MARK: per request the prompt ids, the generated ids and the number of
-image (video) placeholders in the prompt, and the seconds the engine took to start and to answer (run-many: a
-dict of those by name, or the error of a family that failed).
+Engines run on them through scenario.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -31,7 +25,6 @@ import transformers
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_models import _fix_llava_tower_keys, _tokenizer  # noqa: E402  (the vLLM tests' one recipe)
 
-RESULT_MARK = "HIPRUNE_FAMILY_RESULT "
 VOCAB = 256
 VIDEO_FRAMES = 4
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -468,14 +461,7 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-# -- the runner --------------------------------------------------------------------------------------------------
-def image(seed: int, size):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[0], size[1], 3), dtype=np.uint8))
-
-
+# -- inputs ------------------------------------------------------------------------------------------------------
 def video(seed: int, frames: int, size):
     """Frames with the metadata vLLM wants for Qwen3-VL-style timestamps (the others drop it)."""
     rng = np.random.default_rng(seed)
@@ -484,58 +470,11 @@ def video(seed: int, frames: int, size):
                    "frames_indices": list(range(frames)), "video_backend": "opencv", "do_sample_frames": False}
 
 
-def run(name: str, model_dir: str) -> dict:
-    from vllm import LLM, SamplingParams
-
-    family = FAMILIES[name]
-    start = time.perf_counter()
-    kwargs = dict(model=model_dir, max_model_len=1024, dtype="float32", max_num_seqs=2, seed=0, enforce_eager=True,
-                  limit_mm_per_prompt={"image": 1, "video": 1 if family.video_prompt else 0},
-                  compilation_config={"mode": 0})
-    kwargs.update(family.engine)
-    llm = LLM(**kwargs)
-    result = {"load_s": time.perf_counter() - start}
-    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    requests = [("image", family.image_prompt, image(0, family.image_size), family.image_token)]
-    if family.video_prompt:
-        requests.append(("video", family.video_prompt, video(0, family.video_frames, family.image_size),
-                         family.video_token))
-    for kind, prompt, data, token in requests:
-        start = time.perf_counter()
-        out = llm.generate({"prompt": prompt, "multi_modal_data": {kind: data}}, params, use_tqdm=False)[0]
-        result[kind] = {"prompt_ids": list(out.prompt_token_ids), "tokens": list(out.outputs[0].token_ids),
-                        "placeholders": sum(1 for t in out.prompt_token_ids if t == token),
-                        "seconds": time.perf_counter() - start}
-    return result
-
-
-def _release_engine() -> None:
-    """Tears down the in-process engine's distributed state so the next family can start one in this process."""
-    import gc
-
-    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-    destroy_model_parallel()
-    destroy_distributed_environment()
-    gc.collect()
-
-
 def main(argv: list[str]) -> None:
     if argv[0] == "build":
         root, names = argv[1], argv[2:] or list(FAMILIES)
         for name in names:
             FAMILIES[name].build(os.path.join(root, name))
-    elif argv[0] == "run":
-        print(RESULT_MARK + json.dumps(run(argv[1], argv[2])), flush=True)
-    elif argv[0] == "run-many":  # ROOT NAME...: one engine after another in this process (in-process engines)
-        results = {}
-        for name in argv[2:]:
-            try:
-                results[name] = run(name, os.path.join(argv[1], name))
-            except Exception as error:  # noqa: BLE001  (reported per family; the next one still runs)
-                results[name] = {"error": f"{type(error).__name__}: {error}"}
-            _release_engine()
-        print(RESULT_MARK + json.dumps(results), flush=True)
     else:
         raise SystemExit(f"usage: {__doc__}")
 

@@ -183,8 +183,9 @@ def prompt_inputs(kwargs: dict, modality: str = "image") -> Optional[tuple[list[
 
 def tile_prompts(prompts: Optional[tuple[list[torch.Tensor], list[float], list[int]]], tiles: Sequence[int],
                  split: bool = False) -> Optional[tuple[list[torch.Tensor], list[float], list[int]]]:
-    """prompt_inputs per image -> per tile: every tile of an image has its text ids and prompt_beta; its extra
-    tokens are the image's (written per tile), or with `split` the image's total over its tiles (AnyRes)."""
+    """prompt_inputs per image -> per tile (per video -> per frame, `tiles` its frames): every tile of an image has
+    its text ids and prompt_beta; its extra tokens are the image's (written per tile), or with `split` the image's
+    total over its tiles (AnyRes)."""
     if prompts is None:
         return None
     ids, betas, extras = prompts
@@ -606,12 +607,13 @@ class ModelMixin:
 class StashedKeepModelMixin(ModelMixin):
     """Families whose processor writes a kept count per image that vLLM's tower call, made inside embed_multimodal,
     needs (InternVL, Idefics3, Gemma 4, LLaVA-OneVision): embed_multimodal stashes the counts for it, in
-    _hiprune_keep (and a video's per frame in _hiprune_video_keep), and the images' HiPrune++ fields in
-    _hiprune_prompts (prompt_inputs)."""
+    _hiprune_keep (and a video's per frame in _hiprune_video_keep), and the HiPrune++ fields (prompt_inputs) of the
+    images in _hiprune_prompts, of the videos in _hiprune_video_prompts."""
 
     _hiprune_keep: Optional[list[int]] = None
     _hiprune_video_keep: Optional[list[int]] = None  # per video: tokens kept per frame (families pruning videos)
     _hiprune_prompts = None  # HiPrune++ fields of the call's images (prompt_inputs), for prompt_aware bindings
+    _hiprune_video_prompts = None  # and of its videos (extra tokens per frame), for video_prompt_aware ones
 
     def hiprune_take_keep(self, kwargs: dict) -> Optional[list[int]]:
         """Pops the counts the processor wrote, as the tower call needs them."""
@@ -621,10 +623,11 @@ class StashedKeepModelMixin(ModelMixin):
         self._hiprune_keep = self.hiprune_take_keep(kwargs)
         self._hiprune_video_keep = keep_counts(kwargs, KEEP_FIELDS["video"])
         self._hiprune_prompts = prompt_inputs(kwargs)
+        self._hiprune_video_prompts = prompt_inputs(kwargs, "video")
         try:
             return super().embed_multimodal(**kwargs)
         finally:
-            self._hiprune_keep = self._hiprune_video_keep = self._hiprune_prompts = None
+            self._hiprune_keep = self._hiprune_video_keep = self._hiprune_prompts = self._hiprune_video_prompts = None
 
 
 class TiledModelMixin(StashedKeepModelMixin):

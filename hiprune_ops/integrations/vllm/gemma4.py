@@ -17,10 +17,10 @@ Videos: vLLM 0.32.0 makes every frame an image of its own (at most 70 soft token
 run of video placeholders between <start_of_image> and <end_of_image>; every frame is pruned as an image, keeping
 `video_budget` / `video_ratio` of its soft tokens (default: the image setting), as apply_hiprune does, and its run
 shrinks to that count.
-HiPrune++ (prompt_beta): an image's run holds its kept count plus its extra tokens, the not-kept soft tokens (as the
-language model receives them: the projector's output) most similar to the prompt's mean text embedding, as
-apply_hiprune ranks them. Video frames get none in apply_hiprune's way yet: a request with a video and a nonzero
-prompt_beta is refused.
+HiPrune++ (prompt_beta): an image's run, and each video frame's, holds its kept count plus its extra tokens
+(prompt_extra_count of the frame's kept and soft tokens), the not-kept soft tokens (as the language model receives
+them: the projector's output) most similar to the prompt's mean text embedding, as apply_hiprune ranks them per
+image and per frame.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 
 from .. import families
 from ..capture import SlotScores
-from ._common import ProcessorMixin, StashedKeepModelMixin, shrunk_image_updates
+from ._common import ProcessorMixin, StashedKeepModelMixin, shrunk_image_updates, tile_prompts
 from vllm.model_executor.models.gemma4_mm import (Gemma4DummyInputsBuilder, Gemma4ForConditionalGeneration,
                                                   Gemma4MultiModalProcessor, Gemma4ProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -51,15 +51,7 @@ def soft_token_counts(config, positions: torch.Tensor) -> tuple[list[tuple[int, 
 class HiPruneGemma4MultiModalProcessor(ProcessorMixin, Gemma4MultiModalProcessor):
     geometry = families.GEMMA4
     video_pruned = True
-    prompt_aware = True
-
-    # Override of ProcessorMixin's (Gemma4MultiModalProcessor._apply_hf_processor_main; checked: vllm 0.32.0): videos
-    # with HiPrune++ are refused, since apply_hiprune adds prompt tokens to every frame and this binding does not.
-    def _apply_hf_processor_main(self, mm_items, hf_kwargs, *args, **kwargs):
-        if "video" in mm_items and self._hiprune_settings(hf_kwargs).prompt_beta > 0:
-            raise ValueError("hiprune_prompt_beta / prompt_beta: the vLLM plugin adds no HiPrune++ prompt tokens to "
-                             "Gemma 4 video frames; send hiprune_prompt_beta 0 with a video")
-        return super()._apply_hf_processor_main(mm_items, hf_kwargs, *args, **kwargs)
+    prompt_aware = video_prompt_aware = True
 
     def _image_token_counts(self, processed) -> list[int]:
         positions = processed.get(POSITIONS)
@@ -130,7 +122,8 @@ class HiPruneGemma4ForConditionalGeneration(StashedKeepModelMixin, Gemma4ForCond
         if keep is not None and len(keep) != len(frames):
             raise RuntimeError(f"hiprune: {len(keep)} kept counts for {len(frames)} videos")
         per_frame = None if keep is None else [k for k, count in zip(keep, frames) for _ in range(count)]
-        pruned = self._hiprune_frames(video_input["pixel_values_videos"], video_input[VIDEO_POSITIONS], per_frame)
+        pruned = self._hiprune_frames(video_input["pixel_values_videos"], video_input[VIDEO_POSITIONS], per_frame,
+                                      tile_prompts(self._hiprune_video_prompts, frames))
         if pruned is None:
             return super()._process_video_input(video_input)
         starts = [sum(frames[:i]) for i in range(len(frames))]
@@ -139,7 +132,7 @@ class HiPruneGemma4ForConditionalGeneration(StashedKeepModelMixin, Gemma4ForCond
     def _hiprune_frames(self, pixel_values, positions, keep, prompts=None) -> Optional[list[torch.Tensor]]:
         """Per image (or video frame), its kept soft tokens: each run alone through vLLM's image path, its scores
         pooled like its features; None when nothing is pruned (keep None, or every count whole). prompts: the
-        images' HiPrune++ fields (prompt_inputs), their extra tokens ranked on the soft tokens."""
+        images' (frames') HiPrune++ fields (prompt_inputs), their extra tokens ranked on the soft tokens."""
         if keep is None:
             return None
         grids, counts = soft_token_counts(self.config, positions)

@@ -15,8 +15,9 @@ token): every frame runs through the tower and projector and is pooled bilinearl
 patch scores pooled the same way (families.bilinear_pool); each frame keeps `video_budget` / `video_ratio` of its
 pooled tokens (default: the image setting), selected on the pooled grid, and the video's run shrinks to frames x
 kept + 1, the newline last: the tokens apply_hiprune keeps (hf/llava_onevision.py).
-HiPrune++: images as LLaVA-NeXT's (llava_next.py: extra tokens per tile). A request with a video and prompt_beta is
-refused (apply_hiprune adds prompt tokens to every frame; this binding does not yet).
+HiPrune++: images as LLaVA-NeXT's (llava_next.py: extra tokens per tile); every video frame gets
+prompt_extra_count(its kept, its pooled tokens) extra tokens, ranked on its pooled tokens, the run then frames x
+(kept + extra) + 1, as apply_hiprune's.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 from .. import families
 from . import _vllm_api
-from ._common import StashedKeepModelMixin, kept_count_of
+from ._common import StashedKeepModelMixin, kept_count_of, tile_prompts
 from .llava_next import AnyResModelMixin, AnyResProcessorMixin, tile_keep_counts
 from vllm.model_executor.models.llava_onevision import (LlavaOnevisionDummyInputsBuilder,
                                                         LlavaOnevisionForConditionalGeneration,
@@ -61,7 +62,7 @@ def frame_tokens(config) -> int:
 
 class HiPruneLlavaOnevisionMultiModalProcessor(AnyResProcessorMixin, LlavaOnevisionMultiModalProcessor):
     geometry = families.LLAVA_ONEVISION
-    video_pruned = True
+    video_pruned = video_prompt_aware = True
     config_refusals = REFUSALS
 
     def _full_count(self, config, image_size) -> int:
@@ -75,15 +76,6 @@ class HiPruneLlavaOnevisionMultiModalProcessor(AnyResProcessorMixin, LlavaOnevis
         per_frame = frame_tokens(self.info.get_hf_config())
         return [(int(video.shape[0]), per_frame) for video in videos]
 
-    # Override of BaseMultiModalProcessor.apply (through ProcessorMixin's); checked: vllm 0.32.0.
-    def apply(self, inputs, *args, **kwargs):
-        if ("video" in inputs.mm_data_items and not self._hiprune_profiling
-                and self._hiprune_settings(inputs.hf_processor_mm_kwargs).prompt_beta > 0):
-            raise ValueError("hiprune: prompt_beta: the vLLM plugin adds no HiPrune++ prompt tokens to "
-                             "LLaVA-OneVision videos; set mm_processor_kwargs hiprune_prompt_beta to 0 for a "
-                             "request with a video")
-        return super().apply(inputs, *args, **kwargs)
-
     def _video_item_slices(self, item) -> int:
         return int(item["pixel_values_videos"].data.shape[0])
 
@@ -91,7 +83,8 @@ class HiPruneLlavaOnevisionMultiModalProcessor(AnyResProcessorMixin, LlavaOnevis
         return self.info.get_hf_config().video_token_index
 
     def _video_replacement(self, original, out_mm_kwargs):
-        """vLLM's run of frames x pooled tokens + 1 (the newline) placeholders, cut to frames x kept + 1."""
+        """vLLM's run of frames x pooled tokens + 1 (the newline) placeholders, cut to frames x kept + 1 (kept: a
+        frame's kept and extra tokens)."""
         token = self._video_embed_token()
 
         def replacement(item_idx: int):
@@ -130,12 +123,14 @@ class HiPruneLlavaOnevisionForConditionalGeneration(AnyResModelMixin, StashedKee
     # Override of LlavaOnevisionForConditionalGeneration._process_video_pixels (vLLM's videos of one embed_multimodal
     # call -> per video its frames' pooled tokens, then the newline); checked: vllm 0.32.0.
     def _process_video_pixels(self, inputs):
-        pruned = self.hiprune_videos(inputs["pixel_values_videos"], self._hiprune_video_keep)
+        pruned = self.hiprune_videos(inputs["pixel_values_videos"], self._hiprune_video_keep,
+                                     self._hiprune_video_prompts)
         return super()._process_video_pixels(inputs) if pruned is None else pruned
 
-    def hiprune_videos(self, videos, keep: Optional[list[int]]) -> Optional[list[torch.Tensor]]:
+    def hiprune_videos(self, videos, keep: Optional[list[int]], prompts=None) -> Optional[list[torch.Tensor]]:
         """Per video, its frames' kept pooled tokens, frame after frame, then the newline token; None when no video
-        is pruned (keep: per video, the tokens each frame keeps)."""
+        is pruned (keep: per video, the tokens each frame keeps). prompts (prompt_inputs, per video): HiPrune++,
+        every frame getting its video's per-frame extra tokens, ranked on its pooled tokens."""
         per_frame = frame_tokens(self.config)
         if keep is None or all(k >= per_frame for k in keep):
             return None
@@ -150,7 +145,9 @@ class HiPruneLlavaOnevisionForConditionalGeneration(AnyResModelMixin, StashedKee
         object_scores, deep_scores = (families.bilinear_pool(s, grid, grid) for s in scores)
         frame_keep = [k for k, count in zip(keep, frames) for _ in range(count)]
         indices = self.hiprune_select(object_scores.unbind(0), deep_scores.unbind(0),
-                                      [families.bilinear_pooled_grid(grid, grid)] * pooled.shape[0], frame_keep)
+                                      [families.bilinear_pooled_grid(grid, grid)] * pooled.shape[0], frame_keep,
+                                      features=None if prompts is None else list(pooled),
+                                      prompts=tile_prompts(prompts, frames))
         kept = [frame if index is None else frame[index] for frame, index in zip(pooled, indices)]
         newline = self.image_newline[None].to(pooled.dtype)
         starts = [sum(frames[:i]) for i in range(len(frames))]
