@@ -47,8 +47,8 @@ class SharedRuns:
     SHARED_ENGINES[name], or, for an engine declared to refuse to start, its error text; it waits for the process
     running that engine only. An engine that failed otherwise fails the tests that read it, not the others."""
 
-    def __init__(self, engines: dict, running: list):
-        self.engines, self.running, self.outcomes = engines, running, {}
+    def __init__(self, engines: dict, model_dirs: dict, running: list):
+        self.engines, self.model_dirs, self.running, self.outcomes = engines, model_dirs, running, {}
 
     def __getitem__(self, name: str):
         engine = self.engines[name]
@@ -63,6 +63,10 @@ class SharedRuns:
         if "error" in outcome:
             raise AssertionError(f"shared engine {name!r} failed: {outcome['error']}")
         return outcome["results"]
+
+    def model_dir(self, name: str) -> str:
+        """The folder of the model the engine ran (its variant's, if it has one)."""
+        return self.model_dirs[name]
 
     def pair(self, name: str) -> tuple:
         """(results without the plugin, results with it) of an engine pair (scenario.engine_pairs)."""
@@ -110,6 +114,6 @@ def shared_runs(request, tiny_model, tmp_path_factory):
     unplaced = set(engines) - {name for group, _ in running for name in group}
     if unplaced:
         raise ValueError(f"SHARED_ENGINES of no kind run here: {sorted(unplaced)}")
-    yield SharedRuns(engines, running)
+    yield SharedRuns(engines, model_dirs, running)
     for _, many in running:  # a session cut short (-x, a deselected reader) leaves none running
         many.stop()

@@ -1,5 +1,5 @@
 """What the HiPrune++ (prompt_beta) tier-2 files (test_vllm_prompt*.py) share: the requests each prompt-aware
-family's engine answers, the engines run in one process, and the checks, recomputed outside the plugin in float64.
+family's engine answers, its engines (shared_engines), and the checks, recomputed outside the plugin in float64.
 
 A family's result, as the checks take it: (arch, model dir, placeholder id, kept count, results by request name, the
 baseline's result). The baseline is the same family's engine without prompt_beta, answering the default request.
@@ -31,23 +31,35 @@ REQUESTS = {
 }
 
 
-def run_engines(tiny_model, families: dict, engine: dict = None, extra_requests: dict = None) -> dict:
-    """arch -> (model dir, results by request name, the baseline's result), every engine in one process.
+BASELINE = ", baseline without prompt_beta"
+
+
+def _requests(arch: str, full: dict, extra_requests) -> dict:
+    return {**REQUESTS, "full": {"mm_processor_kwargs": full}, **(extra_requests or {}).get(arch, {})}
+
+
+def shared_engines(prefix: str, families: dict, engine: dict = None, extra_requests: dict = None) -> dict:
+    """SHARED_ENGINES (conftest.shared_runs): per family, its engine with prompt_beta (named prefix + arch) answering
+    REQUESTS, and its baseline without prompt_beta (named that + BASELINE) answering the default request.
 
     families: arch -> (the server default budget / ratio, the request's mm_processor_kwargs that keep every token);
     engine: per arch, engine arguments besides ENGINE; extra_requests: per arch, requests by name after REQUESTS'."""
-    jobs, names = [], []
+    engines = {}
     for arch, (default, full) in families.items():
-        requests = {**REQUESTS, "full": {"mm_processor_kwargs": full}, **(extra_requests or {}).get(arch, {})}
-        names.append(list(requests))
         engine_args = {**ENGINE, **(engine or {}).get(arch, {})}
-        jobs.append((tiny_model(arch), arch, {"hf_overrides": {"hiprune": {**default, "prompt_beta": BETA}},
-                                              "engine": engine_args, "requests": list(requests.values())}))
-        jobs.append((tiny_model(arch), arch, {"hf_overrides": {"hiprune": default}, "engine": engine_args,
-                                              "requests": [{}]}))
-    runs = scenario.run_many(jobs)
-    return {arch: (tiny_model(arch), dict(zip(names[i], runs[2 * i])), runs[2 * i + 1][0])
-            for i, arch in enumerate(families)}
+        engines[f"{prefix} {arch}"] = scenario.Engine(arch, {
+            "hf_overrides": {"hiprune": {**default, "prompt_beta": BETA}}, "engine": engine_args,
+            "requests": list(_requests(arch, full, extra_requests).values())})
+        engines[f"{prefix} {arch}{BASELINE}"] = scenario.Engine(arch, {
+            "hf_overrides": {"hiprune": default}, "engine": engine_args, "requests": [{}]})
+    return engines
+
+
+def shared_results(prefix: str, families: dict, shared_runs, extra_requests: dict = None) -> dict:
+    """arch -> (model dir, results by request name, the baseline's result) of shared_engines' engines."""
+    return {arch: (shared_runs.model_dir(f"{prefix} {arch}"),
+                   dict(zip(_requests(arch, full, extra_requests), shared_runs[f"{prefix} {arch}"])),
+                   shared_runs[f"{prefix} {arch}{BASELINE}"][0]) for arch, (_, full) in families.items()}
 
 
 def extra_count(keep, beta):

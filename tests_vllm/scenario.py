@@ -10,22 +10,24 @@ ARCH: a key of PROMPTS, or a family of tiny_families.FAMILIES (its prompt and im
 on its own (greedy, 6 tokens or its "max_tokens"). A request may give "images": [[h, w], ...] for several images of
 those sizes in one prompt (the prompt's image part repeated), "question" for other words after it, "videos":
 [[frames, h, w], ...] for videos (the family's video part once per video, after the images; frames from
-tiny_families.video), or "messages" (and "chat_template"): a chat in the OpenAI format instead of the prompt. Per request: prompt token ids, generated ids and
-text, or the error text. Runs that can spy on the workers (in-process, or VLLM_ALLOW_INSECURE_SERIALIZATION=1) also
-report the positions the language model received in each step, the kept indices of each image (of each video
-slice), per tensor-parallel rank, the embeddings the encoder returned (per image or video, without channels the
-plugin adds) and, per image of a HiPrune++ request, the prompt text ids the encoder got ("prompt_text_ids").
+tiny_families.video), or "messages" (and "chat_template"): a chat in the OpenAI format instead of the prompt. Per
+request: prompt token ids, generated ids and text, or the error text. Runs that can spy on the workers (in-process,
+or VLLM_ALLOW_INSECURE_SERIALIZATION=1) also report the positions the language model received in each step, the kept
+indices of each image (of each video slice), per tensor-parallel rank, the embeddings the encoder returned (per image
+or video, without channels the plugin adds) and, per image of a HiPrune++ request, the prompt text ids the encoder
+got ("prompt_text_ids").
 
-Sharing, the pattern every tier-2 file follows (a process start and vLLM's import cost more than most engines):
+Sharing, the pattern every tier-2 file follows (a process start and vLLM's import cost more than an engine):
 - models: the session fixture `tiny_model` (conftest.py) builds each tiny model once per session;
-- engines: every engine a file needs with the plugin in one process, every one without it in another:
-  `run_many([(model_dir, arch, spec), ...], plugin=...)` in a module-scoped fixture, each engine answering all the
-  requests of its spec (a request list per engine, not an engine per test); tests assert on those results; a file
-  whose engines need nothing of their own declares them in SHARED_ENGINES and reads conftest's `shared_runs`, which
-  runs every such file's engines in those same two processes;
-- an engine of its own process only where the process itself is under test: the multiprocess mode, tensor
-  parallelism (one two-rank engine per model, answering every request its checks need), an engine that must
-  refuse to start (expect_failure).
+- engines: a file declares the engines it reads in a module-level SHARED_ENGINES = {name: Engine} (engine_pairs for
+  an engine without the plugin beside one with it; multiprocess for vLLM's multiprocess mode and tensor parallelism;
+  refuses=True for an engine that must refuse to start), each engine answering every request of its spec (a
+  request list per engine, not an engine per test); conftest's `shared_runs` starts every declared engine of the
+  session with its first test, in four processes side by side (in-process with the plugin: two; without it: one;
+  multiprocess mode: one), and tests assert on `shared_runs[name]`;
+- a process of its own only for what cannot share one: vLLM's OpenAI server (serving.py).
+In those processes gc.collect() collects the young generations only, and each engine has a 64 MiB KV cache: on the
+2-core box a tiny engine then starts in 2-3 s instead of 9.
 """
 
 from __future__ import annotations
@@ -208,13 +210,6 @@ def _environment(plugin: bool, in_process: bool, env) -> dict:
     return environ
 
 
-def _launch(arguments: list, environ: dict, timeout: float, stdin: str = None):
-    import subprocess
-
-    return subprocess.run([sys.executable, os.path.abspath(__file__), *arguments], capture_output=True, text=True,
-                          env=environ, timeout=timeout, input=stdin)
-
-
 def _result(done) -> dict:
     if done.returncode != 0:
         raise AssertionError(f"scenario failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
@@ -222,19 +217,6 @@ def _result(done) -> dict:
     if not marked:
         raise AssertionError(f"no result line:\n{done.stdout[-3000:]}")
     return json.loads(marked[-1][len(RESULT_MARK):])
-
-
-def run(model_dir: str, arch: str, spec: dict, plugin: bool = True, in_process: bool = True, env=None,
-        expect_failure: bool = False):
-    """Runs this script in a fresh process: the results of the spec's requests, or, with expect_failure, the
-    process's output (it must fail: an engine that refuses to start)."""
-    done = _launch([model_dir, arch, json.dumps(spec)], _environment(plugin, in_process, env),
-                   timeout=ENGINE_TIMEOUT_S)
-    if expect_failure:
-        if done.returncode == 0:
-            raise AssertionError(f"the engine started, expected a refusal:\n{done.stdout[-3000:]}")
-        return done.stdout + done.stderr
-    return _result(done)["results"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,18 +299,6 @@ class Many:
             return _result(done)["many"]
         except AssertionError as crash:  # the process died: every engine of it failed
             return [{"error": str(crash)}] * len(self.jobs)
-
-
-def run_many(jobs, plugin: bool = True, env=None) -> list:
-    """Runs several engines, one after another, in one fresh in-process-mode process: jobs are (model_dir, arch,
-    spec); returns each job's results, in order. An engine that fails fails the whole call, naming its job."""
-    many = Many(jobs, plugin, env)
-    outcomes = many.outcomes()
-    failed = [f"{arch} ({model_dir}): {outcome['error']}" for (model_dir, arch, _), outcome in zip(many.jobs, outcomes)
-              if "error" in outcome]
-    if failed:
-        raise AssertionError("engines failed:\n" + "\n".join(failed))
-    return [outcome["results"] for outcome in outcomes]
 
 
 def answer(model_dir: str, arch: str, spec: dict) -> list:

@@ -2,8 +2,8 @@
 the refusal of uncovered architectures.
 
 Tiny random models come from tiny_families.py (built once per session: conftest.tiny_model). The in-process engines
-run in the session's shared processes (conftest.shared_runs). Expected
-counts and positions are computed here from the images' sizes and the budget rule, not read from the engine.
+run in the session's shared processes (conftest.shared_runs). Expected counts and positions are computed here from
+the images' sizes and the budget rule, not read from the engine.
 """
 
 import os

@@ -1,8 +1,8 @@
 """Tier 2 for GLM-4.1V / GLM-4.5V (Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration) in real vLLM.
 
-Tiny random models from tiny_families.py; one engine without the plugin (GLM-4.1V) and one with it per family,
-shared by all cases, in the session's shared processes (conftest.shared_runs). Expected counts and
-positions are computed here from the images' sizes and the budget rule, not read from the engine.
+Tiny random models from tiny_families.py; one engine without the plugin (GLM-4.1V) and one with it per family, shared
+by all cases, in the session's shared processes (conftest.shared_runs). Expected counts and positions are computed
+here from the images' sizes and the budget rule, not read from the engine.
 """
 
 import os

@@ -2,19 +2,19 @@
 (-MoE), GLM-4.1V / 4.5V images, and the video slices of Qwen2-VL, Qwen3-VL and GLM-4.1V (tiny random models, vLLM
 CPU).
 
-One engine per family with the server default prompt_beta and many requests on one image (seed 0) or one video,
-every engine of the file in one process: the prompt holds N' + t placeholders per image and per video slice; the
-t extra tokens are the not-kept tokens most similar to the prompt, recomputed here in float64 from the embeddings
-the language model received (those of the same image or video unpruned, hiprune_ratio / hiprune_video_ratio 1.0;
-only the language model's width: Qwen3-VL's deepstack levels follow in each row, checked at the same indices) and
-the language model's embedding table; the same image or video under two questions never shares a cached encoder
-output (prefix caching and the processor cache on); prompt_beta 0 is HiPrune (for the first three families: the
-same as an engine without prompt_beta); a prompt without text gets no extra tokens; a bad hiprune_prompt_beta fails
-its request only; video slices keep their markers and the kept tokens their unpruned M-RoPE positions. Qwen2-VL runs
-on a copy whose generation config names one more eos (a plain word, as Qwen's <|endoftext|> is only there): the
-prompt text ends before it, as apply_hiprune's. GLM-4.1V runs on a copy whose tokenizer reads digits as words: the
-timestamp its video prompt writes after every frame is text, and the prompt text is still the question after the
-video, in vLLM and in apply_hiprune.
+One engine per family with the server default prompt_beta and many requests on one image (seed 0) or one video, in
+the session's shared processes (conftest.shared_runs): the prompt holds N' + t placeholders per image and per video
+slice; the t extra tokens are the not-kept tokens most similar to the prompt, recomputed here in float64 from the
+embeddings the language model received (those of the same image or video unpruned, hiprune_ratio /
+hiprune_video_ratio 1.0; only the language model's width: Qwen3-VL's deepstack levels follow in each row, checked at
+the same indices) and the language model's embedding table; the same image or video under two questions never shares
+a cached encoder output (prefix caching and the processor cache on); prompt_beta 0 is HiPrune (for the first three
+families: the same as an engine without prompt_beta); a prompt without text gets no extra tokens; a bad
+hiprune_prompt_beta fails its request only; video slices keep their markers and the kept tokens their unpruned M-RoPE
+positions. Qwen2-VL runs on a copy whose generation config names one more eos (a plain word, as Qwen's <|endoftext|>
+is only there): the prompt text ends before it, as apply_hiprune's. GLM-4.1V runs on a copy whose tokenizer reads
+digits as words: the timestamp its video prompt writes after every frame is text, and the prompt text is still the
+question after the video, in vLLM and in apply_hiprune.
 """
 
 import json
@@ -32,7 +32,8 @@ import prompt_checks  # noqa: E402
 import scenario  # noqa: E402
 import tiny_families  # noqa: E402
 import tiny_models  # noqa: E402
-from prompt_checks import BETA, ENGINE, QUESTION, REQUESTS, check_questions_cached_apart, extra_count  # noqa: E402
+from prompt_checks import (BASELINE, BETA, ENGINE, QUESTION, REQUESTS, check_questions_cached_apart,  # noqa: E402
+                           extra_count)
 from test_vllm_video import expected_positions  # noqa: E402  (the unpruned run's positions at the kept tokens)
 
 WIDTH = tiny_families.TEXT["hidden_size"]  # the features ranked: the language model's width
@@ -139,27 +140,31 @@ class Served(NamedTuple):
     baseline: Optional[dict]    # the engine without prompt_beta, its one request
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_model, tmp_path_factory):
-    """name -> Served of every family: each family's engine with prompt_beta (and, for some, its baseline without),
-    all in one process (scenario.py's sharing pattern)."""
-    jobs, model_dirs = [], {}
+def _shared_engines() -> dict:
+    """Per family its engine with prompt_beta (named "prompt qwen " + name) and, for some, its baseline without."""
+    engines = {}
     for name, case in FAMILIES.items():
-        model_dir = tiny_model(name)
-        if name in MODEL_COPIES:
-            model_dir = MODEL_COPIES[name](model_dir, tmp_path_factory.mktemp("copy") / name)
-        model_dirs[name] = model_dir
-        jobs.append((model_dir, name, {"hf_overrides": {"hiprune": {**case.default, "prompt_beta": BETA}},
-                                       "engine": engine_of(name), "requests": list(requests_of(name).values())}))
+        variant = MODEL_COPIES.get(name)
+        engines[f"prompt qwen {name}"] = scenario.Engine(name, {
+            "hf_overrides": {"hiprune": {**case.default, "prompt_beta": BETA}}, "engine": engine_of(name),
+            "requests": list(requests_of(name).values())}, variant=variant)
         if case.baseline:
-            jobs.append((model_dir, name, {"hf_overrides": {"hiprune": case.default}, "engine": engine_of(name),
-                                           "requests": [{}]}))
-    runs = iter(scenario.run_many(jobs))
-    served = {}
-    for name, case in FAMILIES.items():
-        results = dict(zip(requests_of(name), next(runs)))
-        served[name] = Served(name, model_dirs[name], case, results, next(runs)[0] if case.baseline else None)
-    return served
+            engines[f"prompt qwen {name}{BASELINE}"] = scenario.Engine(name, {
+                "hf_overrides": {"hiprune": case.default}, "engine": engine_of(name), "requests": [{}]},
+                variant=variant)
+    return engines
+
+
+SHARED_ENGINES = _shared_engines()  # conftest.shared_runs
+
+
+@pytest.fixture(scope="module")
+def engines(shared_runs):
+    """name -> Served of every family."""
+    return {name: Served(name, shared_runs.model_dir(f"prompt qwen {name}"), case,
+                         dict(zip(requests_of(name), shared_runs[f"prompt qwen {name}"])),
+                         shared_runs[f"prompt qwen {name}{BASELINE}"][0] if case.baseline else None)
+            for name, case in FAMILIES.items()}
 
 
 @pytest.fixture(params=list(FAMILIES))

@@ -1,7 +1,7 @@
 """Tier 2: HiPrune++ (prompt_beta) in the vLLM plugin, Gemma 4 and Mistral 3 (tiny random models, vLLM CPU).
 
 One engine per family with the server default prompt_beta and many requests on one image (seed 0), and its baseline
-without prompt_beta, every engine of the file in one process (prompt_checks.run_engines): the prompt holds N' + t
+without prompt_beta, in the session's shared processes (prompt_checks.shared_engines): the prompt holds N' + t
 placeholders (Gemma 4: between <start_of_image> and <end_of_image>; Mistral 3: [IMG] tokens, then the row markers);
 the t extra tokens are the not-kept soft / merged tokens most similar to the prompt, recomputed in float64 from the
 embeddings the language model received (the same image unpruned) and the embedding table; the same image under two
@@ -66,13 +66,17 @@ def chat(arch):
     return {"messages": serving.messages(url, CHAT_QUESTION), "chat_template": CHAT_TEMPLATE % PLACEHOLDERS[arch]}
 
 
+DEFAULTS = {arch: (default, full) for arch, (_, default, _, full, _) in FAMILIES.items()}
+EXTRA_REQUESTS = {"gemma4": {"chat": chat("gemma4"), **VIDEO_REQUESTS}, "mistral3": {"chat": chat("mistral3")}}
+SHARED_ENGINES = prompt_checks.shared_engines(  # conftest.shared_runs
+    "prompt", DEFAULTS, engine={"gemma4": {"limit_mm_per_prompt": {"image": 1, "video": 1}, "max_model_len": 1024}},
+    extra_requests=EXTRA_REQUESTS)
+
+
 @pytest.fixture(scope="module")
-def engines(tiny_model):
-    """arch -> (model dir, results by request name, the baseline's result), every engine in one process."""
-    return prompt_checks.run_engines(
-        tiny_model, {arch: (default, full) for arch, (_, default, _, full, _) in FAMILIES.items()},
-        engine={"gemma4": {"limit_mm_per_prompt": {"image": 1, "video": 1}, "max_model_len": 1024}},
-        extra_requests={"gemma4": {"chat": chat("gemma4"), **VIDEO_REQUESTS}, "mistral3": {"chat": chat("mistral3")}})
+def engines(shared_runs):
+    """arch -> (model dir, results by request name, the baseline's result)."""
+    return prompt_checks.shared_results("prompt", DEFAULTS, shared_runs, EXTRA_REQUESTS)
 
 
 @pytest.fixture(params=list(FAMILIES))

@@ -3,17 +3,17 @@ PaliGemma) and the AnyRes ones (LLaVA-NeXT, LLaVA-OneVision images), tiny random
 
 As apply_hiprune, every tile (a tile, thumbnail, global image, AnyRes base tile) is its own item: it keeps its
 HiPrune tokens plus prompt_extra_count(kept, tokens per tile, beta) tokens most similar to its image's prompt. One
-engine per family with a server default budget and prompt_beta, many requests each, all in one process: each tile's
-run of placeholders (InternVL and AnyRes: the image's one run) holds kept + extra; the extras are the not-kept
-tokens of highest cosine similarity, recomputed in float64 from the embeddings the language model received for the
-same image unpruned (hiprune_budget 0, same engine) and the embedding table; the language model got exactly those
-rows; no text, no extra tokens; the same image under two questions never shares a cached encoder output (prefix
-caching and the processor cache on). The kept tokens with prompt_beta and with hiprune_prompt_beta 0 are
+engine per family with a server default budget and prompt_beta, many requests each, in the session's shared
+processes: each tile's run of placeholders (InternVL and AnyRes: the image's one run) holds kept + extra; the extras
+are the not-kept tokens of highest cosine similarity, recomputed in float64 from the embeddings the language model
+received for the same image unpruned (hiprune_budget 0, same engine) and the embedding table; the language model got
+exactly those rows; no text, no extra tokens; the same image under two questions never shares a cached encoder output
+(prefix caching and the processor cache on). The kept tokens with prompt_beta and with hiprune_prompt_beta 0 are
 apply_hiprune's with and without prompt_beta on the transformers model of the same checkpoint, given vLLM's prompt
-(the HiPrune reference: no second engine). LLaVA-OneVision's videos, on its engine: every pooled frame holds its
-kept + extra tokens (the video's one run, frames x (kept + extra) + 1, the newline last), the extras recomputed from
-the unpruned video (hiprune_video_budget 0), and another question's on the same video its own; no text, no extra
-tokens; with and without prompt_beta the kept tokens of apply_hiprune on the same frames and prompt.
+(the HiPrune reference: no second engine). LLaVA-OneVision's videos, on its engine: each pooled frame holds its
+kept + extra tokens (the video's one run, frames x (kept + extra) + 1, the newline last), the extras recomputed from the
+unpruned video (hiprune_video_budget 0), and another question's on the same video its own; no text, no extra tokens;
+with and without prompt_beta the kept tokens of apply_hiprune on the same frames and prompt.
 """
 
 import os
@@ -77,18 +77,22 @@ VIDEO_REQUESTS = {  # LLaVA-OneVision only
 }
 
 
+def requests_of(name):
+    return {**REQUESTS, **(VIDEO_REQUESTS if name == "llava_onevision" else {})}
+
+
+SHARED_ENGINES = {  # conftest.shared_runs
+    f"prompt tiled {name}": scenario.Engine(name, {
+        "hf_overrides": {"hiprune": {**default, "prompt_beta": BETA}},
+        "engine": dict(ENGINE, limit_mm_per_prompt={"image": 1, "video": 1 if name == "llava_onevision" else 0}),
+        "requests": list(requests_of(name).values())}) for name, (default, *_) in FAMILIES.items()}
+
+
 @pytest.fixture(scope="module")
-def engines(tiny_model):
+def engines(shared_runs, tiny_model):
     """name -> (model dir, results by request name) of every family."""
-    jobs, names = [], {}
-    for name, (default, *_) in FAMILIES.items():
-        requests = {**REQUESTS, **(VIDEO_REQUESTS if name == "llava_onevision" else {})}
-        engine = dict(ENGINE, limit_mm_per_prompt={"image": 1, "video": 1 if name == "llava_onevision" else 0})
-        jobs.append((tiny_model(name), name, {"hf_overrides": {"hiprune": {**default, "prompt_beta": BETA}},
-                                              "engine": engine, "requests": list(requests.values())}))
-        names[name] = list(requests)
-    runs = scenario.run_many(jobs)
-    return {name: (tiny_model(name), dict(zip(names[name], run))) for name, run in zip(FAMILIES, runs)}
+    return {name: (tiny_model(name), dict(zip(requests_of(name), shared_runs[f"prompt tiled {name}"])))
+            for name in FAMILIES}
 
 
 @pytest.fixture(params=list(FAMILIES))
