@@ -94,11 +94,15 @@ def shared_runs(request, tiny_model, tmp_path_factory):
         for name, engine in getattr(module, "SHARED_ENGINES", {}).items():
             if engines.setdefault(name, engine) != engine:
                 raise ValueError(f"two SHARED_ENGINES named {name!r} differ")
-    model_dirs = {}
+    model_dirs, variants = {}, {}  # variants: (model, variant) -> its copy, made once for every engine running it
     for name, engine in engines.items():
         model_dirs[name] = tiny_model(engine.model)
         if engine.variant is not None:
-            model_dirs[name] = engine.variant(model_dirs[name], str(tmp_path_factory.mktemp("variant") / engine.model))
+            key = (engine.model, engine.variant)
+            if key not in variants:
+                variants[key] = engine.variant(model_dirs[name],
+                                               str(tmp_path_factory.mktemp("variant") / engine.model))
+            model_dirs[name] = variants[key]
 
     def of_kind(plugin, in_process):
         return [n for n, e in engines.items() if e.plugin == plugin and e.in_process == in_process]
